@@ -1,0 +1,115 @@
+"""Configuration of the attention captioner.
+
+This file is copied next to the weights by `save_pretrained` (for `trust_remote_code` loading), so it imports
+nothing from `hf_captioner` except, relatively, its sibling files.
+"""
+
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
+
+RNN_TYPES = ("lstm", "gru")
+CROSS_ATTENTION_KINDS = ("additive", "dot", "scaled_dot")
+
+# A ResNet-101 shaped backbone (random init unless started with `from_vision_pretrained`), last stage only.
+DEFAULT_VISION_CONFIG = {
+    "layer_type": "bottleneck",
+    "depths": [3, 4, 23, 3],
+    "hidden_sizes": [256, 512, 1024, 2048],
+    "out_features": ["stage4"],
+}
+
+
+class CaptionerConfig(PreTrainedConfig):
+    r"""Configuration of [`CaptionerForConditionalGeneration`]: a CNN grid encoder and a recurrent decoder mixing
+    Bahdanau cross-attention over the regions with self-attention over its own earlier states.
+
+    Example:
+    ```python
+    >>> from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration
+    >>> config = CaptionerConfig(vocab_size=2000, rnn_type="gru", cross_attention="scaled_dot")
+    >>> model = CaptionerForConditionalGeneration(config)
+    ```
+    """
+
+    model_type = "hf_captioner"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet", init_kwargs=DEFAULT_VISION_CONFIG)
+    }
+
+    vision_config: dict | PreTrainedConfig | None = (
+        None  # any transformers backbone config (AutoBackbone); ResNet-101 shape
+    )
+    grid_size: int = 14  # the last feature map is average-pooled to grid_size x grid_size regions (14 as in SAT)
+    encoder_trainable_stages: int = 0  # how many of the backbone's last stages fine-tune: 0 = frozen, -1 = all
+    embed_dim: int = 512  # word embedding width
+    hidden_size: int = 512  # recurrent state width
+    attention_dim: int = 512  # width of the cross-attention scoring space
+    rnn_type: str = "lstm"  # "lstm" | "gru"
+    cross_attention: str = "additive"  # "additive" (Bahdanau) | "dot" | "scaled_dot"
+    self_attention: bool = True  # attend over the decoder's earlier states; False gives the classic SAT decoder
+    self_attention_heads: int = 8  # heads of the self-attention (must divide hidden_size)
+    dropout: float = 0.5  # dropout before the output layer (deep output)
+    attention_penalty: float = 1.0  # lambda of the doubly stochastic penalty sum_i (1 - sum_t alpha_ti)^2
+    label_smoothing: float = 0.0  # label smoothing of the token cross-entropy
+    tie_word_embeddings: bool = False  # share the embedding matrix with the output layer
+    vocab_size: int = 10000  # size of the SentencePiece vocabulary (special tokens included)
+    pad_token_id: int = 0
+    bos_token_id: int = 1  # also the decoder start token
+    eos_token_id: int = 2
+    unk_token_id: int = 3
+    decoder_start_token_id: int = 1
+    initializer_range: float = 0.02  # std of the normal init of the decoder's linear layers and embeddings
+    is_encoder_decoder: bool = True
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        self._validate()
+
+    def _validate(self) -> None:
+        """Reject bad values here, with the field named, rather than deep inside `forward`."""
+        if self.rnn_type not in RNN_TYPES:
+            raise ValueError(f"CaptionerConfig.rnn_type must be one of {RNN_TYPES}, got {self.rnn_type!r}")
+        if self.cross_attention not in CROSS_ATTENTION_KINDS:
+            raise ValueError(
+                f"CaptionerConfig.cross_attention must be one of {CROSS_ATTENTION_KINDS}, got {self.cross_attention!r}"
+            )
+        for name in ("grid_size", "embed_dim", "hidden_size", "attention_dim", "vocab_size", "self_attention_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"CaptionerConfig.{name} must be a positive integer, got {value!r}")
+        if self.self_attention and self.hidden_size % self.self_attention_heads:
+            raise ValueError(
+                f"CaptionerConfig.self_attention_heads ({self.self_attention_heads}) must divide "
+                f"hidden_size ({self.hidden_size})"
+            )
+        for name in ("dropout", "label_smoothing"):
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ValueError(f"CaptionerConfig.{name} must be in [0, 1), got {value!r}")
+        if self.attention_penalty < 0:
+            raise ValueError(f"CaptionerConfig.attention_penalty must be >= 0, got {self.attention_penalty!r}")
+        if not isinstance(self.encoder_trainable_stages, int) or self.encoder_trainable_stages < -1:
+            raise ValueError(
+                "CaptionerConfig.encoder_trainable_stages must be -1 (all), 0 (frozen) or a number of final stages, "
+                f"got {self.encoder_trainable_stages!r}"
+            )
+        if not hasattr(self.vision_config, "stage_names"):
+            raise ValueError(
+                f"CaptionerConfig.vision_config must be a backbone config (one AutoBackbone can build, with "
+                f"stage_names), got {type(self.vision_config).__name__}"
+            )
+        stages = [name for name in getattr(self.vision_config, "stage_names", []) if name != "stem"]
+        if stages and self.encoder_trainable_stages > len(stages):
+            raise ValueError(
+                f"CaptionerConfig.encoder_trainable_stages={self.encoder_trainable_stages} but the "
+                f"{self.vision_config.model_type} backbone has only {len(stages)} stages"
+            )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "decoder_start_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"CaptionerConfig.{name} must be a token id in [0, {self.vocab_size}), got {value!r}")
+        if len({self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id}) != 4:
+            raise ValueError("CaptionerConfig: pad, bos, eos and unk token ids must be distinct")
+
+
+__all__ = ["CaptionerConfig"]

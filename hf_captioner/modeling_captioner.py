@@ -1,0 +1,465 @@
+"""Show, Attend and Tell style captioner with decoder self-attention, as a transformers `PreTrainedModel`.
+
+image -> backbone -> S x S grid of k region vectors (computed once per image)
+y_{t-1}, h_{t-1} -> [Bahdanau attention over regions (gated), self-attention over h_0..h_{t-1}] -> LSTM/GRU -> h_t
+h_t, context, embedding -> deep output -> p(y_t)
+
+This file is copied next to the weights by `save_pretrained` (for `trust_remote_code` loading), so it imports
+nothing from `hf_captioner` except, relatively, its sibling files.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoBackbone, GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.modeling_outputs import BaseModelOutput
+from transformers.utils import ModelOutput, logging
+
+from .configuration_captioner import CaptionerConfig
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class CaptionerOutput(ModelOutput):
+    """Outputs of [`CaptionerForConditionalGeneration`].
+
+    loss: token_loss + attention_loss (when labels are given).
+    token_loss: the (label-smoothed) token cross-entropy, padding ignored.
+    attention_loss: the weighted doubly stochastic penalty lambda * sum_i (1 - sum_t alpha_ti)^2, batch mean.
+    logits: (B, T, V) next-token scores.
+    past_key_values: the [`CaptionerCache`] to continue decoding from (when `use_cache`).
+    cross_attentions: (B, T, k) attention over the k regions at each step (when `output_attentions`).
+    self_attentions: (B, heads, T, P + T) attention over the P + T earlier decoder states h_0.. (when
+        `output_attentions` and self-attention is on); entries a step cannot see are 0.
+    encoder_last_hidden_state: (B, k, C) the region features.
+    """
+
+    loss: torch.FloatTensor | None = None
+    token_loss: torch.FloatTensor | None = None
+    attention_loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: CaptionerCache | None = None
+    cross_attentions: torch.FloatTensor | None = None
+    self_attentions: torch.FloatTensor | None = None
+    encoder_last_hidden_state: torch.FloatTensor | None = None
+
+    @property
+    def decoder_attentions(self) -> torch.FloatTensor | None:
+        """The name `generate` collects decoder attentions under."""
+        return self.self_attentions
+
+
+class CaptionerCache:
+    """Decoding state carried between `generate` steps: everything beam search must reorder.
+
+    hidden/cell: (B, H) recurrent state (cell is None for a GRU); keys/values: (B, heads, P+1, d) self-attention
+    memory over h_0..h_P (None without self-attention); projected_regions: (B, k, A) W_f f, computed once per image.
+    """
+
+    is_compileable = False  # the recurrence is stateful and grows no fixed-size buffers
+    is_croppable = False  # an LSTM state cannot be rolled back to an earlier step
+
+    def __init__(
+        self,
+        hidden: torch.Tensor,
+        cell: torch.Tensor | None,
+        keys: torch.Tensor | None,
+        values: torch.Tensor | None,
+        projected_regions: torch.Tensor,
+        seen_tokens: int = 0,
+    ):
+        self.hidden = hidden
+        self.cell = cell
+        self.keys = keys
+        self.values = values
+        self.projected_regions = projected_regions
+        self.seen_tokens = seen_tokens
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return self.seen_tokens
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        """Keep, for every row, the state of the beam it continues (beam search calls this after each step)."""
+        for name in ("hidden", "cell", "keys", "values", "projected_regions"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+
+    def __len__(self) -> int:
+        return self.seen_tokens
+
+
+class CaptionerGridEncoder(nn.Module):
+    """Backbone -> last feature map -> average pool to S x S -> k = S*S region vectors (B, k, C)."""
+
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        self.backbone = AutoBackbone.from_config(config.vision_config)
+        self.pool = nn.AdaptiveAvgPool2d(config.grid_size)
+        self.num_channels = self.backbone.channels[-1]
+        self.set_trainable_stages(config.encoder_trainable_stages)
+
+    def _stages(self) -> nn.ModuleList | None:
+        """The backbone's list of stages (stem excluded), found by its length so any backbone family works."""
+        num_stages = len([name for name in self.backbone.stage_names if name != "stem"])
+        for module in self.backbone.modules():
+            if isinstance(module, nn.ModuleList) and len(module) == num_stages:
+                return module
+        return None
+
+    def set_trainable_stages(self, num_stages: int) -> None:
+        """Fine-tune the last `num_stages` stages (0: frozen, -1: everything); the rest gets no gradient."""
+        self.backbone.requires_grad_(num_stages == -1)
+        if num_stages > 0:
+            stages = self._stages()
+            if stages is None:
+                raise ValueError(
+                    f"Cannot find the stages of the {type(self.backbone).__name__} backbone to fine-tune "
+                    f"{num_stages} of them; use encoder_trainable_stages=0 (frozen) or -1 (all)"
+                )
+            for stage in stages[len(stages) - num_stages :]:
+                stage.requires_grad_(True)
+        self.train(self.training)
+
+    @property
+    def is_frozen(self) -> bool:
+        return not any(p.requires_grad for p in self.backbone.parameters())
+
+    def train(self, mode: bool = True) -> CaptionerGridEncoder:
+        """Frozen normalisation layers keep their ImageNet statistics: they stay in eval mode while training."""
+        super().train(mode)
+        for module in self.backbone.modules():
+            params = list(module.parameters(recurse=False))
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in params):
+                module.eval()
+        return self
+
+    def forward(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutput:
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.is_frozen):
+            feature_map = self.backbone(pixel_values).feature_maps[-1]  # (B, C, H, W)
+        regions = self.pool(feature_map).flatten(2).transpose(1, 2)  # (B, k, C)
+        return BaseModelOutput(last_hidden_state=regions)
+
+
+class CaptionerCrossAttention(nn.Module):
+    """Attention of the previous hidden state over the k regions, and the gated context (SAT eq. 4-6, beta gate).
+
+    additive: e_i = v^T tanh(W_f f_i + W_h h); dot: e_i = (W_f f_i)^T (W_h h); scaled_dot: the same / sqrt(A).
+    """
+
+    def __init__(self, config: CaptionerConfig, region_dim: int):
+        super().__init__()
+        self.kind = config.cross_attention
+        self.region_proj = nn.Linear(region_dim, config.attention_dim)  # W_f
+        self.query_proj = nn.Linear(config.hidden_size, config.attention_dim)  # W_h
+        self.score = nn.Linear(config.attention_dim, 1) if self.kind == "additive" else None  # v
+        self.gate = nn.Linear(config.hidden_size, region_dim)  # W_beta
+        self.scale = 1.0 / math.sqrt(config.attention_dim) if self.kind == "scaled_dot" else 1.0
+
+    def project_regions(self, regions: torch.Tensor) -> torch.Tensor:
+        return self.region_proj(regions)  # (B, k, C) -> (B, k, A)
+
+    def forward(
+        self, hidden: torch.Tensor, regions: torch.Tensor, projected_regions: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        query = self.query_proj(hidden)  # (B, A)
+        if self.score is not None:
+            scores = self.score(torch.tanh(projected_regions + query.unsqueeze(1))).squeeze(-1)  # (B, k)
+        else:
+            scores = torch.bmm(projected_regions, query.unsqueeze(-1)).squeeze(-1) * self.scale  # (B, k)
+        weights = scores.softmax(dim=-1)  # (B, k)
+        context = torch.bmm(weights.unsqueeze(1), regions).squeeze(1)  # (B, C)
+        gate = torch.sigmoid(self.gate(hidden))  # (B, C)
+        return gate * context, weights
+
+
+class CaptionerSelfAttention(nn.Module):
+    """Multi-head scaled dot-product attention from the current step over the decoder's own states h_0..h_{t-1}.
+
+    Causal by construction: the memory only ever holds states already computed.
+    """
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__()
+        self.num_heads = config.self_attention_heads
+        self.head_dim = config.hidden_size // config.self_attention_heads
+        self.query = nn.Linear(config.embed_dim + config.hidden_size, config.hidden_size)
+        self.key_value = nn.Linear(config.hidden_size, 2 * config.hidden_size)
+        self.out = nn.Linear(config.hidden_size, config.hidden_size)
+
+    def project_memory(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value of one new state: (B, H) -> 2 x (B, heads, 1, d)."""
+        key, value = self.key_value(state).chunk(2, dim=-1)  # 2 x (B, H)
+        shape = (state.shape[0], self.num_heads, 1, self.head_dim)
+        return key.view(shape), value.view(shape)
+
+    def forward(
+        self, step_input: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        batch = step_input.shape[0]
+        query = self.query(step_input).view(batch, self.num_heads, 1, self.head_dim)  # (B, heads, 1, d)
+        scores = query @ keys.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, heads, 1, M)
+        weights = scores.softmax(dim=-1)  # (B, heads, 1, M)
+        attended = (weights @ values).reshape(batch, -1)  # (B, H)
+        return self.out(attended), weights.squeeze(2)  # (B, H), (B, heads, M)
+
+
+class CaptionerDecoder(nn.Module):
+    """The recurrent decoder: one word per step, from the embedding, the region context and the self-attention."""
+
+    def __init__(self, config: CaptionerConfig, region_dim: int):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.embed_dim, padding_idx=config.pad_token_id)
+        self.init_hidden = nn.Linear(region_dim, config.hidden_size)
+        self.init_cell = nn.Linear(region_dim, config.hidden_size) if config.rnn_type == "lstm" else None
+        self.cross_attention = CaptionerCrossAttention(config, region_dim)
+        self.self_attention = CaptionerSelfAttention(config) if config.self_attention else None
+        cell_input = config.embed_dim + region_dim + (config.hidden_size if config.self_attention else 0)
+        cell_class = nn.LSTMCell if config.rnn_type == "lstm" else nn.GRUCell
+        self.cell = cell_class(cell_input, config.hidden_size)
+        # deep output (SAT eq. 7): L_o(E y_{t-1} + L_h h_t + L_z z_t)
+        self.out_hidden = nn.Linear(config.hidden_size, config.embed_dim)
+        self.out_context = nn.Linear(region_dim, config.embed_dim, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+        self.lm_head = nn.Linear(config.embed_dim, config.vocab_size)
+
+    def start(self, regions: torch.Tensor) -> CaptionerCache:
+        """The state before the first word: h_0 (and c_0) from the mean region, projections of the regions."""
+        mean_region = regions.mean(dim=1)  # (B, C)
+        hidden = torch.tanh(self.init_hidden(mean_region))  # (B, H)
+        cell = torch.tanh(self.init_cell(mean_region)) if self.init_cell is not None else None  # (B, H)
+        keys = values = None
+        if self.self_attention is not None:
+            keys, values = self.self_attention.project_memory(hidden)  # 2 x (B, heads, 1, d)
+        projected = self.cross_attention.project_regions(regions)  # (B, k, A)
+        return CaptionerCache(hidden, cell, keys, values, projected)
+
+    def step(
+        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Consume one word embedding (B, E); update `cache` in place; return its context and attention weights."""
+        context, cross_weights = self.cross_attention(cache.hidden, regions, cache.projected_regions)  # (B,C),(B,k)
+        inputs = [embedded, context]
+        self_weights = None
+        if self.self_attention is not None:
+            step_query = torch.cat([embedded, cache.hidden], dim=-1)  # (B, E + H)
+            attended, self_weights = self.self_attention(step_query, cache.keys, cache.values)  # (B,H),(B,heads,M)
+            inputs.append(attended)
+        cell_input = torch.cat(inputs, dim=-1)  # (B, E + C [+ H])
+        if cache.cell is not None:
+            cache.hidden, cache.cell = self.cell(cell_input, (cache.hidden, cache.cell))  # 2 x (B, H)
+        else:
+            cache.hidden = self.cell(cell_input, cache.hidden)  # (B, H)
+        if self.self_attention is not None:
+            key, value = self.self_attention.project_memory(cache.hidden)  # 2 x (B, heads, 1, d)
+            cache.keys = torch.cat([cache.keys, key], dim=2)  # (B, heads, M + 1, d)
+            cache.values = torch.cat([cache.values, value], dim=2)  # (B, heads, M + 1, d)
+        cache.seen_tokens += 1
+        return context, cross_weights, self_weights
+
+    def forward(
+        self, input_ids: torch.LongTensor, regions: torch.Tensor, cache: CaptionerCache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run the T input words through the recurrence (teacher forcing, or one step of generation).
+
+        Work that does not depend on the recurrence (embeddings, the output layer) runs batched over all steps.
+        Returns logits (B, T, V), cross-attention (B, T, k), self-attention (B, heads, T, P + T) or None.
+        """
+        batch, length = input_ids.shape
+        past = cache.seen_tokens
+        embedded = self.embed_tokens(input_ids)  # (B, T, E)
+        hiddens, contexts, cross_weights, self_weights = [], [], [], []
+        for t in range(length):
+            context, cross, self_w = self.step(embedded[:, t], regions, cache)
+            hiddens.append(cache.hidden)
+            contexts.append(context)
+            cross_weights.append(cross)
+            self_weights.append(self_w)
+        hidden = torch.stack(hiddens, dim=1)  # (B, T, H)
+        context = torch.stack(contexts, dim=1)  # (B, T, C)
+        deep = embedded + self.out_hidden(hidden) + self.out_context(context)  # (B, T, E)
+        logits = self.lm_head(self.dropout(deep))  # (B, T, V)
+        cross = torch.stack(cross_weights, dim=1)  # (B, T, k)
+        self_attn = None
+        if self.self_attention is not None:
+            # row t saw memory h_0..h_{past+t}; pad every row to the final memory length P + T (zeros: unseen)
+            memory = past + length
+            self_attn = torch.stack([F.pad(w, (0, memory - w.shape[-1])) for w in self_weights], dim=2)
+        return logits, cross, self_attn
+
+
+class CaptionerPreTrainedModel(PreTrainedModel):
+    config_class = CaptionerConfig
+    config: CaptionerConfig
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    _is_stateful = True  # an LSTM/GRU state cannot be rolled back: assisted decoding is refused cleanly
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        std = self.config.initializer_range
+        if isinstance(module, nn.Linear):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.Embedding):
+            init.normal_(module.weight, mean=0.0, std=std)
+            if module.padding_idx is not None:
+                init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, (nn.LSTMCell, nn.GRUCell)):
+            bound = 1.0 / math.sqrt(module.hidden_size)
+            for name, param in module.named_parameters():
+                init.uniform_(param, -bound, bound)
+                if isinstance(module, nn.LSTMCell) and name == "bias_hh":
+                    init.constant_(param[module.hidden_size : 2 * module.hidden_size], 1.0)  # forget gate open
+
+
+class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixin):
+    """Image captioner: a CNN grid encoder and an attention LSTM/GRU decoder; caption with `generate()`."""
+
+    _tied_weights_keys = {"decoder.lm_head.weight": "decoder.embed_tokens.weight"}
+
+    def __init__(self, config: CaptionerConfig):
+        super().__init__(config)
+        self.encoder = CaptionerGridEncoder(config)
+        self.decoder = CaptionerDecoder(config, region_dim=self.encoder.num_channels)
+        self.post_init()
+        # captions are short: 3 beams and at most 30 words (+ </s>) by default; never emit <pad> or <s>
+        self.generation_config.num_beams = 3
+        self.generation_config.max_new_tokens = 31
+        self.generation_config.suppress_tokens = [config.pad_token_id, config.bos_token_id]
+
+    @classmethod
+    def _supports_default_dynamic_cache(cls) -> bool:
+        return False  # the recurrent state lives in CaptionerCache, built by forward
+
+    @classmethod
+    def from_vision_pretrained(
+        cls, vision_model_name_or_path: str, vision_kwargs: dict | None = None, **config_kwargs
+    ) -> CaptionerForConditionalGeneration:
+        """Start the encoder from a pretrained transformers backbone (e.g. "microsoft/resnet-101"); the decoder is new.
+
+        `vision_kwargs` go to `AutoBackbone.from_pretrained`; `config_kwargs` to [`CaptionerConfig`].
+        """
+        backbone = AutoBackbone.from_pretrained(vision_model_name_or_path, **(vision_kwargs or {}))
+        config = CaptionerConfig(vision_config=backbone.config, **config_kwargs)
+        model = cls(config)
+        model.encoder.backbone.load_state_dict(backbone.state_dict())
+        return model
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Also map `AutoModelForImageTextToText` in `auto_map` when the code is saved for `trust_remote_code`."""
+        if self._auto_class is not None:
+            class_path = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
+            auto_map = dict(getattr(self.config, "auto_map", None) or {})
+            auto_map.setdefault("AutoModelForImageTextToText", class_path)
+            self.config.auto_map = auto_map
+        return super().save_pretrained(save_directory, *args, **kwargs)
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.decoder.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.decoder.embed_tokens = value
+
+    def get_output_embeddings(self) -> nn.Linear:
+        return self.decoder.lm_head
+
+    def set_output_embeddings(self, value: nn.Linear) -> None:
+        self.decoder.lm_head = value
+
+    def shift_labels_right(self, labels: torch.LongTensor) -> torch.LongTensor:
+        """Teacher-forcing inputs: the start token, then the labels without their last position (-100 -> pad)."""
+        start = labels.new_full((labels.shape[0], 1), self.config.decoder_start_token_id)
+        shifted = torch.cat([start, labels[:, :-1]], dim=1)
+        return shifted.masked_fill(shifted == -100, self.config.pad_token_id)
+
+    def forward(
+        self,
+        pixel_values: torch.FloatTensor | None = None,
+        decoder_input_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        encoder_outputs: BaseModelOutput | tuple | None = None,
+        past_key_values: CaptionerCache | None = None,
+        use_cache: bool | None = None,
+        output_attentions: bool | None = None,
+        return_dict: bool | None = None,
+        decoder_attention_mask: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> CaptionerOutput | tuple:
+        r"""
+        pixel_values: (B, 3, H, W) images, or pass `encoder_outputs` (e.g. cached region features (B, k, C)).
+        decoder_input_ids: (B, T) inputs; built from `labels` (shifted right) when only labels are given.
+        labels: (B, T) target ids, -100 where there is no target (padding).
+        past_key_values: a [`CaptionerCache`] to continue from; `decoder_input_ids` then holds only the new tokens.
+        decoder_attention_mask: accepted for API compatibility; decoding is causal and padding is on the right, so
+            padded steps never influence real ones and the mask is not needed.
+        """
+        return_dict = return_dict if return_dict is not None else self.config.return_dict
+        output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
+        use_cache = use_cache if use_cache is not None else not self.training
+
+        if encoder_outputs is None:
+            if pixel_values is None:
+                raise ValueError("CaptionerForConditionalGeneration needs `pixel_values` or `encoder_outputs`")
+            encoder_outputs = self.encoder(pixel_values=pixel_values)
+        elif isinstance(encoder_outputs, torch.Tensor):
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs)
+        elif isinstance(encoder_outputs, (tuple, list)):
+            encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
+        regions = encoder_outputs.last_hidden_state  # (B, k, C)
+
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("CaptionerForConditionalGeneration needs `decoder_input_ids` or `labels`")
+            decoder_input_ids = self.shift_labels_right(labels)
+
+        cache = past_key_values if past_key_values is not None else self.decoder.start(regions)
+        logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache)
+
+        loss = token_loss = attention_loss = None
+        if labels is not None:
+            token_loss = F.cross_entropy(
+                logits.float().flatten(0, 1),
+                labels.flatten(),
+                ignore_index=-100,
+                label_smoothing=self.config.label_smoothing,
+            )
+            attention_loss = self.attention_penalty(cross_attentions, labels != -100)
+            loss = token_loss + attention_loss
+
+        output = CaptionerOutput(
+            loss=loss,
+            token_loss=token_loss,
+            attention_loss=attention_loss,
+            logits=logits,
+            past_key_values=cache if use_cache else None,
+            cross_attentions=cross_attentions if output_attentions else None,
+            self_attentions=self_attentions if output_attentions else None,
+            encoder_last_hidden_state=regions,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def attention_penalty(self, cross_attentions: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
+        """Doubly stochastic regularisation: lambda * sum_i (1 - sum_t alpha_ti)^2 over real steps, batch mean."""
+        attention_per_region = (cross_attentions * target_mask.unsqueeze(-1)).sum(dim=1)  # (B, k)
+        penalty = ((1.0 - attention_per_region) ** 2).sum(dim=-1).mean()
+        return self.config.attention_penalty * penalty
+
+
+__all__ = [
+    "CaptionerCache",
+    "CaptionerForConditionalGeneration",
+    "CaptionerOutput",
+    "CaptionerPreTrainedModel",
+]

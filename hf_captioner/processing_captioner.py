@@ -1,0 +1,141 @@
+"""Processor of the captioner: an image processor (any picture -> normalised RGB tensor) + the caption tokenizer.
+
+This file is copied next to the weights by `save_pretrained` (for `trust_remote_code` loading), so it imports
+nothing from `hf_captioner`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+from transformers.feature_extraction_utils import BatchFeature
+from transformers.image_processing_backends import TorchvisionBackend
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.processing_utils import ProcessorMixin
+
+ImageLike = Image.Image | np.ndarray | str | os.PathLike
+
+
+def open_image(path: str | os.PathLike) -> Image.Image:
+    """Open an image file fully, turning "not an image" into a ValueError that names the file."""
+    try:
+        with Image.open(path) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"Image file not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+        raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """Any PIL mode -> RGB: transparency composited onto white, palette expanded, CMYK/grey/16-bit converted."""
+    if image.mode == "RGB":
+        return image
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
+        array = np.asarray(image, dtype=np.float64)
+        peak = array.max() if array.size and array.max() > 0 else 1.0
+        image = Image.fromarray((array / peak * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = image.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+class CaptionerImageProcessor(TorchvisionBackend):
+    r"""Resize the shorter side, centre-crop, rescale and normalise (ImageNet statistics, as the backbones expect).
+
+    Accepts PIL images, arrays (H, W, C) or (C, H, W), and paths to image files, singly or in a list; every picture
+    is converted to RGB first, whatever its mode.
+    """
+
+    model_input_names = ["pixel_values"]
+    resample = PILImageResampling.BICUBIC
+    image_mean = IMAGENET_DEFAULT_MEAN
+    image_std = IMAGENET_DEFAULT_STD
+    size = {"shortest_edge": 256}
+    crop_size = {"height": 224, "width": 224}
+    do_resize = True
+    do_center_crop = True
+    do_rescale = True
+    do_normalize = True
+    do_convert_rgb = False  # done by `_load`, which also handles CMYK, 16-bit and transparency
+
+    def _load(self, image: ImageLike, index: int) -> Image.Image | np.ndarray:
+        if isinstance(image, (str, os.PathLike)):
+            return to_rgb(open_image(image))
+        if isinstance(image, Image.Image):
+            return to_rgb(image)
+        if isinstance(image, np.ndarray) or type(image).__module__.startswith("torch"):
+            array = np.asarray(image)
+            if array.ndim == 2:
+                array = np.repeat(array[..., None], 3, axis=-1)
+            if array.ndim != 3 or (3 not in array.shape[::2] and 1 not in array.shape[::2]):
+                raise ValueError(f"Image {index}: expected an (H, W, 3) or (3, H, W) array, got shape {array.shape}")
+            return array
+        raise ValueError(f"Image {index}: expected a PIL image, an array or a file path, got {type(image).__name__}")
+
+    def preprocess(self, images: ImageLike | Sequence[ImageLike], **kwargs) -> BatchFeature:
+        if not isinstance(images, (list, tuple)):
+            images = [images]
+        if len(images) == 0:
+            raise ValueError("No images given")
+        return super().preprocess([self._load(image, i) for i, image in enumerate(images)], **kwargs)
+
+
+class CaptionerProcessor(ProcessorMixin):
+    r"""The captioner's image processor and caption tokenizer in one object.
+
+    `processor(images=..., text=...)` gives `pixel_values` and `labels` (caption ids + `</s>`, padding as -100);
+    `processor.batch_decode(ids, skip_special_tokens=True)` gives clean lower-case captions.
+    """
+
+    def __init__(self, image_processor, tokenizer, **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+
+    def __call__(
+        self,
+        images: ImageLike | Sequence[ImageLike] | None = None,
+        text: str | Sequence[str] | None = None,
+        return_tensors: str | None = None,
+        max_length: int | None = None,
+        **kwargs,
+    ) -> BatchFeature:
+        if images is None and text is None:
+            raise ValueError("CaptionerProcessor needs `images`, `text` or both")
+        data = {}
+        if images is not None:
+            data.update(self.image_processor(images, return_tensors=return_tensors, **kwargs))
+        if text is not None:
+            data["labels"] = self.encode_captions(text, max_length=max_length)
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def encode_captions(self, text: str | Sequence[str], max_length: int | None = None) -> list[list[int]]:
+        """Captions -> target ids ending in `</s>`, right-padded with -100 (ignored by the loss)."""
+        captions = [text] if isinstance(text, str) else list(text)
+        for i, caption in enumerate(captions):
+            if not isinstance(caption, str) or not caption.strip():
+                raise ValueError(f"Caption {i} is empty or not a string: {caption!r}")
+        encoded = self.tokenizer(captions, truncation=max_length is not None, max_length=max_length)["input_ids"]
+        longest = max(len(ids) for ids in encoded)
+        return [ids + [-100] * (longest - len(ids)) for ids in encoded]
+
+    def batch_decode(self, sequences, skip_special_tokens: bool = True, **kwargs) -> list[str]:
+        texts = self.tokenizer.batch_decode(sequences, skip_special_tokens=skip_special_tokens, **kwargs)
+        return [" ".join(text.split()) for text in texts]
+
+    def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
+        return " ".join(self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).split())
+
+    @property
+    def model_input_names(self) -> list[str]:
+        return ["pixel_values", "labels"]
+
+
+__all__ = ["CaptionerImageProcessor", "CaptionerProcessor", "open_image", "to_rgb"]
