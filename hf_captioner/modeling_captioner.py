@@ -16,9 +16,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoBackbone, GenerationMixin, PreTrainedModel
+from transformers import AutoBackbone, AutoConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput
+from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 from transformers.utils import ModelOutput, logging
 
 from .configuration_captioner import CaptionerConfig
@@ -351,7 +352,14 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
 
         `vision_kwargs` go to `AutoBackbone.from_pretrained`; `config_kwargs` to [`CaptionerConfig`].
         """
-        backbone = AutoBackbone.from_pretrained(vision_model_name_or_path, **(vision_kwargs or {}))
+        # the concrete backbone class, not AutoBackbone.from_pretrained, which asks the Hub even for a local folder
+        vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
+        if type(vision_config) not in MODEL_FOR_BACKBONE_MAPPING:
+            raise ValueError(
+                f"{vision_model_name_or_path} is a {vision_config.model_type} model, which has no transformers backbone"
+            )
+        backbone_class = MODEL_FOR_BACKBONE_MAPPING[type(vision_config)]
+        backbone = backbone_class.from_pretrained(vision_model_name_or_path, **(vision_kwargs or {}))
         config = CaptionerConfig(vision_config=backbone.config, **config_kwargs)
         model = cls(config)
         model.encoder.backbone.load_state_dict(backbone.state_dict())

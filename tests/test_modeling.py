@@ -1,0 +1,281 @@
+"""Behaviour of the model: cached decoding, generate(), attention, loss, encoder freezing, configuration errors."""
+
+import itertools
+
+import pytest
+import torch
+from conftest import tiny_config, tiny_model
+from transformers import ResNetConfig, ResNetForImageClassification
+
+from hf_captioner import CaptionerCache, CaptionerConfig, CaptionerForConditionalGeneration
+
+DECODER_KINDS = list(itertools.product(["lstm", "gru"], [True, False], ["additive", "dot", "scaled_dot"]))
+
+
+def images(batch: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def token_ids(batch: int = 3, length: int = 7, seed: int = 2) -> torch.Tensor:
+    return torch.randint(4, 40, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("rnn_type,self_attention,cross_attention", DECODER_KINDS)
+def test_cached_step_by_step_decoding_equals_teacher_forcing(rnn_type, self_attention, cross_attention):
+    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention)
+    pixel_values, inputs = images(), token_ids()
+    with torch.no_grad():
+        full = model(pixel_values=pixel_values, decoder_input_ids=inputs, output_attentions=True)
+        encoder_outputs = model.encoder(pixel_values)
+        cache, step_logits, step_cross = None, [], []
+        for t in range(inputs.shape[1]):
+            out = model(
+                encoder_outputs=encoder_outputs,
+                decoder_input_ids=inputs[:, t : t + 1],
+                past_key_values=cache,
+                use_cache=True,
+                output_attentions=True,
+            )
+            cache = out.past_key_values
+            step_logits.append(out.logits)
+            step_cross.append(out.cross_attentions)
+            if self_attention:  # the last row of the full self-attention is what the step saw
+                assert torch.allclose(out.self_attentions[:, :, 0], full.self_attentions[:, :, t, : t + 1], atol=1e-6)
+    assert cache.get_seq_length() == inputs.shape[1]
+    torch.testing.assert_close(torch.cat(step_logits, dim=1), full.logits, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(torch.cat(step_cross, dim=1), full.cross_attentions, atol=1e-6, rtol=1e-5)
+
+
+GENERATE_MODES = {
+    "greedy": dict(num_beams=1, do_sample=False),
+    "beam": dict(num_beams=4, num_return_sequences=2, do_sample=False),
+    "sample": dict(do_sample=True, top_k=10, num_return_sequences=2),
+    "beam_sample": dict(do_sample=True, num_beams=3),
+}
+
+
+@pytest.mark.parametrize("mode", GENERATE_MODES)
+def test_generate_with_cache_equals_without(mode):
+    model = tiny_model(initializer_range=0.3)
+    pixel_values = images()
+    results = []
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        results.append(model.generate(pixel_values=pixel_values, max_new_tokens=8, use_cache=use_cache, **GENERATE_MODES[mode]))
+    assert results[0].shape[0] == pixel_values.shape[0] * GENERATE_MODES[mode].get("num_return_sequences", 1)
+    assert torch.equal(results[0], results[1])
+
+
+def test_beam_search_depends_on_reordering_the_cache(monkeypatch):
+    model = tiny_model(initializer_range=0.3)
+    kwargs = dict(pixel_values=images(4), num_beams=4, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    reordered = model.generate(**kwargs)
+    monkeypatch.setattr(CaptionerCache, "reorder_cache", lambda self, beam_idx: None)
+    not_reordered = model.generate(**kwargs)
+    same_sequences = torch.equal(reordered.sequences, not_reordered.sequences)
+    same_scores = torch.allclose(reordered.sequences_scores, not_reordered.sequences_scores)
+    assert not (same_sequences and same_scores), "beam search gave the same result with a cache that is never reordered"
+
+
+def test_one_beam_equals_a_hand_written_greedy_loop():
+    model = tiny_model(initializer_range=0.3)
+    pixel_values = images()
+    generated = model.generate(pixel_values=pixel_values, num_beams=1, max_new_tokens=6, suppress_tokens=None)
+    ids = torch.full((pixel_values.shape[0], 1), model.config.decoder_start_token_id)
+    finished = torch.zeros(pixel_values.shape[0], dtype=torch.bool)
+    with torch.no_grad():
+        for _ in range(6):
+            next_ids = model(pixel_values=pixel_values, decoder_input_ids=ids).logits[:, -1].argmax(-1)
+            next_ids = next_ids.masked_fill(finished, model.config.pad_token_id)
+            finished |= next_ids == model.config.eos_token_id
+            ids = torch.cat([ids, next_ids[:, None]], dim=1)
+            if finished.all():
+                break
+    assert torch.equal(generated, ids)
+
+
+def test_attention_rows_sum_to_one_and_self_attention_is_causal():
+    model = tiny_model()
+    with torch.no_grad():
+        out = model(pixel_values=images(), decoder_input_ids=token_ids(), output_attentions=True)
+    batch, length = token_ids().shape
+    assert out.cross_attentions.shape == (batch, length, 9)
+    torch.testing.assert_close(out.cross_attentions.sum(-1), torch.ones(batch, length))
+    assert out.self_attentions.shape == (batch, 2, length, length)
+    torch.testing.assert_close(out.self_attentions.sum(-1), torch.ones(batch, 2, length))
+    future = torch.triu(torch.ones(length, length, dtype=torch.bool), diagonal=1)
+    assert (out.self_attentions[..., future] == 0).all()
+
+
+@pytest.mark.parametrize("num_beams", [1, 3])
+def test_caption_of_an_image_does_not_depend_on_the_rest_of_its_batch(num_beams):
+    model = tiny_model(initializer_range=0.3)
+    pixel_values = images(5)
+    batched = model.generate(pixel_values=pixel_values, num_beams=num_beams, max_new_tokens=8)
+    for i in range(5):
+        alone = model.generate(pixel_values=pixel_values[i : i + 1], num_beams=num_beams, max_new_tokens=8)
+        assert torch.equal(alone[0], batched[i, : alone.shape[1]])
+        assert (batched[i, alone.shape[1] :] == model.config.pad_token_id).all()
+
+
+def test_generate_returns_per_step_cross_attention_for_drawing():
+    model = tiny_model()
+    out = model.generate(
+        pixel_values=images(2), num_beams=3, max_new_tokens=5, output_attentions=True, return_dict_in_generate=True
+    )
+    steps = out.sequences.shape[1] - 1
+    assert len(out.cross_attentions) == steps
+    for weights in out.cross_attentions:
+        assert weights.shape == (2 * 3, 1, 9)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(6, 1))
+
+
+def test_length_controls():
+    model = tiny_model(initializer_range=0.3)
+    eos = model.config.eos_token_id
+    short = model.generate(pixel_values=images(), max_new_tokens=3, num_beams=1)
+    assert short.shape[1] <= 1 + 3
+    # forbid </s> for the first 6 words: every caption is then at least 6 words long
+    long = model.generate(pixel_values=images(), min_new_tokens=6, max_new_tokens=10, num_beams=2)
+    assert (long[:, 1:7] != eos).all()
+    for penalty in (-2.0, 2.0):  # runs with either sign; shorter/longer preference is beam-search's business
+        out = model.generate(pixel_values=images(), num_beams=3, length_penalty=penalty, max_new_tokens=6)
+        assert out.shape[0] == 3
+
+
+def test_generation_never_emits_padding_or_start_tokens():
+    model = tiny_model(initializer_range=1.0)
+    torch.manual_seed(0)
+    out = model.generate(pixel_values=images(8), do_sample=True, max_new_tokens=12, temperature=3.0)
+    for row in out[:, 1:]:
+        words = row[row != model.config.pad_token_id]  # padding only after </s>
+        assert model.config.bos_token_id not in words.tolist()
+        ended = (row == model.config.eos_token_id).nonzero()
+        if len(ended):
+            assert (row[ended[0, 0] + 1 :] == model.config.pad_token_id).all()
+        else:
+            assert model.config.pad_token_id not in row.tolist()
+
+
+def test_loss_is_cross_entropy_plus_the_reported_attention_penalty():
+    model = tiny_model()
+    labels = token_ids()
+    labels[0, 4:] = -100  # padding
+    out = model(pixel_values=images(), labels=labels)
+    torch.testing.assert_close(out.loss, out.token_loss + out.attention_loss)
+    expected_penalty = ((1 - out_cross(model, labels).masked_fill((labels == -100)[..., None], 0).sum(1)) ** 2).sum(-1)
+    torch.testing.assert_close(out.attention_loss, model.config.attention_penalty * expected_penalty.mean())
+    # padding is ignored: the padded caption alone gives the loss of its unpadded prefix
+    alone = model(pixel_values=images()[:1], labels=labels[:1, :4])
+    padded = model(pixel_values=images()[:1], labels=labels[:1])
+    torch.testing.assert_close(alone.token_loss, padded.token_loss)
+    torch.testing.assert_close(alone.attention_loss, padded.attention_loss)
+    no_penalty = tiny_model(attention_penalty=0.0)(pixel_values=images(), labels=labels)
+    assert no_penalty.attention_loss.item() == 0.0
+    smoothed = tiny_model(label_smoothing=0.2)(pixel_values=images(), labels=labels)
+    assert not torch.isclose(smoothed.token_loss, out.token_loss)
+
+
+def out_cross(model, labels):
+    with torch.no_grad():
+        return model(pixel_values=images(), labels=labels, output_attentions=True).cross_attentions
+
+
+def test_a_tiny_model_overfits_a_handful_of_image_caption_pairs():
+    torch.manual_seed(0)
+    model = CaptionerForConditionalGeneration(tiny_config(hidden_size=32, embed_dim=32, attention_dim=16)).train()
+    pixel_values = images(4, seed=5)
+    captions = torch.tensor([[5, 6, 7, 2, -100], [8, 9, 10, 11, 2], [6, 5, 2, -100, -100], [12, 13, 14, 15, 2]])
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        loss = model(pixel_values=pixel_values, labels=captions).token_loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    model.eval()
+    assert model(pixel_values=pixel_values, labels=captions).token_loss.item() < 0.05
+    generated = model.generate(pixel_values=pixel_values, num_beams=1, max_new_tokens=6)
+    for row, target in zip(generated, captions):
+        target = target[target != -100]
+        assert row[1 : 1 + len(target)].tolist() == target.tolist()
+
+
+def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_statistics():
+    model = tiny_model().train()
+    assert all(not p.requires_grad for p in model.encoder.parameters())
+    norms = [m for m in model.encoder.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert norms and all(not m.training for m in norms)
+    before = [m.running_mean.clone() for m in norms]
+    model(pixel_values=images(), labels=token_ids()).loss.backward()
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+    assert model.decoder.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("stages,trainable_prefixes", [(1, ["encoder.stages.1."]), (2, ["encoder.stages."]), (-1, [""])])
+def test_encoder_trainable_stages(stages, trainable_prefixes):
+    model = tiny_model(encoder_trainable_stages=stages).train()
+    for name, param in model.encoder.backbone.named_parameters():
+        assert param.requires_grad == any(name.startswith(p) for p in trainable_prefixes), name
+    model(pixel_values=images(), labels=token_ids()).loss.backward()
+    grads = [p.grad for p in model.encoder.backbone.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
+
+
+def test_from_vision_pretrained_starts_from_the_saved_backbone(tmp_path):
+    torch.manual_seed(3)
+    vision = ResNetForImageClassification(ResNetConfig(layer_type="basic", embedding_size=8, depths=[1, 1], hidden_sizes=[8, 16]))
+    vision.save_pretrained(tmp_path / "backbone")
+    model = CaptionerForConditionalGeneration.from_vision_pretrained(
+        str(tmp_path / "backbone"), vocab_size=40, hidden_size=16, embed_dim=16, attention_dim=8, self_attention_heads=2
+    )
+    saved = vision.resnet.state_dict()
+    loaded = model.encoder.backbone.state_dict()
+    assert loaded.keys() <= saved.keys()
+    for key in loaded:
+        assert torch.equal(saved[key], loaded[key]), key
+    assert model.config.hidden_size == 16 and model.encoder.num_channels == 16
+
+
+def test_tied_embeddings_share_one_matrix_through_save_and_load(tmp_path):
+    model = tiny_model(tie_word_embeddings=True)
+    assert model.decoder.lm_head.weight is model.decoder.embed_tokens.weight
+    model.save_pretrained(tmp_path)
+    loaded = CaptionerForConditionalGeneration.from_pretrained(tmp_path)
+    assert loaded.decoder.lm_head.weight is loaded.decoder.embed_tokens.weight
+    torch.testing.assert_close(loaded.decoder.lm_head.weight, model.decoder.lm_head.weight)
+
+
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("rnn_type", "transformer"),
+        ("cross_attention", "multiplicative"),
+        ("hidden_size", 0),
+        ("self_attention_heads", 5),
+        ("dropout", 1.5),
+        ("label_smoothing", -0.1),
+        ("attention_penalty", -1.0),
+        ("encoder_trainable_stages", 7),
+        ("pad_token_id", 40),
+        ("grid_size", 2.5),
+        ("vision_config", {"model_type": "bert"}),
+    ],
+)
+def test_bad_config_values_raise_a_clear_error_at_construction(field, value):
+    with pytest.raises(ValueError, match=field if field != "vision_config" else "backbone"):
+        tiny_config(**{field: value})
+
+
+def test_missing_inputs_raise_a_clear_error():
+    model = tiny_model()
+    with pytest.raises(ValueError, match="pixel_values"):
+        model(decoder_input_ids=token_ids())
+    with pytest.raises(ValueError, match="labels"):
+        model(pixel_values=images())
+
+
+def test_default_configuration_is_show_attend_and_tell_sized():
+    config = CaptionerConfig()
+    assert config.vision_config.depths == [3, 4, 23, 3]  # ResNet-101
+    assert (config.grid_size, config.embed_dim, config.hidden_size, config.attention_dim) == (14, 512, 512, 512)
+    assert config.rnn_type == "lstm" and config.cross_attention == "additive" and config.self_attention
