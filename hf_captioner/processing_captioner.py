@@ -82,8 +82,9 @@ class CaptionerImageProcessor(TorchvisionBackend):
         raise ValueError(f"Image {index}: expected a PIL image, an array or a file path, got {type(image).__name__}")
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike], **kwargs) -> BatchFeature:
-        if not isinstance(images, (list, tuple)):
-            images = [images]
+        if isinstance(images, (Image.Image, str, os.PathLike)) or getattr(images, "ndim", 4) < 4:
+            images = [images]  # one picture; a list, a data set column or a 4-d batch are iterated
+        images = list(images)
         if len(images) == 0:
             raise ValueError("No images given")
         return super().preprocess([self._load(image, i) for i, image in enumerate(images)], **kwargs)

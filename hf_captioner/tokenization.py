@@ -1,6 +1,6 @@
-"""Train the caption tokenizer: a SentencePiece unigram model, served as a transformers fast tokenizer.
+"""Train the caption tokenizer: a SentencePiece model, served as a transformers fast tokenizer.
 
-SentencePiece learns the pieces and their scores from the captions; the same unigram model is then written as a
+SentencePiece learns the pieces (and their scores) from the captions; the same model is then written as a
 `tokenizers` pipeline (lower-casing normaliser, metaspace splitting, `</s>` appended), so the saved tokenizer loads
 with `AutoTokenizer` anywhere, without this package or the sentencepiece runtime.
 """
@@ -34,8 +34,19 @@ def caption_normalizer() -> normalizers.Normalizer:
     )
 
 
-def train_sentencepiece(captions: Iterable[str], vocab_size: int, model_prefix: Path) -> spm.SentencePieceProcessor:
-    """Train a unigram SentencePiece model on normalised, non-empty captions."""
+MODEL_TYPES = ("unigram", "word")
+
+
+def train_sentencepiece(
+    captions: Iterable[str], vocab_size: int, model_prefix: Path, model_type: str = "unigram"
+) -> spm.SentencePieceProcessor:
+    """Train a SentencePiece model on normalised, non-empty captions.
+
+    "unigram" (sub-words) suits real caption corpora; "word" suits a tiny closed vocabulary like the sample data
+    set's, on which unigram's seed pieces degenerate into single letters.
+    """
+    if model_type not in MODEL_TYPES:
+        raise ValueError(f"tokenizer model_type must be one of {MODEL_TYPES}, got {model_type!r}")
     lines = [normalize_caption(c) for c in captions if isinstance(c, str)]
     lines = [line for line in lines if line]
     if not lines:
@@ -45,7 +56,7 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, model_prefix: 
     spm.SentencePieceTrainer.train(
         input=str(corpus),
         model_prefix=str(model_prefix),
-        model_type="unigram",
+        model_type=model_type,
         vocab_size=vocab_size,
         hard_vocab_limit=False,  # a small corpus (the sample data) may not fill the vocabulary
         character_coverage=1.0,
@@ -64,10 +75,14 @@ def train_sentencepiece(captions: Iterable[str], vocab_size: int, model_prefix: 
     return spm.SentencePieceProcessor(model_file=str(model_prefix.with_suffix(".model")))
 
 
-def fast_tokenizer_from_sentencepiece(sp: spm.SentencePieceProcessor) -> PreTrainedTokenizerFast:
-    """The unigram model as a `tokenizers` pipeline with identical pieces, scores and ids."""
-    vocab = [(sp.id_to_piece(i), sp.get_score(i)) for i in range(sp.get_piece_size())]
-    tokenizer = Tokenizer(models.Unigram(vocab, unk_id=sp.unk_id(), byte_fallback=False))
+def fast_tokenizer_from_sentencepiece(sp: spm.SentencePieceProcessor, model_type: str) -> PreTrainedTokenizerFast:
+    """The SentencePiece model as a `tokenizers` pipeline with identical pieces, segmentation and ids."""
+    pieces = [sp.id_to_piece(i) for i in range(sp.get_piece_size())]
+    if model_type == "word":
+        model = models.WordLevel({piece: i for i, piece in enumerate(pieces)}, unk_token=UNK)
+    else:
+        model = models.Unigram([(piece, sp.get_score(i)) for i, piece in enumerate(pieces)], unk_id=sp.unk_id())
+    tokenizer = Tokenizer(model)
     tokenizer.normalizer = caption_normalizer()
     tokenizer.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
     tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
@@ -77,13 +92,15 @@ def fast_tokenizer_from_sentencepiece(sp: spm.SentencePieceProcessor) -> PreTrai
     )
 
 
-def train_tokenizer(captions: Iterable[str], vocab_size: int = 10000) -> PreTrainedTokenizerFast:
+def train_tokenizer(
+    captions: Iterable[str], vocab_size: int = 10000, model_type: str = "unigram"
+) -> PreTrainedTokenizerFast:
     """Train the caption tokenizer: ids 0-3 are <pad>, <s>, </s>, <unk>; encoding appends </s>.
 
     `vocab_size` is an upper bound: a corpus with fewer distinct pieces gives a smaller vocabulary.
     """
     with tempfile.TemporaryDirectory() as folder:
-        sp = train_sentencepiece(captions, vocab_size, Path(folder) / "captions")
-        tokenizer = fast_tokenizer_from_sentencepiece(sp)
-    logger.info("Trained a SentencePiece unigram tokenizer with %d pieces", len(tokenizer))
+        sp = train_sentencepiece(captions, vocab_size, Path(folder) / "captions", model_type)
+        tokenizer = fast_tokenizer_from_sentencepiece(sp, model_type)
+    logger.info("Trained a SentencePiece %s tokenizer with %d pieces", model_type, len(tokenizer))
     return tokenizer

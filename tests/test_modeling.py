@@ -61,14 +61,18 @@ def test_generate_with_cache_equals_without(mode):
     results = []
     for use_cache in (True, False):
         torch.manual_seed(123)
-        results.append(model.generate(pixel_values=pixel_values, max_new_tokens=8, use_cache=use_cache, **GENERATE_MODES[mode]))
+        results.append(
+            model.generate(pixel_values=pixel_values, max_new_tokens=8, use_cache=use_cache, **GENERATE_MODES[mode])
+        )
     assert results[0].shape[0] == pixel_values.shape[0] * GENERATE_MODES[mode].get("num_return_sequences", 1)
     assert torch.equal(results[0], results[1])
 
 
 def test_beam_search_depends_on_reordering_the_cache(monkeypatch):
     model = tiny_model(initializer_range=0.3)
-    kwargs = dict(pixel_values=images(4), num_beams=4, max_new_tokens=8, output_scores=True, return_dict_in_generate=True)
+    kwargs = dict(
+        pixel_values=images(4), num_beams=4, max_new_tokens=8, output_scores=True, return_dict_in_generate=True
+    )
     reordered = model.generate(**kwargs)
     monkeypatch.setattr(CaptionerCache, "reorder_cache", lambda self, beam_idx: None)
     not_reordered = model.generate(**kwargs)
@@ -195,7 +199,7 @@ def test_a_tiny_model_overfits_a_handful_of_image_caption_pairs():
     model.eval()
     assert model(pixel_values=pixel_values, labels=captions).token_loss.item() < 0.05
     generated = model.generate(pixel_values=pixel_values, num_beams=1, max_new_tokens=6)
-    for row, target in zip(generated, captions):
+    for row, target in zip(generated, captions, strict=True):
         target = target[target != -100]
         assert row[1 : 1 + len(target)].tolist() == target.tolist()
 
@@ -207,11 +211,13 @@ def test_frozen_encoder_gets_no_gradient_and_keeps_batchnorm_statistics():
     assert norms and all(not m.training for m in norms)
     before = [m.running_mean.clone() for m in norms]
     model(pixel_values=images(), labels=token_ids()).loss.backward()
-    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, norms))
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, norms, strict=True))
     assert model.decoder.lm_head.weight.grad is not None
 
 
-@pytest.mark.parametrize("stages,trainable_prefixes", [(1, ["encoder.stages.1."]), (2, ["encoder.stages."]), (-1, [""])])
+@pytest.mark.parametrize(
+    "stages,trainable_prefixes", [(1, ["encoder.stages.1."]), (2, ["encoder.stages."]), (-1, [""])]
+)
 def test_encoder_trainable_stages(stages, trainable_prefixes):
     model = tiny_model(encoder_trainable_stages=stages).train()
     for name, param in model.encoder.backbone.named_parameters():
@@ -223,7 +229,9 @@ def test_encoder_trainable_stages(stages, trainable_prefixes):
 
 def test_from_vision_pretrained_starts_from_the_saved_backbone(tmp_path):
     torch.manual_seed(3)
-    vision = ResNetForImageClassification(ResNetConfig(layer_type="basic", embedding_size=8, depths=[1, 1], hidden_sizes=[8, 16]))
+    vision = ResNetForImageClassification(
+        ResNetConfig(layer_type="basic", embedding_size=8, depths=[1, 1], hidden_sizes=[8, 16])
+    )
     vision.save_pretrained(tmp_path / "backbone")
     model = CaptionerForConditionalGeneration.from_vision_pretrained(
         str(tmp_path / "backbone"), vocab_size=40, hidden_size=16, embed_dim=16, attention_dim=8, self_attention_heads=2

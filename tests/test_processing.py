@@ -11,7 +11,7 @@ from hf_captioner import CaptionerImageProcessor, CaptionerProcessor, train_toke
 from hf_captioner.tokenization import fast_tokenizer_from_sentencepiece, normalize_caption, train_sentencepiece
 
 RED = (1.0 - 0.485) / 0.229  # normalised red channel of a pure red pixel (ImageNet statistics)
-WHITE = [(1.0 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
+WHITE = [(1.0 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225), strict=True)]
 
 
 @pytest.fixture(scope="module")
@@ -31,19 +31,30 @@ def test_tokenizer_normalises_raw_text_like_the_training_captions(tiny_tokenizer
     assert tiny_tokenizer("  A  RED\tCircle ")["input_ids"] == tiny_tokenizer("a red circle")["input_ids"]
 
 
-def test_fast_tokenizer_segments_exactly_like_sentencepiece(tmp_path):
+@pytest.mark.parametrize("model_type", ["unigram", "word"])
+def test_fast_tokenizer_segments_exactly_like_sentencepiece(tmp_path, model_type):
     captions = TINY_CAPTIONS * 5 + ["the dog's ball, near a café — 3 kids jump!"]
-    sp = train_sentencepiece(captions, 80, tmp_path / "spm")
-    fast = fast_tokenizer_from_sentencepiece(sp)
-    probes = captions + ["a purple star on the red square", "unseen wörds appear here"]
+    sp = train_sentencepiece(captions, 80, tmp_path / "spm", model_type)
+    fast = fast_tokenizer_from_sentencepiece(sp, model_type)
+    probes = captions + ["a purple star on the red square"]
+    if model_type == "unigram":  # sentencepiece's word model merges a run of unknown words into one <unk>
+        probes.append("unseen wörds appear here")
     for text in probes:
         assert fast(text)["input_ids"] == sp.encode(normalize_caption(text)) + [sp.eos_id()], text
     assert isinstance(sp, spm.SentencePieceProcessor)
 
 
-def test_train_tokenizer_rejects_a_corpus_without_captions():
+def test_word_tokenizer_keeps_whole_words_and_maps_unknown_ones_to_unk():
+    tokenizer = train_tokenizer(TINY_CAPTIONS * 3, vocab_size=100, model_type="word")
+    assert tokenizer.tokenize("a purple circle") == ["▁a", "▁purple", "▁circle"]
+    assert tokenizer("a zebra")["input_ids"][1] == tokenizer.unk_token_id
+
+
+def test_train_tokenizer_rejects_bad_input():
     with pytest.raises(ValueError, match="non-empty caption"):
         train_tokenizer(["", "   "], vocab_size=50)
+    with pytest.raises(ValueError, match="model_type"):
+        train_tokenizer(TINY_CAPTIONS, model_type="bpe")
 
 
 def test_processor_gives_pixel_values_and_padded_labels(processor):

@@ -36,8 +36,10 @@ def test_save_writes_safetensors_code_auto_map_and_generation_defaults(tmp_path,
     assert {"configuration_captioner.py", "modeling_captioner.py", "processing_captioner.py"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
-    assert auto_map["AutoModel"] == auto_map["AutoModelForImageTextToText"] == (
-        "modeling_captioner.CaptionerForConditionalGeneration"
+    assert (
+        auto_map["AutoModel"]
+        == auto_map["AutoModelForImageTextToText"]
+        == ("modeling_captioner.CaptionerForConditionalGeneration")
     )
     assert "AutoProcessor" in json.loads((tmp_path / "processor_config.json").read_text())["auto_map"]
     generation = GenerationConfig.from_pretrained(tmp_path)
@@ -96,7 +98,11 @@ def test_trust_remote_code_loads_in_a_process_that_cannot_import_hf_captioner(tm
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "model"), *paths],
-        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300,
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tmp_path,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
     remote = json.loads(result.stdout.strip().splitlines()[-1])
