@@ -1,0 +1,500 @@
+"""Training with Accelerate: arguments, data, the loop, validation with caption scores, checkpoints and resume.
+
+Run it as `accelerate launch scripts/train.py --config configs/X.yaml [--field value ...]` or with plain `python`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import gather_object, set_seed
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+from transformers import get_scheduler
+
+from .configuration_captioner import CaptionerConfig
+from .data.loaders import DataError, detect_and_load
+from .data.pairs import CaptionCollator, CaptionPairs, EpochShuffleSampler, encode_split
+from .data.sample import make_sample_dataset
+from .modeling_captioner import CaptionerForConditionalGeneration
+from .processing_captioner import CaptionerImageProcessor, CaptionerProcessor
+from .scoring import score_captions
+from .tokenization import train_tokenizer
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_PREFIX = "step-"
+STATE_FILE = "trainer_state.json"
+
+
+@dataclass
+class TrainingArguments:
+    """Everything a run needs; set from a YAML file (`--config`) and then `--field value` on the command line."""
+
+    # data
+    data: str = "sample"  # "sample" (drawn in memory), a folder/file in a known layout, or a Hub data set name
+    images_dir: str | None = None  # where the images are, when not in the layout's default place
+    strict: bool = False  # a missing/unreadable image is an error instead of a counted skip
+    sample_sizes: list[int] = field(default_factory=lambda: [2000, 200, 200])  # train/validation/test pictures
+    sample_seed: int = 0
+    sample_image_size: int = 64
+    max_train_images: int | None = None  # use only the first N train images (quick experiments)
+    max_eval_images: int | None = None  # validate on only the first N validation images
+    # tokenizer and image processing
+    processor_path: str | None = None  # reuse a saved processor instead of training a tokenizer
+    vocab_size: int = 10000  # upper bound of the SentencePiece vocabulary
+    tokenizer_model_type: str = "unigram"  # "unigram" sub-words, or "word" for a tiny closed vocabulary
+    image_size: int = 224  # side of the centre crop fed to the encoder
+    resize_size: int | None = None  # shorter side before cropping (default: image_size * 8 / 7, as 256 -> 224)
+    max_caption_tokens: int = 40  # longer training captions are truncated
+    # model
+    model: dict = field(default_factory=dict)  # CaptionerConfig fields, e.g. {rnn_type: gru, hidden_size: 256}
+    vision_pretrained: str | None = None  # start the encoder from this backbone, e.g. microsoft/resnet-101
+    init_from: str | None = None  # start from a saved captioner (e.g. the frozen-encoder run, to fine-tune it)
+    # optimisation
+    num_epochs: int = 10
+    max_train_steps: int | None = None  # stop after this many optimizer steps (overrides num_epochs)
+    batch_size: int = 32  # per process
+    eval_batch_size: int = 64
+    gradient_accumulation_steps: int = 1
+    learning_rate: float = 4e-4  # decoder
+    encoder_learning_rate: float = 1e-4  # fine-tuned encoder stages
+    weight_decay: float = 0.0
+    lr_scheduler: str = "cosine"  # any transformers scheduler name: linear, cosine, constant_with_warmup, ...
+    warmup_steps: int = 0
+    max_grad_norm: float = 5.0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    seed: int = 42
+    num_workers: int = 0  # DataLoader workers per process
+    # validation and early stopping
+    eval_num_beams: int = 1
+    eval_max_new_tokens: int = 30
+    early_stopping_patience: int = 3  # epochs without a better validation CIDEr before stopping; 0: never
+    # checkpoints
+    output_dir: str = "runs/sample"
+    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps (0: only at each epoch end)
+    keep_checkpoints: int = 2  # the last K checkpoints are kept
+    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    # feature caching (frozen encoder only)
+    cache_features: bool = False
+    feature_cache_dir: str = "~/.cache/hf_captioner/features"
+    # logging
+    log_every_steps: int = 50
+    report_to: str = "auto"  # "auto" (TensorBoard when installed), "none", or an Accelerate tracker name
+
+
+def _convert(value: str, hint) -> typing.Any:
+    """A command-line string -> the field's type (YAML syntax for everything but plain strings)."""
+    if hint is str:
+        return value
+    if hint == (str | None):
+        return None if value.lower() in ("none", "null") else value
+    return yaml.safe_load(value)
+
+
+def parse_arguments(argv: list[str] | None = None) -> TrainingArguments:
+    """`--config file.yaml` then `--field value` overrides; `--model key=value` sets one model config field."""
+    parser = argparse.ArgumentParser(description="Train the captioner (see TrainingArguments for every field).")
+    parser.add_argument("--config", help="YAML file with TrainingArguments fields")
+    hints = typing.get_type_hints(TrainingArguments)
+    for f in dataclasses.fields(TrainingArguments):
+        if f.name == "model":
+            parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE")
+        else:
+            parser.add_argument(f"--{f.name}", type=str, default=None, help=f"({hints[f.name]})")
+    namespace = parser.parse_args(argv)
+    values: dict = {}
+    if namespace.config:
+        config_path = Path(namespace.config)
+        if not config_path.is_file():
+            parser.error(f"config file not found: {config_path}")
+        values = yaml.safe_load(config_path.read_text()) or {}
+        unknown = set(values) - {f.name for f in dataclasses.fields(TrainingArguments)}
+        if unknown:
+            parser.error(f"{config_path}: unknown field(s) {sorted(unknown)}")
+    for f in dataclasses.fields(TrainingArguments):
+        raw = getattr(namespace, f.name)
+        if f.name == "model":
+            model = dict(values.get("model") or {})
+            for item in raw:
+                key, sep, value = item.partition("=")
+                if not sep:
+                    parser.error(f"--model expects KEY=VALUE, got {item!r}")
+                model[key] = yaml.safe_load(value)
+            values["model"] = model
+        elif raw is not None:
+            values[f.name] = _convert(raw, hints[f.name])
+    return TrainingArguments(**values)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# data, processor, model
+
+
+def load_data(args: TrainingArguments):
+    """The run's `DatasetDict` (train / validation / test), trimmed to the requested sizes."""
+    if args.data == "sample":
+        n_train, n_val, n_test = args.sample_sizes
+        data = make_sample_dataset(n_train, n_val, n_test, seed=args.sample_seed, image_size=args.sample_image_size)
+        data = data.remove_columns("objects")
+    else:
+        data = detect_and_load(args.data, images_dir=args.images_dir, strict=args.strict)
+    if args.max_train_images:
+        data["train"] = data["train"].select(range(min(args.max_train_images, len(data["train"]))))
+    if args.max_eval_images:
+        data["validation"] = data["validation"].select(range(min(args.max_eval_images, len(data["validation"]))))
+    for split in ("train", "validation"):
+        if len(data[split]) == 0:
+            raise DataError(f"The {split} split of {args.data!r} is empty")
+    return data
+
+
+def build_processor(args: TrainingArguments, train_captions: list[list[str]]) -> CaptionerProcessor:
+    """Image processor at the run's image size + a tokenizer trained on the train captions."""
+    if args.processor_path:
+        return CaptionerProcessor.from_pretrained(args.processor_path)
+    tokenizer = train_tokenizer(
+        [c for captions in train_captions for c in captions], args.vocab_size, args.tokenizer_model_type
+    )
+    resize = args.resize_size or round(args.image_size * 8 / 7)
+    image_processor = CaptionerImageProcessor(
+        size={"shortest_edge": resize}, crop_size={"height": args.image_size, "width": args.image_size}
+    )
+    return CaptionerProcessor(image_processor, tokenizer)
+
+
+def build_model(args: TrainingArguments, processor: CaptionerProcessor) -> CaptionerForConditionalGeneration:
+    tokenizer = processor.tokenizer
+    special = dict(
+        vocab_size=len(tokenizer),
+        pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        unk_token_id=tokenizer.unk_token_id,
+        decoder_start_token_id=tokenizer.bos_token_id,
+    )
+    if args.init_from:
+        model = CaptionerForConditionalGeneration.from_pretrained(args.init_from, **args.model)
+        mismatched = {k: v for k, v in special.items() if getattr(model.config, k) != v}
+        if mismatched:
+            raise ValueError(f"{args.init_from} does not match the tokenizer: {mismatched}; pass its processor_path")
+        return model
+    if args.vision_pretrained:
+        return CaptionerForConditionalGeneration.from_vision_pretrained(args.vision_pretrained, **special, **args.model)
+    return CaptionerForConditionalGeneration(CaptionerConfig(**special, **args.model))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# evaluation
+
+
+@torch.no_grad()
+def generate_captions(
+    model,
+    processor: CaptionerProcessor,
+    dataset,
+    accelerator: Accelerator | None = None,
+    features: torch.Tensor | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    **generate_kwargs,
+) -> list[str]:
+    """One caption per image of `dataset`, in its order; with an accelerator the images are shared out among
+    processes and the captions gathered, so every process gets the whole list."""
+    model = accelerator.unwrap_model(model) if accelerator is not None else model
+    was_training = model.training
+    model.eval()
+    indices = list(range(len(dataset)))
+    if accelerator is not None and accelerator.num_processes > 1:
+        with accelerator.split_between_processes(indices) as shard:
+            indices = list(shard)
+    device = model.device
+    results = []
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
+    for start in tqdm(range(0, len(indices), batch_size), desc="Captioning", disable=not show, leave=False):
+        chunk = indices[start : start + batch_size]
+        if features is not None:
+            inputs = {"encoder_outputs": features[chunk].to(device)}
+        else:
+            images = dataset.select(chunk)["image"]
+            inputs = {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)}
+        ids = model.generate(**inputs, **generate_kwargs)
+        results.extend(zip(chunk, processor.batch_decode(ids), strict=True))
+    if accelerator is not None and accelerator.num_processes > 1:
+        results = gather_object(results)
+    model.train(was_training)
+    return [caption for _, caption in sorted(dict(results).items())]
+
+
+def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-caption summed cross-entropy and token count (B,), B,), for exact corpus means across processes."""
+    losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
+    return losses.sum(dim=1), (labels != -100).sum(dim=1)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, accelerator: Accelerator) -> float:
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in loader:
+        outputs = model(**batch)
+        loss_sums, counts = accelerator.gather_for_metrics(caption_token_losses(outputs.logits, batch["labels"]))
+        total += loss_sums.sum().item()
+        tokens += counts.sum().item()
+    return total / max(tokens, 1)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# checkpoints
+
+
+def list_checkpoints(output_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (a folder is complete once renamed from its temporary name)."""
+    folder = output_dir / "checkpoints"
+    found = [p for p in folder.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]))
+
+
+def resolve_checkpoint(output_dir: Path, requested: str) -> Path:
+    if requested == "latest":
+        checkpoints = list_checkpoints(output_dir)
+        if not checkpoints:
+            raise FileNotFoundError(
+                f"--resume_from_checkpoint latest: no checkpoint under {output_dir / 'checkpoints'}"
+            )
+        return checkpoints[-1]
+    path = Path(requested)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+    return path
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, keep: int) -> None:
+    """Write to a temporary folder, then rename: a kill during the save never destroys the last good checkpoint."""
+    folder = output_dir / "checkpoints"
+    final = folder / f"{CHECKPOINT_PREFIX}{state['global_step']}"
+    partial = folder / f".partial-{CHECKPOINT_PREFIX}{state['global_step']}"
+    if accelerator.is_main_process:
+        shutil.rmtree(partial, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(partial))
+    if accelerator.is_main_process:
+        (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        for old in list_checkpoints(output_dir)[:-keep] if keep > 0 else []:
+            shutil.rmtree(old)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# the run
+
+
+def _has_accelerator_device() -> bool:
+    """Whether a GPU-like device is here. Without one, Accelerate must be told: CPU workers started by torchrun
+    then join one gloo group (MULTI_CPU) instead of each training alone on the whole data."""
+    xpu = getattr(torch, "xpu", None)
+    return torch.cuda.is_available() or torch.backends.mps.is_available() or bool(xpu and xpu.is_available())
+
+
+def _trackers(report_to: str) -> str | None:
+    if report_to == "none":
+        return None
+    if report_to == "auto":
+        try:
+            import tensorboard  # noqa: F401
+        except ImportError:
+            return None
+        return "tensorboard"
+    return report_to
+
+
+def _scalars(args: TrainingArguments) -> dict:
+    """Arguments as tracker hyper-parameters (scalars only)."""
+    flat = {k: v for k, v in dataclasses.asdict(args).items() if k != "model"}
+    flat.update({f"model.{k}": v for k, v in args.model.items()})
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flat.items()}
+
+
+def train(args: TrainingArguments) -> dict:
+    """Train, validate each epoch, stop early on CIDEr, and save the best model + processor to output_dir/final.
+
+    Returns the run's metrics (also written to output_dir/metrics.json).
+    """
+    output_dir = Path(args.output_dir)
+    accelerator = Accelerator(
+        cpu=not _has_accelerator_device(),
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=args.mixed_precision,
+        log_with=_trackers(args.report_to),
+        project_dir=str(output_dir),
+    )
+    set_seed(args.seed)
+    if accelerator.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
+    data = load_data(args)
+
+    processor_dir = output_dir / "processor"
+    with accelerator.main_process_first():  # the main process trains the tokenizer; the others load it
+        if accelerator.is_main_process and not (args.resume_from_checkpoint and processor_dir.is_dir()):
+            processor = build_processor(args, data["train"]["captions"])
+            processor.save_pretrained(processor_dir)
+        else:
+            processor = CaptionerProcessor.from_pretrained(processor_dir)
+    set_seed(args.seed)  # the model's initial weights do not depend on how the tokenizer was obtained
+    model = build_model(args, processor)
+    logger.info("Model: %.2fM parameters (%.2fM trainable)", model.num_parameters() / 1e6,
+                model.num_parameters(only_trainable=True) / 1e6)  # fmt: skip
+
+    train_features = val_features = None
+    if args.cache_features:
+        if not model.encoder.is_frozen:
+            raise ValueError("cache_features needs a frozen encoder (model.encoder_trainable_stages = 0)")
+        with accelerator.main_process_first():
+            model.to(accelerator.device)
+            train_features = encode_split(model, processor, data["train"], args.feature_cache_dir, args.eval_batch_size)
+            val_features = encode_split(
+                model, processor, data["validation"], args.feature_cache_dir, args.eval_batch_size
+            )
+
+    collator = CaptionCollator(processor, args.max_caption_tokens)
+    train_pairs = CaptionPairs(data["train"], train_features)
+    train_loader = DataLoader(
+        train_pairs,
+        batch_size=args.batch_size,
+        sampler=EpochShuffleSampler(len(train_pairs), args.seed),
+        collate_fn=collator,
+        num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(args.seed),  # worker seeds drawn here, not from the global RNG
+    )
+    val_loader = DataLoader(
+        CaptionPairs(data["validation"], val_features), batch_size=args.eval_batch_size, collate_fn=collator
+    )
+    encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
+    decoder_params = [p for p in model.decoder.parameters() if p.requires_grad]
+    groups = [{"params": decoder_params, "lr": args.learning_rate}]
+    if encoder_params:
+        groups.append({"params": encoder_params, "lr": args.encoder_learning_rate})
+    optimizer = torch.optim.AdamW(groups, weight_decay=args.weight_decay)
+
+    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+    total_steps = args.max_train_steps or steps_per_epoch * args.num_epochs
+    num_epochs = math.ceil(total_steps / steps_per_epoch)
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, args.warmup_steps, total_steps)
+    scheduler = accelerator.prepare(scheduler)
+    accelerator.init_trackers("hf_captioner", config=_scalars(args))
+
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_cider": None, "bad_epochs": 0, "history": []}
+    if args.resume_from_checkpoint:
+        checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+        accelerator.load_state(str(checkpoint))
+        state = json.loads((checkpoint / STATE_FILE).read_text())
+        logger.info("Resumed from %s at step %d (epoch %d)", checkpoint, state["global_step"], state["epoch"])
+
+    progress = tqdm(total=total_steps, initial=state["global_step"], desc="Training",
+                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    started, stop = time.perf_counter(), False
+    while state["epoch"] < num_epochs and not stop and state["global_step"] < total_steps:
+        model.train()
+        skip = state["batches_in_epoch"]  # > 0 when resuming mid-epoch
+        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
+        batches.set_epoch(state["epoch"])  # the sampler's permutation depends on the epoch only
+        for batch in batches:
+            with accelerator.accumulate(model):
+                outputs = model(**batch)
+                accelerator.backward(outputs.loss)
+                if accelerator.sync_gradients and args.max_grad_norm:
+                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad()
+            state["batches_in_epoch"] += 1
+            if not accelerator.sync_gradients:
+                continue
+            state["global_step"] += 1
+            progress.update(1)
+            if state["global_step"] % args.log_every_steps == 0:
+                logs = {"train/loss": outputs.loss.item(), "train/token_loss": outputs.token_loss.item(),
+                        "train/attention_loss": outputs.attention_loss.item(), "lr": scheduler.get_last_lr()[0]}  # fmt: skip
+                progress.set_postfix(loss=f"{logs['train/token_loss']:.3f}")
+                accelerator.log(logs, step=state["global_step"])
+            if args.checkpoint_every_steps and state["global_step"] % args.checkpoint_every_steps == 0:
+                save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
+            if state["global_step"] >= total_steps:
+                break
+        if state["batches_in_epoch"] >= len(train_loader):  # the epoch ran to its end
+            state["epoch"] += 1
+            state["batches_in_epoch"] = 0
+        if state["batches_in_epoch"] == 0 or state["global_step"] >= total_steps:
+            stop = _validate(args, accelerator, model, processor, data, val_loader, val_features, state, output_dir)
+            save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
+    progress.close()
+
+    train_seconds = time.perf_counter() - started
+    final = output_dir / "final"
+    if accelerator.is_main_process:
+        shutil.rmtree(final, ignore_errors=True)
+        shutil.copytree(output_dir / "best", final)
+    accelerator.wait_for_everyone()
+    best = max(state["history"], key=lambda h: h["cider"])
+    metrics = {"best": best, "history": state["history"], "steps": state["global_step"],
+               "num_processes": accelerator.num_processes,
+               "train_seconds_this_session": round(train_seconds, 1)}  # fmt: skip
+    if accelerator.is_main_process:
+        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        logger.info("Best validation CIDEr %.3f at epoch %d; model saved to %s", best["cider"], best["epoch"], final)
+    accelerator.end_training()
+    return metrics
+
+
+def _validate(args, accelerator, model, processor, data, val_loader, val_features, state, output_dir) -> bool:
+    """Validation loss and caption scores; keep the best model; return whether to stop early."""
+    validation = data["validation"]
+    captions = generate_captions(
+        model, processor, validation, accelerator, features=val_features, batch_size=args.eval_batch_size,
+        num_beams=args.eval_num_beams, max_new_tokens=args.eval_max_new_tokens,
+    )  # fmt: skip
+    scores = score_captions(captions, validation["captions"])
+    record = {"epoch": state["epoch"], "step": state["global_step"], "val_loss": validation_loss(model, val_loader, accelerator),
+              **scores}  # fmt: skip
+    state["history"].append(record)
+    accelerator.log({f"val/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=state["global_step"])
+    logger.info("epoch %d step %d: val loss %.4f, BLEU-4 %.4f, CIDEr %.4f", record["epoch"], record["step"],
+                record["val_loss"], record["bleu_4"], record["cider"])  # fmt: skip
+    if state["best_cider"] is None or record["cider"] > state["best_cider"]:
+        state["best_cider"], state["bad_epochs"] = record["cider"], 0
+        if accelerator.is_main_process:
+            best = output_dir / "best"
+            shutil.rmtree(best, ignore_errors=True)
+            accelerator.unwrap_model(model).save_pretrained(best)
+            processor.save_pretrained(best)
+        accelerator.wait_for_everyone()
+    else:
+        state["bad_epochs"] += 1
+    return bool(args.early_stopping_patience) and state["bad_epochs"] >= args.early_stopping_patience
+
+
+def main(argv: list[str] | None = None) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    return train(parse_arguments(argv))
+
+
+__all__ = ["TrainingArguments", "generate_captions", "main", "parse_arguments", "train"]

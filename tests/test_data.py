@@ -1,0 +1,209 @@
+"""Loaders in every format give the same normalised rows; skips are counted; the sample data set is sound."""
+
+import json
+import logging
+
+import numpy as np
+import pytest
+from datasets import Dataset
+from PIL import Image
+
+from hf_captioner.data import (
+    DataError,
+    detect_and_load,
+    load_captions_csv,
+    load_flickr8k_text,
+    load_hub_dataset,
+    load_karpathy_json,
+    make_sample_dataset,
+    write_sample_dataset,
+)
+from hf_captioner.data.sample import COLOURS, KINDS
+
+# image name -> (split, raw captions); raw captions carry the usual mess: case, spaces, an empty one
+FIXTURE = {
+    "1000_a.jpg": ("train", ["A dog runs .", "  a DOG   running", "the dog is fast"]),
+    "1001_b.jpg": ("train", ["Two kids play", "kids playing outside", ""]),
+    "1002_c.jpg": ("train", ["a red car", "A car that is red"]),
+    "1003_d.jpg": ("validation", ["a man rides a bike", "cyclist on a road"]),
+    "1004_e.jpg": ("test", ["a cat sleeps", "a sleeping cat"]),
+}
+EXPECTED = {  # image_id -> normalised captions
+    "1000_a": ["a dog runs .", "a dog running", "the dog is fast"],
+    "1001_b": ["two kids play", "kids playing outside"],
+    "1002_c": ["a red car", "a car that is red"],
+    "1003_d": ["a man rides a bike", "cyclist on a road"],
+    "1004_e": ["a cat sleeps", "a sleeping cat"],
+}
+SPLIT_FILE_NAMES = {"train": "trainImages", "validation": "devImages", "test": "testImages"}
+
+
+def write_images(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(FIXTURE):
+        Image.new("RGB", (20, 16), (40 * i, 100, 200)).save(folder / name)
+    return folder
+
+
+def rows(data) -> dict:
+    return {row["image_id"]: row["captions"] for split in data for row in data[split]}
+
+
+def splits(data) -> dict:
+    return {row["image_id"]: split for split in data for row in data[split]}
+
+
+@pytest.fixture
+def karpathy(tmp_path):
+    write_images(tmp_path / "images")
+    names = {"train": "train", "validation": "val", "test": "test"}
+    entries = [
+        {"filename": name, "split": names[split], "sentences": [{"raw": c, "tokens": c.split()} for c in caps]}
+        for name, (split, caps) in FIXTURE.items()
+    ]
+    entries[2]["split"] = "restval"  # Karpathy's extra training images
+    (tmp_path / "dataset_flickr8k.json").write_text(json.dumps({"images": entries}))
+    return tmp_path
+
+
+@pytest.fixture
+def flickr8k_text(tmp_path):
+    write_images(tmp_path / "Flicker8k_Dataset")
+    lines = [f"{name}#{i}\t{c}" for name, (_, caps) in FIXTURE.items() for i, c in enumerate(caps)]
+    lines.append("1004_e.jpg.1#0\ta stray key like the real file's")  # the real file has such a key
+    (tmp_path / "Flickr8k.token.txt").write_bytes(("\r\n".join(lines) + "\r\n").encode())  # CRLF, as distributed
+    for split, suffix in SPLIT_FILE_NAMES.items():
+        names = [name for name, (s, _) in FIXTURE.items() if s == split]
+        (tmp_path / f"Flickr_8k.{suffix}.txt").write_text("\n".join(names) + "\n")
+    return tmp_path
+
+
+@pytest.fixture
+def captions_csv(tmp_path):
+    write_images(tmp_path / "Images")
+    lines = ["image,caption"] + [f'{name},"{c}"' for name, (_, caps) in FIXTURE.items() for c in caps]
+    (tmp_path / "captions.txt").write_text("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_every_format_gives_the_same_normalised_rows(karpathy, flickr8k_text, captions_csv, tmp_path):
+    from_karpathy = load_karpathy_json(karpathy / "dataset_flickr8k.json", karpathy / "images")
+    from_text = load_flickr8k_text(flickr8k_text)
+    from_csv = load_captions_csv(captions_csv / "captions.txt", split_fractions=(0.2, 0.2))
+    for data in (from_karpathy, from_text, from_csv):
+        assert set(data) == {"train", "validation", "test"}
+        assert rows(data) == EXPECTED
+        assert isinstance(data["train"][0]["image"], Image.Image)
+    expected_splits = {name.split(".")[0]: split for name, (split, _) in FIXTURE.items()}
+    assert splits(from_karpathy) == expected_splits  # restval folded into train
+    assert splits(from_text) == expected_splits
+    assert sorted(splits(from_csv).values()).count("train") == 3  # CSV: seeded random split, 20% / 20%
+    assert rows(detect_and_load(karpathy)) == rows(detect_and_load(flickr8k_text)) == EXPECTED
+
+
+@pytest.mark.parametrize("layout", ["per_caption", "per_image"])
+def test_hub_style_data_sets_are_grouped_and_split(tmp_path, layout):
+    write_images(tmp_path / "img")
+    if layout == "per_caption":  # one row per caption, the data set's own splits (with a "dev" name)
+        for split in ("train", "dev", "test"):
+            wanted = {"train": "train", "dev": "validation", "test": "test"}[split]
+            table = [(n, c) for n, (s, caps) in FIXTURE.items() if s == wanted for c in caps]
+            Dataset.from_dict(
+                {"image": [str(tmp_path / "img" / n) for n, _ in table], "sentence": [c for _, c in table]}
+            ).to_parquet(str(tmp_path / f"{split}.parquet"))
+        files = {s: str(tmp_path / f"{s}.parquet") for s in ("train", "dev", "test")}
+        data = load_hub_dataset("parquet", caption_column="sentence", split_names={"dev": "validation"},
+                                data_files=files)  # fmt: skip
+    else:  # one row per image, captions as a list, everything in one split with a split column
+        names = list(FIXTURE)
+        Dataset.from_dict(
+            {
+                "image": [str(tmp_path / "img" / n) for n in names],
+                "captions": [FIXTURE[n][1] for n in names],
+                "which": [FIXTURE[n][0] for n in names],
+            }
+        ).to_parquet(str(tmp_path / "all.parquet"))
+        data = load_hub_dataset("parquet", caption_column="captions", split_column="which",
+                                data_files={"train": str(tmp_path / "all.parquet")})  # fmt: skip
+    assert rows(data) == EXPECTED
+    assert splits(data) == {name.split(".")[0]: split for name, (split, _) in FIXTURE.items()}
+    with pytest.raises(DataError, match="no column"):
+        load_hub_dataset("parquet", caption_column="nope", data_files={"train": str(next(tmp_path.glob("*.parquet")))})
+
+
+def test_missing_and_corrupt_images_and_empty_captions_are_counted(karpathy, caplog):
+    (karpathy / "images" / "1001_b.jpg").unlink()
+    (karpathy / "images" / "1002_c.jpg").write_bytes(b"not a jpeg at all")
+    with caplog.at_level(logging.WARNING):
+        data = load_karpathy_json(karpathy / "dataset_flickr8k.json", karpathy / "images")
+    assert set(rows(data)) == {"1000_a", "1003_d", "1004_e"}
+    message = caplog.text
+    assert "1 image(s) missing on disk" in message and "1001_b.jpg" in message
+    assert "1 image(s) unreadable" in message and "1002_c.jpg" in message
+    assert "1 empty caption(s) dropped" in message
+    with pytest.raises(DataError, match="strict"):
+        load_karpathy_json(karpathy / "dataset_flickr8k.json", karpathy / "images", strict=True)
+
+
+def test_malformed_and_missing_files_get_clear_errors(tmp_path, flickr8k_text):
+    with pytest.raises(DataError, match="not found"):
+        load_karpathy_json(tmp_path / "nope.json", tmp_path)
+    (tmp_path / "bad.json").write_text('{"something": []}')
+    with pytest.raises(DataError, match="bad.json"):
+        load_karpathy_json(tmp_path / "bad.json", tmp_path)
+    token_file = flickr8k_text / "Flickr8k.token.txt"
+    token_file.write_text(token_file.read_text() + "a line without a tab or key\n")
+    with pytest.raises(DataError, match="Flickr8k.token.txt:14"):
+        load_flickr8k_text(flickr8k_text)
+    token_file.write_text("\n".join(token_file.read_text().splitlines()[:-1]) + "\n")
+    (flickr8k_text / "Flickr_8k.devImages.txt").unlink()
+    with pytest.raises(DataError, match="validation split file"):
+        load_flickr8k_text(flickr8k_text)
+    (tmp_path / "captions.txt").write_text("file;text\nx;y\n")
+    with pytest.raises(DataError, match="'image' and 'caption'"):
+        load_captions_csv(tmp_path / "captions.txt")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no known caption layout"):
+        detect_and_load(tmp_path / "empty")
+    with pytest.raises(DataError, match="not found"):
+        detect_and_load("./no/such/folder")
+
+
+def test_sample_data_set_is_deterministic_from_its_seed():
+    first, again, other = (make_sample_dataset(6, 2, 2, seed=s) for s in (7, 7, 8))
+    for split in first:
+        assert first[split]["captions"] == again[split]["captions"]
+        assert first[split]["objects"] == again[split]["objects"]
+        for a, b in zip(first[split]["image"], again[split]["image"], strict=True):
+            assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert first["train"]["captions"] != other["train"]["captions"]
+
+
+def test_sample_boxes_match_the_drawn_shapes_and_captions_name_them():
+    data = make_sample_dataset(60, 0, 0, seed=3)
+    for row in data["train"]:
+        pixels = np.asarray(row["image"]).astype(int)
+        assert len(set(row["captions"])) >= 5
+        kinds_present = {o["kind"] for o in row["objects"]}
+        for caption in row["captions"]:
+            named = {word for word in caption.split() if word in KINDS}
+            assert named and named <= kinds_present, caption
+        for obj in row["objects"]:
+            near = (np.abs(pixels - np.array(COLOURS[obj["colour"]])) < 25).all(axis=-1)  # noise sigma is 4
+            ys, xs = np.nonzero(near)
+            x0, y0, x1, y1 = obj["box"]
+            assert len(xs) > 20
+            assert x0 <= xs.min() and xs.max() <= x1 and y0 <= ys.min() and ys.max() <= y1
+            assert xs.min() - x0 <= 1 and x1 - xs.max() <= 1 and ys.min() - y0 <= 1 and y1 - ys.max() <= 1  # tight
+
+
+def test_written_sample_data_set_round_trips_through_the_karpathy_loader(tmp_path):
+    path = write_sample_dataset(tmp_path, 5, 2, 2, seed=1)
+    loaded = detect_and_load(tmp_path)
+    drawn = make_sample_dataset(5, 2, 2, seed=1)
+    for split in drawn:
+        assert loaded[split]["captions"] == drawn[split]["captions"]
+        assert loaded[split]["image_id"] == drawn[split]["image_id"]
+        assert np.array_equal(np.asarray(loaded[split][0]["image"]), np.asarray(drawn[split][0]["image"]))
+    entries = json.loads(path.read_text())["images"]
+    assert entries[0]["objects"] == drawn["train"][0]["objects"]

@@ -1,0 +1,185 @@
+"""Training: arguments, a short run that learns, exact resume, multi-process launch, cached features."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from conftest import TINY_VISION
+from safetensors.torch import load_file
+from transformers import AutoModel, AutoProcessor
+
+from hf_captioner import training
+from hf_captioner.data.pairs import CaptionCollator, CaptionPairs, encode_split, feature_cache_key
+from hf_captioner.training import TrainingArguments, build_model, build_processor, load_data, parse_arguments, train
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_arguments(output_dir, **overrides) -> TrainingArguments:
+    values = dict(
+        data="sample",
+        sample_sizes=[48, 12, 4],
+        sample_image_size=32,
+        image_size=32,
+        resize_size=32,
+        tokenizer_model_type="word",
+        vocab_size=60,
+        model={
+            "vision_config": dict(TINY_VISION),
+            "grid_size": 2,
+            "embed_dim": 24,
+            "hidden_size": 32,
+            "attention_dim": 16,
+            "self_attention_heads": 2,
+            "dropout": 0.3,
+            "encoder_trainable_stages": -1,
+        },
+        num_epochs=2,
+        batch_size=16,
+        eval_batch_size=32,
+        learning_rate=3e-3,
+        encoder_learning_rate=3e-3,
+        log_every_steps=5,
+        report_to="none",
+        output_dir=str(output_dir),
+        eval_max_new_tokens=12,
+        early_stopping_patience=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+def test_arguments_come_from_yaml_then_the_command_line(tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"batch_size": 8, "model": {"rnn_type": "gru", "hidden_size": 64}, "data": "x"}))
+    args = parse_arguments(
+        ["--config", str(config), "--batch_size", "4", "--model", "hidden_size=32", "--sample_sizes", "[3, 2, 1]",
+         "--images_dir", "none", "--cache_features", "true"]
+    )  # fmt: skip
+    assert args.batch_size == 4 and args.data == "x" and args.sample_sizes == [3, 2, 1]
+    assert args.model == {"rnn_type": "gru", "hidden_size": 32}
+    assert args.images_dir is None and args.cache_features is True
+    config.write_text(yaml.safe_dump({"batch_sise": 8}))
+    with pytest.raises(SystemExit):
+        parse_arguments(["--config", str(config)])
+
+
+def test_a_short_run_improves_validation_loss_and_saves_a_loadable_model(tmp_path):
+    args = tiny_arguments(tmp_path / "run", num_epochs=3)
+    metrics = train(args)
+    history = metrics["history"]
+    assert len(history) == 3
+    assert history[-1]["val_loss"] < history[0]["val_loss"] < math.log(60)
+    assert {"bleu_4", "cider", "val_loss"} <= set(history[-1])
+    out = tmp_path / "run"
+    assert json.loads((out / "training_args.json").read_text())["num_epochs"] == 3
+    assert json.loads((out / "metrics.json").read_text())["best"]["cider"] == max(h["cider"] for h in history)
+    model = AutoModel.from_pretrained(out / "final")
+    processor = AutoProcessor.from_pretrained(out / "final")
+    data = load_data(args)
+    ids = model.generate(**processor(images=data["test"]["image"], return_tensors="pt"), max_new_tokens=8)
+    assert all(caption for caption in processor.batch_decode(ids))
+    assert len(list((out / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
+    # about 9 steps per epoch: the kill after the step-12 checkpoint falls in the middle of the second epoch
+    common = dict(sample_sizes=[24, 8, 4], num_epochs=2, checkpoint_every_steps=4, keep_checkpoints=10)
+    train(tiny_arguments(tmp_path / "whole", **common))
+
+    real_save = training.save_checkpoint
+
+    def save_then_die(accelerator, output_dir, state, keep):
+        real_save(accelerator, output_dir, state, keep)
+        if state["global_step"] == 12:
+            raise KeyboardInterrupt("simulated kill after the step-12 checkpoint")
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_arguments(tmp_path / "split", **common))
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    assert training.list_checkpoints(tmp_path / "split")[-1].name == "step-12"
+    train(tiny_arguments(tmp_path / "split", resume_from_checkpoint="latest", **common))
+
+    whole_last = training.list_checkpoints(tmp_path / "whole")[-1]
+    resumed_last = training.list_checkpoints(tmp_path / "split")[-1]
+    assert whole_last.name == resumed_last.name and int(whole_last.name.split("-")[1]) > 12
+    whole = load_file(whole_last / "model.safetensors")
+    resumed = load_file(resumed_last / "model.safetensors")
+    assert whole.keys() == resumed.keys()
+    for key in whole:
+        torch.testing.assert_close(resumed[key], whole[key], rtol=1e-5, atol=1e-6, msg=key)
+    whole_history = json.loads((tmp_path / "whole" / "metrics.json").read_text())["history"]
+    resumed_history = json.loads((tmp_path / "split" / "metrics.json").read_text())["history"]
+    assert [h["val_loss"] for h in resumed_history] == pytest.approx([h["val_loss"] for h in whole_history])
+
+
+def test_a_partial_checkpoint_is_never_taken_for_the_latest(tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "step-3").mkdir(parents=True)
+    (checkpoints / "step-3" / training.STATE_FILE).write_text("{}")
+    (checkpoints / ".partial-step-6").mkdir()  # a save that was killed half-way
+    (checkpoints / "step-9").mkdir()  # no state file: incomplete
+    assert training.resolve_checkpoint(tmp_path, "latest") == checkpoints / "step-3"
+    with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
+        training.resolve_checkpoint(tmp_path, str(checkpoints / "step-9"))
+
+
+def test_cached_features_give_the_first_batch_loss_of_a_frozen_end_to_end_model(tmp_path):
+    args = tiny_arguments(
+        tmp_path, model={**tiny_arguments(tmp_path).model, "encoder_trainable_stages": 0, "dropout": 0.0}
+    )
+    data = load_data(args)
+    processor = build_processor(args, data["train"]["captions"])
+    torch.manual_seed(0)
+    model = build_model(args, processor).train()
+    features = encode_split(model, processor, data["train"], tmp_path / "cache")
+    collator = CaptionCollator(processor)
+    cached_batch = collator([CaptionPairs(data["train"], features)[i] for i in range(8)])
+    image_batch = collator([CaptionPairs(data["train"])[i] for i in range(8)])
+    assert "encoder_outputs" in cached_batch and "pixel_values" in image_batch
+    cached_loss = model(**cached_batch).loss
+    image_loss = model(**image_batch).loss
+    torch.testing.assert_close(cached_loss, image_loss, rtol=1e-5, atol=1e-6)
+    # reused on disk, and keyed so that another grid (or other weights) gets its own features
+    cache_files = list((tmp_path / "cache").glob("*.safetensors"))
+    assert len(cache_files) == 1
+    assert torch.equal(encode_split(model, processor, data["train"], tmp_path / "cache"), features)
+    key = feature_cache_key(model, processor, data["train"])
+    model.config.grid_size = 3
+    assert feature_cache_key(model, processor, data["train"]) != key
+
+
+def test_training_from_cached_features_saves_a_full_model(tmp_path):
+    model_config = {**tiny_arguments(tmp_path).model, "encoder_trainable_stages": 0}
+    args = tiny_arguments(tmp_path / "run", model=model_config, cache_features=True,
+                          feature_cache_dir=str(tmp_path / "cache"), num_epochs=1)  # fmt: skip
+    train(args)
+    model = AutoModel.from_pretrained(tmp_path / "run" / "final")
+    assert model.encoder.num_channels == TINY_VISION["hidden_sizes"][-1]
+    with pytest.raises(ValueError, match="frozen encoder"):
+        train(tiny_arguments(tmp_path / "bad", cache_features=True, feature_cache_dir=str(tmp_path / "cache")))
+
+
+@pytest.mark.slow
+def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path):
+    config = tmp_path / "tiny.yaml"
+    args = tiny_arguments(tmp_path / "ddp", num_epochs=1)
+    config.write_text(yaml.safe_dump({k: v for k, v in vars(args).items()}))
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    accelerate_config = REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
+               "--main_process_port", "0", str(REPO / "scripts" / "train.py"), "--config", str(config)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
+    assert metrics["num_processes"] == 2
+    pairs = len(CaptionPairs(load_data(args)["train"]))
+    assert metrics["steps"] == math.ceil(math.ceil(pairs / 16) / 2)  # each process takes every other batch
+    assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
