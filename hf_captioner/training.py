@@ -493,8 +493,14 @@ def _validate(args, accelerator, model, processor, data, val_loader, val_feature
 
 
 def main(argv: list[str] | None = None) -> dict:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging()
     return train(parse_arguments(argv))
 
 
-__all__ = ["TrainingArguments", "generate_captions", "main", "parse_arguments", "train"]
+def configure_logging() -> None:
+    """INFO for this package, warnings only from Accelerate's per-file checkpoint messages."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+
+
+__all__ = ["TrainingArguments", "configure_logging", "generate_captions", "main", "parse_arguments", "train"]

@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoProcessor
 
 from hf_captioner.data import detect_and_load, write_sample_dataset
 from hf_captioner.scoring import score_captions
-from hf_captioner.training import generate_captions, parse_arguments, train
+from hf_captioner.training import configure_logging, generate_captions, parse_arguments, train
 
 logger = logging.getLogger("demo")
 
@@ -25,7 +25,7 @@ def main() -> None:
     parser.add_argument("--output_dir", default="runs/sample")
     parser.add_argument("--num_beams", type=int, default=3)
     options = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+    configure_logging()
     started = time.perf_counter()
 
     args = parse_arguments(["--config", options.config, "--data", options.data_dir, "--output_dir", options.output_dir])
