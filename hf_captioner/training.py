@@ -30,9 +30,9 @@ from .configuration_captioner import CaptionerConfig
 from .data.loaders import DataError, detect_and_load
 from .data.pairs import CaptionCollator, CaptionPairs, EpochShuffleSampler, encode_split
 from .data.sample import make_sample_dataset
+from .metrics import score_captions
 from .modeling_captioner import CaptionerForConditionalGeneration
 from .processing_captioner import CaptionerImageProcessor, CaptionerProcessor
-from .scoring import score_captions
 from .tokenization import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -453,6 +453,7 @@ def train(args: TrainingArguments) -> dict:
     if accelerator.is_main_process:
         shutil.rmtree(final, ignore_errors=True)
         shutil.copytree(output_dir / "best", final)
+        shutil.copy(output_dir / "training_args.json", final)  # the model card and evaluate.py read it
     accelerator.wait_for_everyone()
     best = max(state["history"], key=lambda h: h["cider"])
     metrics = {"best": best, "history": state["history"], "steps": state["global_step"],
@@ -460,6 +461,7 @@ def train(args: TrainingArguments) -> dict:
                "train_seconds_this_session": round(train_seconds, 1)}  # fmt: skip
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+        shutil.copy(output_dir / "metrics.json", final / "training_metrics.json")  # travels with the model
         logger.info("Best validation CIDEr %.3f at epoch %d; model saved to %s", best["cider"], best["epoch"], final)
     accelerator.end_training()
     return metrics
@@ -472,7 +474,7 @@ def _validate(args, accelerator, model, processor, data, val_loader, val_feature
         model, processor, validation, accelerator, features=val_features, batch_size=args.eval_batch_size,
         num_beams=args.eval_num_beams, max_new_tokens=args.eval_max_new_tokens,
     )  # fmt: skip
-    scores = score_captions(captions, validation["captions"])
+    scores = score_captions(captions, validation["captions"], meteor=False)  # METEOR (Java) is for final scores
     record = {"epoch": state["epoch"], "step": state["global_step"], "val_loss": validation_loss(model, val_loader, accelerator),
               **scores}  # fmt: skip
     state["history"].append(record)

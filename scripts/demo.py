@@ -1,19 +1,22 @@
-"""The demo on the embedded sample data: draw it, train on the CPU, caption held-out pictures, score the test split.
+"""The demo on the embedded sample data: draw it, train on the CPU, caption held-out pictures, score the test split,
+measure where attention points, and draw attention figures.
 
 `make demo` runs this; every step is the real one a Flickr user runs (the loader reads the written folder, training
 goes through Accelerate, the model is saved and loaded back with the Auto classes).
 """
 
 import argparse
+import json
 import logging
 import time
 from pathlib import Path
 
 from transformers import AutoModel, AutoProcessor
 
-from hf_captioner.data import detect_and_load, write_sample_dataset
-from hf_captioner.scoring import score_captions
-from hf_captioner.training import configure_logging, generate_captions, parse_arguments, train
+from hf_captioner.data import make_sample_dataset, write_sample_dataset
+from hf_captioner.evaluation import evaluate_split, format_table, word_attention
+from hf_captioner.training import configure_logging, parse_arguments, train
+from hf_captioner.visualize import plot_attention
 
 logger = logging.getLogger("demo")
 
@@ -40,17 +43,29 @@ def main() -> None:
     final = Path(options.output_dir) / "final"
     model = AutoModel.from_pretrained(final).eval()
     processor = AutoProcessor.from_pretrained(final)
-    test = detect_and_load(options.data_dir)["test"]
-    captions = generate_captions(model, processor, test, batch_size=100, num_beams=options.num_beams)
-    scores = score_captions(captions, test["captions"])
+    test = make_sample_dataset(*args.sample_sizes, seed=args.sample_seed, image_size=args.sample_image_size)["test"]
+    evaluation_dir = final / f"eval-test-beam{options.num_beams}"
+    metrics = evaluate_split(
+        model, processor, test, evaluation_dir, "test", num_beams=options.num_beams, batch_size=100
+    )
 
     print(f"\nCaptions of held-out sample pictures ({options.num_beams} beams):")
-    for image_id, caption, references in list(zip(test["image_id"], captions, test["captions"], strict=True))[:8]:
-        print(f"  {image_id}: {caption!r:50}  e.g. reference {references[0]!r}")
-    print(f"\nSample test split ({len(test)} pictures, {options.num_beams} beams):")
-    print("  " + "  ".join(f"{name.upper().replace('_', '-')} {value:.3f}" for name, value in scores.items()))
+    predictions = [json.loads(line) for line in (evaluation_dir / "predictions.jsonl").read_text().splitlines()]
+    for row in predictions[:8]:
+        print(f"  {row['image_id']}: {row['caption']!r:60}  e.g. reference {row['references'][0]!r}")
+    print(f"\nSample test split ({len(test)} pictures):\n" + format_table(metrics))
+
+    figures = Path(options.output_dir) / "attention"
+    figures.mkdir(exist_ok=True)
+    pictures = test.select(range(3))
+    pixel_values = processor.image_processor(pictures["image"], return_tensors="pt")["pixel_values"]
+    sequences = model.generate(pixel_values=pixel_values, num_beams=options.num_beams)
+    for image_id, image, words in zip(pictures["image_id"], pictures["image"],
+                                      word_attention(model, processor, pixel_values, sequences), strict=True):  # fmt: skip
+        plot_attention(image, [w.word for w in words], [w.attention for w in words], figures / f"{image_id}.png")
+    print(f"\nAttention figures: {figures}/")
     print(
-        f"\nModel saved to {final}; training {trained - started:.0f} s, whole demo {time.perf_counter() - started:.0f} s"
+        f"Model saved to {final}; training {trained - started:.0f} s, whole demo {time.perf_counter() - started:.0f} s"
     )
 
 

@@ -10,6 +10,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration, train_tokenizer  # noqa: E402
+from hf_captioner.training import TrainingArguments, train  # noqa: E402
 
 TINY_VISION = {
     "model_type": "resnet",
@@ -52,3 +53,45 @@ def tiny_model(seed: int = 0, **overrides) -> CaptionerForConditionalGeneration:
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_tokenizer(TINY_CAPTIONS * 5, vocab_size=64)
+
+
+def tiny_arguments(output_dir, **overrides) -> TrainingArguments:
+    values = dict(
+        data="sample",
+        sample_sizes=[48, 12, 4],
+        sample_image_size=32,
+        image_size=32,
+        resize_size=32,
+        tokenizer_model_type="word",
+        vocab_size=60,
+        model={
+            "vision_config": dict(TINY_VISION),
+            "grid_size": 2,
+            "embed_dim": 24,
+            "hidden_size": 32,
+            "attention_dim": 16,
+            "self_attention_heads": 2,
+            "dropout": 0.3,
+            "encoder_trainable_stages": -1,
+        },
+        num_epochs=2,
+        batch_size=16,
+        eval_batch_size=32,
+        learning_rate=3e-3,
+        encoder_learning_rate=3e-3,
+        log_every_steps=5,
+        report_to="none",
+        output_dir=str(output_dir),
+        eval_max_new_tokens=12,
+        early_stopping_patience=0,
+    )
+    values.update(overrides)
+    return TrainingArguments(**values)
+
+
+@pytest.fixture(scope="session")
+def trained_tiny_model(tmp_path_factory):
+    """A tiny captioner trained for two epochs on a small sample split: its `final` folder."""
+    output = tmp_path_factory.mktemp("trained") / "run"
+    train(tiny_arguments(output, sample_sizes=[48, 12, 8], num_epochs=2))
+    return output / "final"

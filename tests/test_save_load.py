@@ -2,9 +2,6 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import torch
 from conftest import tiny_model
@@ -12,6 +9,7 @@ from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
 from hf_captioner import CaptionerForConditionalGeneration, CaptionerImageProcessor, CaptionerProcessor
+from hf_captioner.hub import load_without_package
 
 
 def saved_captioner(folder, tokenizer):
@@ -64,52 +62,18 @@ def test_auto_classes_load_identical_logits_and_captions(tmp_path, tiny_tokenize
     assert loaded_processor.batch_decode(ids) == processor.batch_decode(ids)
 
 
-REMOTE_SCRIPT = textwrap.dedent(
-    """
-    import json, sys
-    sys.modules["hf_captioner"] = None  # this process must not be able to import the package
-    try:
-        import hf_captioner  # noqa: F401
-        raise SystemExit("hf_captioner is importable")
-    except ImportError:
-        pass
-    import torch
-    from PIL import Image
-    from transformers import AutoModel, AutoProcessor
-    folder, images = sys.argv[1], sys.argv[2:]
-    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    inputs = processor(images=[Image.open(p) for p in images], text=["a red circle"] * len(images), return_tensors="pt")
-    with torch.no_grad():
-        logits = model(**inputs).logits
-    ids = model.generate(pixel_values=inputs["pixel_values"])
-    print(json.dumps({"model_module": type(model).__module__, "logits": logits.tolist(),
-                      "captions": processor.batch_decode(ids), "ids": ids.tolist()}))
-    """
-)
-
-
 def test_trust_remote_code_loads_in_a_process_that_cannot_import_hf_captioner(tmp_path, tiny_tokenizer):
     model, processor = saved_captioner(tmp_path / "model", tiny_tokenizer)
     paths = []
     for i, picture in enumerate(pictures()):
-        paths.append(str(tmp_path / f"{i}.png"))
+        paths.append(tmp_path / f"{i}.png")
         picture.save(paths[-1])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_SCRIPT, str(tmp_path / "model"), *paths],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tmp_path,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    remote = json.loads(result.stdout.strip().splitlines()[-1])
-    assert remote["model_module"].startswith("transformers_modules.")
-    inputs = processor(images=[Image.open(p) for p in paths], text=["a red circle"] * 3, return_tensors="pt")
-    with torch.no_grad():
-        torch.testing.assert_close(torch.tensor(remote["logits"]), model(**inputs).logits, rtol=0, atol=1e-6)
-    ids = model.generate(pixel_values=inputs["pixel_values"])
+    remote = load_without_package(tmp_path / "model", paths)
+    assert remote["module"].startswith("transformers_modules.")
+    pixel_values = processor(images=[Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
+    ids = model.generate(pixel_values=pixel_values)
     assert remote["ids"] == ids.tolist()
     assert remote["captions"] == processor.batch_decode(ids)
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values, decoder_input_ids=ids).logits
+    torch.testing.assert_close(torch.tensor(remote["logits"]), logits, rtol=0, atol=1e-6)

@@ -10,49 +10,15 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import TINY_VISION
+from conftest import TINY_VISION, tiny_arguments
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
 from hf_captioner import training
 from hf_captioner.data.pairs import CaptionCollator, CaptionPairs, encode_split, feature_cache_key
-from hf_captioner.training import TrainingArguments, build_model, build_processor, load_data, parse_arguments, train
+from hf_captioner.training import build_model, build_processor, load_data, parse_arguments, train
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def tiny_arguments(output_dir, **overrides) -> TrainingArguments:
-    values = dict(
-        data="sample",
-        sample_sizes=[48, 12, 4],
-        sample_image_size=32,
-        image_size=32,
-        resize_size=32,
-        tokenizer_model_type="word",
-        vocab_size=60,
-        model={
-            "vision_config": dict(TINY_VISION),
-            "grid_size": 2,
-            "embed_dim": 24,
-            "hidden_size": 32,
-            "attention_dim": 16,
-            "self_attention_heads": 2,
-            "dropout": 0.3,
-            "encoder_trainable_stages": -1,
-        },
-        num_epochs=2,
-        batch_size=16,
-        eval_batch_size=32,
-        learning_rate=3e-3,
-        encoder_learning_rate=3e-3,
-        log_every_steps=5,
-        report_to="none",
-        output_dir=str(output_dir),
-        eval_max_new_tokens=12,
-        early_stopping_patience=0,
-    )
-    values.update(overrides)
-    return TrainingArguments(**values)
 
 
 def test_arguments_come_from_yaml_then_the_command_line(tmp_path):

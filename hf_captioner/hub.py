@@ -1,0 +1,94 @@
+"""Publishing: stage a model folder for the Hub and prove it loads through `trust_remote_code` alone."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import textwrap
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from .model_card import write_model_card
+
+# what travels with the weights besides save_pretrained's own files
+RECORDS = ("training_args.json", "training_metrics.json")
+
+REMOTE_CHECK = textwrap.dedent(
+    """
+    import json, sys
+    sys.modules["hf_captioner"] = None  # the package must not be importable: only the folder's own code may run
+    try:
+        import hf_captioner  # noqa: F401
+        raise SystemExit("hf_captioner is importable")
+    except ImportError:
+        pass
+    import torch
+    from PIL import Image
+    from transformers import AutoModel, AutoProcessor
+    folder, images = sys.argv[1], sys.argv[2:]
+    model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+    inputs = processor(images=[Image.open(p) for p in images], return_tensors="pt")
+    ids = model.generate(pixel_values=inputs["pixel_values"])
+    with torch.no_grad():
+        logits = model(pixel_values=inputs["pixel_values"], decoder_input_ids=ids).logits
+    print(json.dumps({"module": type(model).__module__, "ids": ids.tolist(), "captions": processor.batch_decode(ids),
+                      "logits": logits.tolist()}))
+    """
+)
+
+
+def probe_images(folder: Path, count: int = 3, size: int = 96) -> list[Path]:
+    """A few fixed pictures (seeded noise with a bright square) to compare captions on."""
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(count):
+        pixels = rng.integers(0, 255, (size, size, 3), dtype=np.uint8)
+        pixels[size // 4 : size // 2, (i * size) // 4 : (i * size) // 4 + size // 4] = (230, 40, 40)
+        paths.append(folder / f"probe-{i}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    return paths
+
+
+def load_without_package(folder: str | Path, images: list[Path], timeout: int = 600) -> dict:
+    """Load `folder` with trust_remote_code in a fresh Python that cannot import hf_captioner; caption `images` with
+    the saved generation defaults. Returns the model's module, token ids, captions, and the logits of the captions
+    fed back (teacher forcing). Raises RuntimeError with the child's error output if it cannot."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    with tempfile.TemporaryDirectory() as scratch:
+        env["HF_MODULES_CACHE"] = str(Path(scratch) / "modules")
+        result = subprocess.run(
+            [sys.executable, "-c", REMOTE_CHECK, str(folder), *map(str, images)],
+            capture_output=True, text=True, env=env, cwd=scratch, timeout=timeout,
+        )  # fmt: skip
+    if result.returncode != 0:
+        raise RuntimeError(f"{folder} does not load through trust_remote_code:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def stage_for_hub(model_dir: str | Path, stage_dir: str | Path, repo_id: str) -> Path:
+    """Write exactly what gets uploaded: weights, config, generation config, processor, code files, the records
+    of training and evaluation, and the filled model card as README.md."""
+    from transformers import AutoModel, AutoProcessor
+
+    model_dir, stage_dir = Path(model_dir), Path(stage_dir)
+    if stage_dir.exists() and any(stage_dir.iterdir()):
+        raise FileExistsError(f"{stage_dir} is not empty; choose a new folder for the staged upload")
+    model = AutoModel.from_pretrained(model_dir)
+    processor = AutoProcessor.from_pretrained(model_dir)
+    model.save_pretrained(stage_dir)  # re-saving copies the code files and writes auto_map
+    processor.save_pretrained(stage_dir)
+    for name in RECORDS:
+        if (model_dir / name).is_file():
+            shutil.copy(model_dir / name, stage_dir / name)
+    for evaluation in sorted(model_dir.glob("eval-*/metrics.json")):
+        (stage_dir / evaluation.parent.name).mkdir()
+        shutil.copy(evaluation, stage_dir / evaluation.parent.name / "metrics.json")
+    write_model_card(stage_dir, repo_id)
+    return stage_dir

@@ -1,0 +1,165 @@
+"""Fill the model card template (`model_card.md` at the repository root) from a saved model folder.
+
+Every value comes from the folder: `config.json`, `training_args.json`, the training `metrics.json` and the
+evaluation results (`eval-*/metrics.json`, as written by scripts/evaluate.py). What is missing is said to be missing.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from string import Template
+
+import yaml
+
+TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+METRIC_NAMES = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
+                "rouge_l": "ROUGE-L", "cider": "CIDEr-D"}  # fmt: skip
+HUB_METRIC_TYPES = {"bleu_4": "bleu", "meteor": "meteor", "rouge_l": "rouge", "cider": "cider"}
+KNOWN_DATASETS = {"flickr8k": "Flickr8k", "flickr30k": "Flickr30k", "coco": "MS COCO"}
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def evaluation_results(model_dir: Path) -> list[dict]:
+    """The evaluations written next to the model, test split first, then by beam size."""
+    results = [_read_json(path) for path in sorted(model_dir.glob("eval-*/metrics.json"))]
+    return sorted(results, key=lambda r: (r.get("split") != "test", r.get("num_beams", 0)))
+
+
+def dataset_name(data: str) -> str:
+    lowered = data.lower()
+    for key, name in KNOWN_DATASETS.items():
+        if key in lowered:
+            return name
+    return "The hf-captioner sample data set (drawn shapes)" if "sample" in lowered else data
+
+
+def render_model_card(model_dir: str | Path, repo_id: str | None = None, template: str | Path | None = None) -> str:
+    model_dir = Path(model_dir)
+    config = _read_json(model_dir / "config.json")
+    if not config:
+        raise FileNotFoundError(f"{model_dir} has no config.json: not a saved captioner folder")
+    template_path = Path(template) if template else TEMPLATE
+    if not template_path.is_file():
+        raise FileNotFoundError(f"Model card template not found: {template_path}")
+    args = _read_json(model_dir / "training_args.json")
+    training_metrics = _read_json(model_dir / "training_metrics.json")
+    evaluations = evaluation_results(model_dir)
+    generation = _read_json(model_dir / "generation_config.json")
+    repo_id = repo_id or model_dir.name
+    data = args.get("data", "")
+    name = dataset_name(data) if data else "not recorded"
+
+    vision = config.get("vision_config", {})
+    regions = config["grid_size"] ** 2
+    architecture = "\n".join([
+        f"- Encoder: {vision.get('model_type', '?')} backbone (stages {vision.get('depths', '?')}, widths "
+        f"{vision.get('hidden_sizes', '?')}), last feature map average-pooled to {config['grid_size']} x "
+        f"{config['grid_size']} = {regions} regions; {_trainable(config['encoder_trainable_stages'])}.",
+        f"- Decoder: {config['rnn_type'].upper()} with {config['hidden_size']} units, {config['embed_dim']}-d word "
+        f"embeddings, {config['cross_attention']} cross-attention ({config['attention_dim']}-d) with a sigmoid gate, "
+        + (f"{config['self_attention_heads']}-head self-attention over its earlier states" if config["self_attention"]
+           else "no self-attention (the classic Show, Attend and Tell decoder)")
+        + f", deep output layer, dropout {config['dropout']}.",
+        f"- Loss: token cross-entropy (label smoothing {config['label_smoothing']}) + doubly stochastic attention "
+        f"penalty (lambda = {config['attention_penalty']}).",
+        f"- Vocabulary: {config['vocab_size']} SentencePiece pieces trained on the training captions.",
+    ])  # fmt: skip
+    if args:
+        sizes = f" ({args['sample_sizes'][0]} training pictures)" if "sample" in data else ""
+        data_text = f"{name}{sizes}, source `{data}`; every caption of a training image is one training example."
+    else:
+        data_text = "Not recorded (the folder has no training_args.json)."
+    training = _training_text(args, training_metrics)
+    results = _results_text(evaluations, name)
+    header = _yaml_header(config, evaluations, name, data)
+    return Template(template_path.read_text()).substitute(
+        yaml_header=yaml.safe_dump(header, sort_keys=False).strip(),
+        title=repo_id.split("/")[-1],
+        repo_id=repo_id,
+        num_beams=generation.get("num_beams", 3),
+        regions=regions,
+        architecture=architecture,
+        data=data_text,
+        training=training,
+        results=results,
+        data_limits=f"it was trained on {name[0].lower() + name[1:]}" if data else "its training data is not recorded",
+    )
+
+
+def _trainable(stages: int) -> str:
+    return {0: "frozen", -1: "fine-tuned entirely"}.get(stages, f"last {stages} stage(s) fine-tuned")
+
+
+def _training_text(args: dict, metrics: dict) -> str:
+    if not args:
+        return "Not recorded."
+    lines = [
+        f"- {args['num_epochs']} epochs at most, batch {args['batch_size']} per process, AdamW, learning rate "
+        f"{args['learning_rate']} (encoder {args['encoder_learning_rate']}), {args['lr_scheduler']} schedule with "
+        f"{args['warmup_steps']} warm-up steps, gradient clipping at {args['max_grad_norm']}, "
+        f"mixed precision: {args['mixed_precision']}, seed {args['seed']}.",
+        f"- Early stopping on validation CIDEr-D (patience {args['early_stopping_patience']} epochs); the best "
+        "epoch's weights are the ones published.",
+    ]
+    if metrics.get("best"):
+        best = metrics["best"]
+        lines.append(f"- Best validation epoch {best['epoch']} (step {best['step']}): CIDEr-D {100 * best['cider']:.1f}, "
+                     f"BLEU-4 {100 * best['bleu_4']:.1f}, validation loss {best['val_loss']:.3f}.")  # fmt: skip
+    return "\n".join(lines)
+
+
+def _results_text(evaluations: list[dict], name: str) -> str:
+    if not evaluations:
+        return "No evaluation recorded yet: run `scripts/evaluate.py` on this folder and render the card again."
+    keys = [k for k in METRIC_NAMES if any(k in e["metrics"] for e in evaluations)]
+    lines = ["| data | split | images | beams | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
+             "|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
+    for e in evaluations:
+        values = " | ".join(f"{100 * e['metrics'][k]:.1f}" if k in e["metrics"] else "n/a" for k in keys)
+        lines.append(f"| {name} | {e['split']} | {e['images']} | {e['num_beams']} | {values} |")
+    for e in evaluations:
+        if e.get("attention", {}).get("pointing_nouns"):
+            a = e["attention"]
+            lines.append(f"\nAttention: while a shape's noun is emitted, the most-attended region lies inside that "
+                         f"shape in {100 * a['pointing_accuracy']:.1f}% of {a['pointing_nouns']} cases (chance "
+                         f"{100 * a['pointing_chance']:.1f}%), {e['split']} split, {e['num_beams']} beams.")  # fmt: skip
+            break
+    return "\n".join(lines)
+
+
+def _yaml_header(config: dict, evaluations: list[dict], name: str, data: str) -> dict:
+    header = {
+        "language": ["en"],
+        "license": "apache-2.0",
+        "library_name": "transformers",
+        "pipeline_tag": "image-to-text",
+        "tags": ["image-captioning", "show-attend-and-tell", "attention", "custom_code", "hf-captioner"],
+        "metrics": ["bleu", "meteor", "rouge", "cider"],
+    }
+    hub_dataset = next((k for k in KNOWN_DATASETS if k in data.lower()), None)
+    if hub_dataset:
+        header["datasets"] = [hub_dataset]
+    if evaluations:
+        results = []
+        for e in evaluations:
+            metrics = [{"type": HUB_METRIC_TYPES[k], "name": f"{METRIC_NAMES[k]} ({e['num_beams']} beams)",
+                        "value": round(100 * e["metrics"][k], 2)} for k in HUB_METRIC_TYPES if k in e["metrics"]]  # fmt: skip
+            results.append({
+                "task": {"type": "image-to-text", "name": "Image captioning"},
+                "dataset": {"type": hub_dataset or "custom", "name": name, "split": e["split"]},
+                "metrics": metrics,
+            })  # fmt: skip
+        header["model-index"] = [{"name": "hf-captioner", "results": results}]
+    return header
+
+
+def write_model_card(model_dir: str | Path, repo_id: str | None = None, output: str | Path | None = None) -> Path:
+    """Render the card and write it as README.md (the Hub's model card) into `output` (default: the model folder)."""
+    path = Path(output or model_dir) / "README.md"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_model_card(model_dir, repo_id))
+    return path

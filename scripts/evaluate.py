@@ -1,0 +1,63 @@
+"""Evaluate a saved captioner on a split: `python scripts/evaluate.py --model runs/sample/final --split test`.
+
+Writes predictions.jsonl (image id, caption, references) and metrics.json (BLEU-1..4, METEOR where Java is present,
+ROUGE-L, CIDEr-D, with beam size, split and counts; on the sample data also attention pointing accuracy) and prints
+a table. Deterministic for a fixed model and settings.
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+from transformers import AutoModel, AutoProcessor
+
+import hf_captioner  # noqa: F401  (before `evaluate` is imported: it keeps the library importable from here)
+from hf_captioner.data import detect_and_load, make_sample_dataset
+from hf_captioner.evaluation import evaluate_split, format_table
+from hf_captioner.training import configure_logging
+
+
+def load_split(data: str, split: str, model_dir: str, images_dir: str | None, strict: bool):
+    """The split to score; the sample data set is redrawn as the model's training run drew it (with its boxes)."""
+    if data != "sample":
+        return detect_and_load(data, images_dir=images_dir, strict=strict)[split]
+    args_file = Path(model_dir) / "training_args.json"
+    trained = json.loads(args_file.read_text()) if args_file.is_file() else {}
+    sizes = trained.get("sample_sizes", [2000, 200, 200])
+    return make_sample_dataset(*sizes, seed=trained.get("sample_seed", 0),
+                               image_size=trained.get("sample_image_size", 64))[split]  # fmt: skip
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, help="saved model folder or Hub id")
+    parser.add_argument("--data", default="sample", help="'sample', a data folder/file in a known layout, or a Hub id")
+    parser.add_argument("--images_dir", default=None)
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
+    parser.add_argument("--num_beams", type=int, default=3)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=30)
+    parser.add_argument("--max_images", type=int, default=None, help="score only the first N images")
+    parser.add_argument("--output_dir", default=None, help="default: <model>/eval-<split>-beam<N>")
+    parser.add_argument("--strict", action="store_true")
+    parser.add_argument("--no_meteor", action="store_true", help="skip METEOR even where Java is present")
+    args = parser.parse_args()
+    configure_logging()
+
+    model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
+    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    dataset = load_split(args.data, args.split, args.model, args.images_dir, args.strict)
+    if len(dataset) == 0:
+        parser.error(f"the {args.split} split of {args.data} has no images")
+    if args.max_images:
+        dataset = dataset.select(range(min(args.max_images, len(dataset))))
+    output_dir = args.output_dir or str(Path(args.model) / f"eval-{args.split}-beam{args.num_beams}")
+    metrics = evaluate_split(model, processor, dataset, output_dir, args.split, num_beams=args.num_beams,
+                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                             meteor=not args.no_meteor, extra={"model": args.model, "data": args.data})  # fmt: skip
+    print(format_table(metrics))
+    print(f"\nWrote {output_dir}/predictions.jsonl and metrics.json")
+
+
+if __name__ == "__main__":
+    main()

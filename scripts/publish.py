@@ -1,0 +1,67 @@
+"""Publish a saved captioner to the Hub: `python scripts/publish.py --model runs/flickr8k/final --repo_id me/sat-flickr8k`.
+
+Stages the upload (weights, processor, code, records, model card), checks in a separate Python that it loads through
+`trust_remote_code` and captions like the original, then pushes it. `--dry_run OUT` writes the staged folder to OUT
+and uploads nothing. The token comes from HF_TOKEN or `hf auth login` and is never printed.
+"""
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+import hf_captioner  # noqa: F401  (registers the Auto classes)
+from hf_captioner.hub import load_without_package, probe_images, stage_for_hub
+
+logger = logging.getLogger("publish")
+
+
+def original_captions(model_dir: str, images: list[Path]) -> list[list[int]]:
+    model = AutoModel.from_pretrained(model_dir).eval()
+    processor = AutoProcessor.from_pretrained(model_dir)
+    inputs = processor(images=[Image.open(p) for p in images], return_tensors="pt")
+    with torch.no_grad():
+        return model.generate(pixel_values=inputs["pixel_values"]).tolist()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--model", required=True, help="saved model folder (with its processor)")
+    parser.add_argument("--repo_id", required=True, help="Hub repository, e.g. me/sat-flickr8k")
+    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--dry_run", metavar="OUT", help="write the staged folder here and upload nothing")
+    parser.add_argument("--commit_message", default="Upload hf-captioner model")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not (Path(args.model) / "config.json").is_file():
+        parser.error(f"{args.model} is not a saved model folder (no config.json)")
+
+    with tempfile.TemporaryDirectory() as scratch:
+        stage = Path(args.dry_run) if args.dry_run else Path(scratch) / "stage"
+        stage_for_hub(args.model, stage, args.repo_id)
+        images = probe_images(Path(scratch))
+        remote = load_without_package(stage, images)
+        if remote["ids"] != original_captions(args.model, images):
+            sys.exit(f"The staged folder captions differently from {args.model}: not publishing")
+        logger.info("Staged folder loads through trust_remote_code and captions like the original: %s",
+                    remote["captions"])  # fmt: skip
+        if args.dry_run:
+            logger.info(
+                "Dry run: wrote %s (%s); nothing uploaded", stage, ", ".join(sorted(p.name for p in stage.iterdir()))
+            )
+            return
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        repo = api.create_repo(args.repo_id, private=args.private, exist_ok=True)
+        api.upload_folder(repo_id=repo.repo_id, folder_path=str(stage), commit_message=args.commit_message)
+        logger.info("Published %s", repo.repo_id)
+
+
+if __name__ == "__main__":
+    main()

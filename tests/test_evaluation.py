@@ -1,0 +1,142 @@
+"""Evaluation, captioning with attention figures, the model card and the publishing dry run, on a trained model."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from PIL import Image
+from transformers import AutoModel, AutoProcessor
+
+from hf_captioner.data import make_sample_dataset
+from hf_captioner.evaluation import grid_cell_to_image_point, word_attention
+from hf_captioner.hub import load_without_package
+from hf_captioner.model_card import render_model_card
+from hf_captioner.visualize import DPI, PANEL_INCHES, plot_attention
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def run_script(name: str, *args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
+                            env=env or ENV, cwd=cwd or REPO, timeout=600)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained_tiny_model, tmp_path_factory):
+    """evaluate.py run twice on the sample test split of the tiny model's own run."""
+    outputs = [tmp_path_factory.mktemp("eval") for _ in range(2)]
+    for output in outputs:
+        run_script("evaluate.py", "--model", str(trained_tiny_model), "--data", "sample", "--split", "test",
+                   "--num_beams", "2", "--no_meteor", "--output_dir", str(output))  # fmt: skip
+    return outputs
+
+
+def test_evaluate_writes_predictions_and_metrics_deterministically(evaluated):
+    first, second = evaluated
+    predictions = [json.loads(line) for line in (first / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 8 and {"image_id", "caption", "references"} <= set(predictions[0])
+    assert all(isinstance(p["references"], list) and p["references"] for p in predictions)
+    metrics = json.loads((first / "metrics.json").read_text())
+    assert metrics["split"] == "test" and metrics["num_beams"] == 2 and metrics["images"] == 8
+    assert {"bleu_1", "bleu_4", "rouge_l", "cider"} <= set(metrics["metrics"])
+    assert "meteor" not in metrics["metrics"]
+    assert {"pointing_accuracy", "pointing_chance", "pointing_nouns"} <= set(metrics["attention"])
+    for name in ("predictions.jsonl", "metrics.json"):
+        assert (first / name).read_bytes() == (second / name).read_bytes()
+
+
+def test_caption_script_draws_one_panel_per_word(trained_tiny_model, tmp_path):
+    data = make_sample_dataset(0, 0, 2, seed=11, image_size=32)["test"]
+    paths = []
+    for i, image in enumerate(data["image"]):
+        paths.append(tmp_path / f"pic{i}.png")
+        image.save(paths[-1])
+    result = run_script("caption.py", "--model", str(trained_tiny_model), *map(str, paths), "--attention",
+                        str(tmp_path / "figures"), "--num_beams", "2")  # fmt: skip
+    lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
+    assert [Path(line[0]).name for line in lines] == ["pic0.png", "pic1.png"]
+    for _, caption, figure in lines:
+        words = caption.split()
+        columns, rows = min(len(words), 5), math.ceil(len(words) / 5)
+        panel = PANEL_INCHES * DPI
+        assert Image.open(figure).size == (round(columns * panel), round(rows * panel))
+
+
+def test_attention_figure_and_word_maps(trained_tiny_model):
+    model = AutoModel.from_pretrained(trained_tiny_model).eval()
+    processor = AutoProcessor.from_pretrained(trained_tiny_model)
+    image = make_sample_dataset(0, 0, 1, seed=3, image_size=32)["test"][0]["image"]
+    pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    sequences = model.generate(pixel_values=pixel_values, num_beams=2, max_new_tokens=8)
+    words = word_attention(model, processor, pixel_values, sequences)[0]
+    assert [w.word for w in words] == processor.batch_decode(sequences)[0].split()
+    for item in words:
+        assert item.attention.shape == (2, 2) and item.attention.sum() == pytest.approx(1.0, abs=1e-5)
+    figure = plot_attention(image, [w.word for w in words], [w.attention for w in words])
+    assert len(figure.axes) == len(words)
+    assert [axes.get_title() for axes in figure.axes] == [w.word for w in words]
+
+
+def test_grid_cells_map_back_to_picture_coordinates():
+    from hf_captioner import CaptionerImageProcessor
+
+    processor = CaptionerImageProcessor(size={"shortest_edge": 100}, crop_size={"height": 100, "width": 100})
+    # a 200 x 400 picture: scaled by 1/2 to 100 x 200, then the middle 100 x 100 kept (rows 50..150 of 200)
+    assert grid_cell_to_image_point(0, 2, (200, 400), processor) == (50.0, 150.0)
+    assert grid_cell_to_image_point(3, 2, (200, 400), processor) == (150.0, 250.0)
+
+
+def test_model_card_renders_real_values(trained_tiny_model, evaluated, tmp_path):
+    folder = tmp_path / "model"
+    folder.mkdir()
+    for item in trained_tiny_model.iterdir():
+        (folder / item.name).write_bytes(item.read_bytes())
+    (folder / "eval-test-beam2").mkdir()
+    (folder / "eval-test-beam2" / "metrics.json").write_bytes((evaluated[0] / "metrics.json").read_bytes())
+    card = render_model_card(folder, repo_id="me/tiny")
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["pipeline_tag"] == "image-to-text" and header["library_name"] == "transformers"
+    metrics = json.loads((evaluated[0] / "metrics.json").read_text())["metrics"]
+    reported = {m["type"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
+    assert reported["cider"] == round(100 * metrics["cider"], 2) and reported["bleu"] == round(
+        100 * metrics["bleu_4"], 2
+    )
+    assert f"{100 * metrics['cider']:.1f}" in card and "me/tiny" in card and "${" not in card
+    assert "Show, Attend and Tell" in card and "hodosh2013framing" in card and "young2014image" in card
+    training_args = json.loads((folder / "training_args.json").read_text())
+    assert f"batch {training_args['batch_size']} per process" in card
+
+
+def test_publish_dry_run_writes_a_folder_that_loads_without_the_package(trained_tiny_model, tmp_path):
+    out = tmp_path / "staged"
+    secret = "hf_do_not_print_this_token_123"
+    result = run_script("publish.py", "--model", str(trained_tiny_model), "--repo_id", "me/tiny", "--dry_run", str(out),
+                        env={**ENV, "HF_TOKEN": secret})  # fmt: skip
+    assert secret not in result.stdout + result.stderr
+    names = {p.name for p in out.iterdir()}
+    assert {
+        "README.md",
+        "model.safetensors",
+        "modeling_captioner.py",
+        "processing_captioner.py",
+        "tokenizer.json",
+    } <= names
+    images = []
+    for i, image in enumerate(make_sample_dataset(0, 0, 3, seed=5, image_size=32)["test"]["image"]):
+        images.append(tmp_path / f"{i}.png")
+        image.save(images[-1])
+    remote = load_without_package(out, images)
+    model = AutoModel.from_pretrained(trained_tiny_model).eval()
+    processor = AutoProcessor.from_pretrained(trained_tiny_model)
+    pixel_values = processor(images=[Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        assert remote["ids"] == model.generate(pixel_values=pixel_values).tolist()

@@ -1,0 +1,111 @@
+"""The caption metrics: agreement with pycocoevalcap, known values, bad input, and the tokenizer against Java."""
+
+import random
+
+import pytest
+from pycocoevalcap.bleu.bleu import Bleu
+from pycocoevalcap.cider.cider import Cider
+from pycocoevalcap.rouge.rouge import Rouge
+
+from hf_captioner.metrics import load, score_captions
+from hf_captioner.metrics.coco import java_available
+from hf_captioner.metrics.tokenizer import PUNCTUATIONS, ptb_tokenize
+
+VOCABULARY = "a the dog cat man woman red blue runs sits on in grass water ball two with of is are".split()
+
+
+def random_corpus(seed: int, size: int = 40) -> tuple[list[str], list[list[str]]]:
+    rng = random.Random(seed)
+    sentence = lambda: " ".join(rng.choice(VOCABULARY) for _ in range(rng.randint(3, 12)))  # noqa: E731
+    predictions = [sentence() for _ in range(size)]
+    references = [[sentence() for _ in range(rng.randint(1, 5))] for _ in range(size)]
+    return predictions, references
+
+
+def reference_scores(predictions, references) -> dict:
+    gts = {i: refs for i, refs in enumerate(references)}
+    res = {i: [p] for i, p in enumerate(predictions)}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    return {**{f"bleu_{n}": b for n, b in enumerate(bleu, 1)}, "cider": Cider().compute_score(gts, res)[0],
+            "rouge_l": Rouge().compute_score(gts, res)[0]}  # fmt: skip
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_metrics_agree_with_pycocoevalcap_on_the_same_tokens(seed):
+    predictions, references = random_corpus(seed)
+    ours = {}
+    for name in ("bleu", "cider", "rouge"):
+        ours.update(load(name).compute(predictions=predictions, references=references))
+    expected = reference_scores(predictions, references)
+    for key, value in expected.items():
+        assert ours[key] == pytest.approx(value, abs=1e-6), key
+
+
+@pytest.mark.skipif(not java_available(), reason="METEOR's reference implementation needs Java")
+def test_meteor_agrees_with_pycocoevalcap():
+    from pycocoevalcap.meteor.meteor import Meteor
+
+    predictions, references = random_corpus(5, size=15)
+    scorer = Meteor()
+    expected, _ = scorer.compute_score(
+        {i: r for i, r in enumerate(references)}, {i: [p] for i, p in enumerate(predictions)}
+    )
+    scorer.meteor_p.kill()
+    assert load("meteor").compute(predictions=predictions, references=references)["meteor"] == pytest.approx(
+        expected, abs=1e-6
+    )
+
+
+def test_hand_checked_values():
+    same = score_captions(["a dog runs on the grass"], [["a dog runs on the grass"]], meteor=False)
+    assert same["bleu_4"] == pytest.approx(1.0, abs=1e-6) and same["rouge_l"] == pytest.approx(1.0)
+    disjoint = score_captions(["red blue cat"], [["a dog runs on the grass"]], meteor=False)
+    assert disjoint["bleu_1"] == pytest.approx(0.0, abs=1e-6) and disjoint["bleu_4"] == pytest.approx(0.0, abs=1e-6)
+    assert disjoint["cider"] == 0.0 and disjoint["rouge_l"] == 0.0
+    # punctuation and case do not count, as in the COCO evaluation
+    punctuated = score_captions(["A dog, running!"], [["a dog running"]], meteor=False)
+    assert punctuated["bleu_3"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_empty_predictions_score_zero_and_bad_corpora_are_refused():
+    scores = score_captions(["", "a dog runs"], [["a dog runs"], ["a dog runs"]], meteor=False)
+    assert 0.0 <= scores["bleu_1"] < 1.0 and scores["cider"] >= 0.0
+    with pytest.raises(ValueError, match="empty corpus"):
+        score_captions([], [], meteor=False)
+    with pytest.raises(ValueError):
+        score_captions(["a dog"], [["a dog"], ["a cat"]], meteor=False)
+    with pytest.raises(ValueError, match="no non-empty reference"):
+        score_captions(["a dog"], [[""]], meteor=False)
+
+
+def test_tokenizer_follows_ptb_conventions():
+    assert ptb_tokenize('A man\'s dog isn\'t "happy" (really).') == ["a", "man", "'s", "dog", "is", "n't", "happy",
+                                                                      "-lrb-", "really", "-rrb-"]  # fmt: skip
+    assert ptb_tokenize("A 3.5-year-old boy; 1,000 people at 10:30 a.m.") == ["a", "3.5-year-old", "boy", "1,000",
+                                                                             "people", "at", "10:30", "a.m."]  # fmt: skip
+    assert ptb_tokenize("can't cannot") == ["ca", "n't", "can", "not"]
+    assert not set(ptb_tokenize("... -- ; : ! ? , . ' ` '' ``")) & PUNCTUATIONS
+
+
+def varied_captions(count: int = 300) -> list[str]:
+    """Captions with the things tokenizers disagree on: quotes, hyphens, apostrophes, numbers, brackets, unicode."""
+    rng = random.Random(7)
+    subjects = ["A man", "the dog's owner", "Two kids'", "A woman (smiling)", "The T-shirt", "Mr. Smith", "A 3-year-old",
+                "Children", "A café's chef", "The naïve puppy", "People at 10:30 a.m.", "Dogs"]  # fmt: skip
+    verbs = ["isn't running", "can't see", "won't stop", "is jumping", "plays", "rides a bike", "holds $5",
+             "wears a \"cool\" hat", "reads 'books'", "eats 1,000 fries", "sits -- quietly --", "walks…"]  # fmt: skip
+    places = ["on the grass.", "in the U.S.A.", "near a black-and-white sign!", "at Joe's diner?", "[outside]",
+              "in São Paulo; ok", "by the sea , smiling", "with 50% off", "etc.", "under “quotes” here", "to the left"]  # fmt: skip
+    captions = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(places)}" for _ in range(count)]
+    return [c.capitalize() if rng.random() < 0.5 else c for c in captions]
+
+
+@pytest.mark.skipif(not java_available(), reason="the reference tokenizer (Stanford CoreNLP) needs Java")
+def test_tokenizer_gives_the_java_ptb_tokenizers_tokens():
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    captions = varied_captions()
+    java = PTBTokenizer().tokenize({str(i): [{"caption": c}] for i, c in enumerate(captions)})
+    disagreements = [(c, java[str(i)][0], " ".join(ptb_tokenize(c))) for i, c in enumerate(captions)
+                     if java[str(i)][0] != " ".join(ptb_tokenize(c))]  # fmt: skip
+    assert not disagreements, disagreements[:5]
