@@ -36,9 +36,8 @@ class CaptionerConfig(PreTrainedConfig):
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet", init_kwargs=DEFAULT_VISION_CONFIG)
     }
 
-    vision_config: dict | PreTrainedConfig | None = (
-        None  # any transformers backbone config (AutoBackbone); ResNet-101 shape
-    )
+    vision_config: dict | PreTrainedConfig | None = None  # a transformers backbone config; default ResNet-101 shape
+    vision_backbone: str | None = None  # or a timm / torchvision network: "timm:NAME", "torchvision:NAME"
     grid_size: int = 14  # the last feature map is average-pooled to grid_size x grid_size regions (14 as in SAT)
     encoder_trainable_stages: int = 0  # how many of the backbone's last stages fine-tune: 0 = frozen, -1 = all
     embed_dim: int = 512  # word embedding width
@@ -93,6 +92,23 @@ class CaptionerConfig(PreTrainedConfig):
                 "CaptionerConfig.encoder_trainable_stages must be -1 (all), 0 (frozen) or a number of final stages, "
                 f"got {self.encoder_trainable_stages!r}"
             )
+        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "decoder_start_token_id"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
+                raise ValueError(f"CaptionerConfig.{name} must be a token id in [0, {self.vocab_size}), got {value!r}")
+        if len({self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id}) != 4:
+            raise ValueError("CaptionerConfig: pad, bos, eos and unk token ids must be distinct")
+        self._validate_vision()
+
+    def _validate_vision(self) -> None:
+        if self.vision_backbone is not None:
+            library, _, name = str(self.vision_backbone).partition(":")
+            if library not in ("timm", "torchvision") or not name:
+                raise ValueError(
+                    "CaptionerConfig.vision_backbone must be 'timm:NAME' or 'torchvision:NAME', "
+                    f"got {self.vision_backbone!r}"
+                )
+            return
         if not hasattr(self.vision_config, "stage_names"):
             raise ValueError(
                 f"CaptionerConfig.vision_config must be a backbone config (one AutoBackbone can build, with "
@@ -104,12 +120,6 @@ class CaptionerConfig(PreTrainedConfig):
                 f"CaptionerConfig.encoder_trainable_stages={self.encoder_trainable_stages} but the "
                 f"{self.vision_config.model_type} backbone has only {len(stages)} stages"
             )
-        for name in ("pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id", "decoder_start_token_id"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or not 0 <= value < self.vocab_size:
-                raise ValueError(f"CaptionerConfig.{name} must be a token id in [0, {self.vocab_size}), got {value!r}")
-        if len({self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id}) != 4:
-            raise ValueError("CaptionerConfig: pad, bos, eos and unk token ids must be distinct")
 
 
 __all__ = ["CaptionerConfig"]

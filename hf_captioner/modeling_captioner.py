@@ -11,6 +11,7 @@ nothing from `hf_captioner` except, relatively, its sibling files.
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -97,25 +98,82 @@ class CaptionerCache:
         return self.seen_tokens
 
 
+def build_external_backbone(spec: str, pretrained: bool = False, **load_kwargs) -> tuple[nn.Module, int]:
+    """A timm ("timm:NAME") or torchvision ("torchvision:NAME") network cut to its last feature map, with its
+    channel count. Saved captioners rebuild it randomly initialised (their checkpoint holds the weights);
+    `pretrained` (timm: also `checkpoint_path=...`; torchvision: `weights=...`) is for starting a new captioner."""
+    library, name = spec.split(":", 1)
+    if library == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ImportError(f"vision_backbone={spec!r} needs the timm package: pip install timm") from None
+        network = timm.create_model(name, pretrained=pretrained, **load_kwargs)
+        network.reset_classifier(0, "")  # keep the trunk (and EfficientNet's conv_head): no pooling, no classifier
+        return network, network.num_features
+    try:
+        import torchvision
+    except ImportError:
+        raise ImportError(f"vision_backbone={spec!r} needs the torchvision package") from None
+    weights = load_kwargs.get("weights", "DEFAULT") if pretrained else None
+    network = torchvision.models.get_model(name, weights=weights)
+    if hasattr(network, "features"):  # VGG, EfficientNet, MobileNet, DenseNet, ConvNeXt
+        trunk = network.features
+    else:  # ResNet-like: everything before global pooling and the classifier
+        children = dict(network.named_children())
+        trunk = nn.Sequential(OrderedDict((k, v) for k, v in children.items() if k not in ("avgpool", "fc")))
+    with torch.no_grad():
+        channels = trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+    return trunk, channels
+
+
 class CaptionerGridEncoder(nn.Module):
-    """Backbone -> last feature map -> average pool to S x S -> k = S*S region vectors (B, k, C)."""
+    """Backbone -> last feature map -> average pool to S x S -> k = S*S region vectors (B, k, C).
+
+    The backbone is a transformers `AutoBackbone` built from `config.vision_config`, or a timm / torchvision
+    network named by `config.vision_backbone`.
+    """
 
     main_input_name = "pixel_values"
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
-        self.backbone = AutoBackbone.from_config(config.vision_config)
+        self.library = config.vision_backbone.split(":", 1)[0] if config.vision_backbone else "transformers"
+        if self.library == "transformers":
+            self.backbone = AutoBackbone.from_config(config.vision_config)
+            self.num_channels = self.backbone.channels[-1]
+        else:
+            self.backbone, self.num_channels = build_external_backbone(config.vision_backbone)
         self.pool = nn.AdaptiveAvgPool2d(config.grid_size)
-        self.num_channels = self.backbone.channels[-1]
         self.set_trainable_stages(config.encoder_trainable_stages)
 
-    def _stages(self) -> nn.ModuleList | None:
-        """The backbone's list of stages (stem excluded), found by its length so any backbone family works."""
+    def _stages(self) -> list[nn.Module] | None:
+        """The backbone's stages in order (stem excluded), for fine-tuning the last few."""
+        if self.library == "timm":
+            return [self.backbone.get_submodule(info["module"]) for info in self.backbone.feature_info][1:]
+        if self.library == "torchvision":
+            named = dict(self.backbone.named_children())
+            layers = [named[n] for n in ("layer1", "layer2", "layer3", "layer4") if n in named]
+            return layers or list(self.backbone.children())[1:]
         num_stages = len([name for name in self.backbone.stage_names if name != "stem"])
-        for module in self.backbone.modules():
+        for module in self.backbone.modules():  # found by its length, so any transformers backbone family works
             if isinstance(module, nn.ModuleList) and len(module) == num_stages:
-                return module
+                return list(module)
         return None
+
+    def _after(self, module: nn.Module) -> list[nn.Module]:
+        """The backbone's top-level children that come after the one holding `module`."""
+        children = list(self.backbone.children())
+        holder = next(i for i, child in enumerate(children) if any(m is module for m in child.modules()))
+        return children[holder + 1 :]
+
+    def feature_map(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """The backbone's last feature map (B, C, H, W)."""
+        if self.library == "transformers":
+            return self.backbone(pixel_values).feature_maps[-1]
+        if self.library == "timm":
+            return self.backbone.forward_features(pixel_values)
+        return self.backbone(pixel_values)
 
     def set_trainable_stages(self, num_stages: int) -> None:
         """Fine-tune the last `num_stages` stages (0: frozen, -1: everything); the rest gets no gradient."""
@@ -129,6 +187,8 @@ class CaptionerGridEncoder(nn.Module):
                 )
             for stage in stages[len(stages) - num_stages :]:
                 stage.requires_grad_(True)
+            for head in self._after(stages[-1]):  # e.g. EfficientNet's conv_head: it belongs to the last stage
+                head.requires_grad_(True)
         self.train(self.training)
 
     @property
@@ -146,7 +206,7 @@ class CaptionerGridEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.is_frozen):
-            feature_map = self.backbone(pixel_values).feature_maps[-1]  # (B, C, H, W)
+            feature_map = self.feature_map(pixel_values)  # (B, C, H, W)
         regions = self.pool(feature_map).flatten(2).transpose(1, 2)  # (B, k, C)
         return BaseModelOutput(last_hidden_state=regions)
 
@@ -348,20 +408,31 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
     def from_vision_pretrained(
         cls, vision_model_name_or_path: str, vision_kwargs: dict | None = None, **config_kwargs
     ) -> CaptionerForConditionalGeneration:
-        """Start the encoder from a pretrained transformers backbone (e.g. "microsoft/resnet-101"); the decoder is new.
+        """Start the encoder from pretrained weights; the decoder is new. `config_kwargs` go to [`CaptionerConfig`].
 
-        `vision_kwargs` go to `AutoBackbone.from_pretrained`; `config_kwargs` to [`CaptionerConfig`].
+        - a transformers backbone: "microsoft/resnet-101" or a local folder (`vision_kwargs` to `from_pretrained`);
+        - timm: "timm:resnet101" (ImageNet weights from the Hub), "timm/resnet101.a1h_in1k", or an offline file with
+          `vision_kwargs={"checkpoint_path": ...}`;
+        - torchvision: "torchvision:resnet101", with `vision_kwargs={"weights": "IMAGENET1K_V2"}` (default DEFAULT).
         """
+        vision_kwargs = dict(vision_kwargs or {})
+        name = vision_model_name_or_path
+        if name.startswith(("timm:", "timm/", "torchvision:")):
+            if name.startswith("timm/"):  # a timm Hub id: the model keeps the architecture name, the Hub gives weights
+                spec, source = f"timm:{name.split('/', 1)[1]}", f"timm:hf-hub:{name}"
+            else:
+                spec = source = name
+            pretrained = "checkpoint_path" not in vision_kwargs
+            backbone, _ = build_external_backbone(source, pretrained=pretrained, **vision_kwargs)
+            model = cls(CaptionerConfig(vision_backbone=spec, **config_kwargs))
+            model.encoder.backbone.load_state_dict(backbone.state_dict())
+            return model
         # the concrete backbone class, not AutoBackbone.from_pretrained, which asks the Hub even for a local folder
-        vision_config = AutoConfig.from_pretrained(vision_model_name_or_path)
+        vision_config = AutoConfig.from_pretrained(name)
         if type(vision_config) not in MODEL_FOR_BACKBONE_MAPPING:
-            raise ValueError(
-                f"{vision_model_name_or_path} is a {vision_config.model_type} model, which has no transformers backbone"
-            )
-        backbone_class = MODEL_FOR_BACKBONE_MAPPING[type(vision_config)]
-        backbone = backbone_class.from_pretrained(vision_model_name_or_path, **(vision_kwargs or {}))
-        config = CaptionerConfig(vision_config=backbone.config, **config_kwargs)
-        model = cls(config)
+            raise ValueError(f"{name} is a {vision_config.model_type} model, which has no transformers backbone")
+        backbone = MODEL_FOR_BACKBONE_MAPPING[type(vision_config)].from_pretrained(name, **vision_kwargs)
+        model = cls(CaptionerConfig(vision_config=backbone.config, **config_kwargs))
         model.encoder.backbone.load_state_dict(backbone.state_dict())
         return model
 

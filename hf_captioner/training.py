@@ -25,6 +25,7 @@ from accelerate.utils import gather_object, set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
 from .configuration_captioner import CaptionerConfig
 from .data.loaders import DataError, detect_and_load
@@ -64,6 +65,7 @@ class TrainingArguments:
     # model
     model: dict = field(default_factory=dict)  # CaptionerConfig fields, e.g. {rnn_type: gru, hidden_size: 256}
     vision_pretrained: str | None = None  # start the encoder from this backbone, e.g. microsoft/resnet-101
+    vision_checkpoint: str | None = None  # ... with a local weights file (timm: checkpoint_path), e.g. offline
     init_from: str | None = None  # start from a saved captioner (e.g. the frozen-encoder run, to fine-tune it)
     # optimisation
     num_epochs: int = 10
@@ -163,16 +165,46 @@ def load_data(args: TrainingArguments):
     return data
 
 
+def backbone_image_settings(args: TrainingArguments) -> dict:
+    """The backbone's own normalisation, crop ratio and interpolation (ImageNet defaults for transformers ones)."""
+    settings = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "crop_pct": 0.875, "interpolation": "bicubic"}
+    spec = args.model.get("vision_backbone") or ""
+    pretrained = args.vision_pretrained or ""
+    if pretrained.startswith(("timm:", "timm/", "torchvision:")):
+        spec = pretrained
+    if spec.startswith(("timm:", "timm/")):
+        import timm
+
+        name = spec.split(":", 1)[1] if spec.startswith("timm:") else spec.split("/", 1)[1]
+        config = timm.get_pretrained_cfg(name) or timm.create_model(name, pretrained=False).pretrained_cfg
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        settings.update({k: config[k] for k in ("mean", "std", "crop_pct", "interpolation") if config.get(k)})
+    elif spec.startswith("torchvision:"):
+        import torchvision
+
+        transforms = torchvision.models.get_model_weights(spec.split(":", 1)[1]).DEFAULT.transforms()
+        settings.update(mean=tuple(transforms.mean), std=tuple(transforms.std),
+                        crop_pct=transforms.crop_size[0] / transforms.resize_size[0],
+                        interpolation=transforms.interpolation.value)  # fmt: skip
+    return settings
+
+
 def build_processor(args: TrainingArguments, train_captions: list[list[str]]) -> CaptionerProcessor:
-    """Image processor at the run's image size + a tokenizer trained on the train captions."""
+    """Image processor with the backbone's own values at the run's image size + a tokenizer trained on the train
+    captions (or the processor saved at `processor_path`)."""
     if args.processor_path:
         return CaptionerProcessor.from_pretrained(args.processor_path)
     tokenizer = train_tokenizer(
         [c for captions in train_captions for c in captions], args.vocab_size, args.tokenizer_model_type
     )
-    resize = args.resize_size or round(args.image_size * 8 / 7)
+    settings = backbone_image_settings(args)
+    resample = {"bilinear": PILImageResampling.BILINEAR, "bicubic": PILImageResampling.BICUBIC}
     image_processor = CaptionerImageProcessor(
-        size={"shortest_edge": resize}, crop_size={"height": args.image_size, "width": args.image_size}
+        size={"shortest_edge": args.resize_size or round(args.image_size / settings["crop_pct"])},
+        crop_size={"height": args.image_size, "width": args.image_size},
+        image_mean=list(settings["mean"]),
+        image_std=list(settings["std"]),
+        resample=resample.get(settings["interpolation"], PILImageResampling.BICUBIC),
     )
     return CaptionerProcessor(image_processor, tokenizer)
 
@@ -194,7 +226,10 @@ def build_model(args: TrainingArguments, processor: CaptionerProcessor) -> Capti
             raise ValueError(f"{args.init_from} does not match the tokenizer: {mismatched}; pass its processor_path")
         return model
     if args.vision_pretrained:
-        return CaptionerForConditionalGeneration.from_vision_pretrained(args.vision_pretrained, **special, **args.model)
+        vision_kwargs = {"checkpoint_path": args.vision_checkpoint} if args.vision_checkpoint else None
+        return CaptionerForConditionalGeneration.from_vision_pretrained(
+            args.vision_pretrained, vision_kwargs=vision_kwargs, **special, **args.model
+        )
     return CaptionerForConditionalGeneration(CaptionerConfig(**special, **args.model))
 
 

@@ -80,7 +80,9 @@ def _readable(path: Path) -> bool:
         return False
 
 
-def build_dataset_dict(rows: Iterable[tuple[str, str, Path | dict, list[str]]], report: LoadReport, strict: bool = False):
+def build_dataset_dict(
+    rows: Iterable[tuple[str, str, Path | dict, list[str]]], report: LoadReport, strict: bool = False
+):
     """(split, image_id, image, raw captions) rows -> the normalised `DatasetDict`, skipping and counting.
 
     `image` is a file path (checked: present and readable) or a `datasets.Image` dict of path/bytes from the Hub.
@@ -205,7 +207,9 @@ def load_captions_csv(
     with open(csv_path, encoding="utf-8", newline="") as handle:
         reader = csv.DictReader(handle)
         if reader.fieldnames is None or not {"image", "caption"} <= {f.strip() for f in reader.fieldnames}:
-            raise DataError(f"{csv_path}: expected a header with 'image' and 'caption' columns, got {reader.fieldnames}")
+            raise DataError(
+                f"{csv_path}: expected a header with 'image' and 'caption' columns, got {reader.fieldnames}"
+            )
         for row in reader:
             row = {k.strip(): v for k, v in row.items() if k is not None}
             captions[row["image"].strip()].append(row["caption"] or "")
@@ -245,7 +249,9 @@ def load_hub_dataset(
     report = LoadReport(name)
     grouped: dict[tuple[str, str], dict] = {}
     for hub_split, dataset in loaded.items():
-        missing = [c for c in (image_column, caption_column, id_column, split_column) if c and c not in dataset.column_names]
+        missing = [
+            c for c in (image_column, caption_column, id_column, split_column) if c and c not in dataset.column_names
+        ]
         if missing:
             raise DataError(f"{name} split {hub_split!r} has no column(s) {missing}; it has {dataset.column_names}")
         dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
@@ -262,7 +268,9 @@ def load_hub_dataset(
     return build_dataset_dict(rows, report, strict)
 
 
-def detect_and_load(source: str | os.PathLike, images_dir: str | os.PathLike | None = None, strict: bool = False, **kwargs):
+def detect_and_load(
+    source: str | os.PathLike, images_dir: str | os.PathLike | None = None, strict: bool = False, **kwargs
+):
     """A folder or file in any supported layout, recognised by its files; anything else is a Hub data set name."""
     path = Path(source)
     if path.is_file():
@@ -279,9 +287,7 @@ def detect_and_load(source: str | os.PathLike, images_dir: str | os.PathLike | N
             return load_flickr8k_text(path, images_dir, strict=strict)
         if (path / "captions.txt").is_file():
             return load_captions_csv(path / "captions.txt", images_dir, strict=strict, **kwargs)
-        raise DataError(
-            f"{path} holds no known caption layout (dataset_*.json, Flickr8k.token.txt or captions.txt)"
-        )
+        raise DataError(f"{path} holds no known caption layout (dataset_*.json, Flickr8k.token.txt or captions.txt)")
     if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:  # a local path, not a Hub name
         raise DataError(f"Data source not found: {source}")
     return load_hub_dataset(str(source), strict=strict, **kwargs)

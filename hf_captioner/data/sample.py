@@ -118,7 +118,9 @@ def draw_scene(rng: random.Random, image_size: int = 64) -> tuple[Image.Image, l
             y0 = rng.randint(margin, image_size - side - margin)
         else:  # each shape in its own half, along the layout's axis
             half = image_size // 2
-            along = rng.randint(i * half + margin, (i + 1) * half - side - margin) if side < half - 2 * margin else i * half
+            along = (
+                rng.randint(i * half + margin, (i + 1) * half - side - margin) if side < half - 2 * margin else i * half
+            )
             across = rng.randint(margin, image_size - side - margin)
             x0, y0 = (along, across) if layout == "horizontal" else (across, along)
         shapes.append(Shape(rng.choice(KINDS), colours[i], size, (x0, y0, x0 + side, y0 + side)))
@@ -138,7 +140,7 @@ def sample_records(n_train: int, n_val: int, n_test: int, seed: int = 0, image_s
     """Rows of the sample data set, in split order: image, captions, image_id, split and objects."""
     rng = random.Random(seed)
     records = []
-    for split, count in zip(SAMPLE_SPLITS, (n_train, n_val, n_test)):
+    for split, count in zip(SAMPLE_SPLITS, (n_train, n_val, n_test), strict=True):
         for i in range(count):
             image, captions, shapes = draw_scene(rng, image_size)
             records.append(

