@@ -94,6 +94,13 @@ class CaptionerCache:
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
 
+    def keep_first(self, rows: int) -> None:
+        """Drop all but the first `rows` rows (captions that ended, when training on length-ordered captions)."""
+        for name in ("hidden", "cell", "keys", "values", "projected_regions"):
+            tensor = getattr(self, name)
+            if tensor is not None:
+                setattr(self, name, tensor[:rows])
+
     def __len__(self) -> int:
         return self.seen_tokens
 
@@ -329,34 +336,61 @@ class CaptionerDecoder(nn.Module):
         return context, cross_weights, self_weights
 
     def forward(
-        self, input_ids: torch.LongTensor, regions: torch.Tensor, cache: CaptionerCache
+        self,
+        input_ids: torch.LongTensor,
+        regions: torch.Tensor,
+        cache: CaptionerCache,
+        lengths: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Run the T input words through the recurrence (teacher forcing, or one step of generation).
 
         Work that does not depend on the recurrence (embeddings, the output layer) runs batched over all steps.
+        With `lengths` (B,) (training: the number of real target tokens per caption), captions are ordered longest
+        first and each step runs only on those not yet ended; outputs past a caption's end are then zeros and the
+        cache is left incomplete, so this is for training only.
         Returns logits (B, T, V), cross-attention (B, T, k), self-attention (B, heads, T, P + T) or None.
         """
         batch, length = input_ids.shape
         past = cache.seen_tokens
         embedded = self.embed_tokens(input_ids)  # (B, T, E)
+        order = active = None
+        if lengths is not None:
+            order = lengths.argsort(descending=True, stable=True)  # (B,)
+            active = (lengths[order][None, :] > torch.arange(length, device=lengths.device)[:, None]).sum(1).tolist()
+            cache.reorder_cache(order)
+            regions = regions.index_select(0, order)  # (B, k, C)
+        steps_input = embedded if order is None else embedded.index_select(0, order)  # (B, T, E)
         hiddens, contexts, cross_weights, self_weights = [], [], [], []
         for t in range(length):
-            context, cross, self_w = self.step(embedded[:, t], regions, cache)
-            hiddens.append(cache.hidden)
-            contexts.append(context)
-            cross_weights.append(cross)
-            self_weights.append(self_w)
+            rows = batch if active is None else active[t]
+            if rows < cache.hidden.shape[0]:
+                cache.keep_first(rows)  # captions that have ended drop out of the batch for good
+            context, cross, self_w = self.step(steps_input[:rows, t], regions[:rows], cache)
+            hiddens.append(_pad_rows(cache.hidden, batch))
+            contexts.append(_pad_rows(context, batch))
+            cross_weights.append(_pad_rows(cross, batch))
+            self_weights.append(None if self_w is None else _pad_rows(self_w, batch))
         hidden = torch.stack(hiddens, dim=1)  # (B, T, H)
         context = torch.stack(contexts, dim=1)  # (B, T, C)
-        deep = embedded + self.out_hidden(hidden) + self.out_context(context)  # (B, T, E)
-        logits = self.lm_head(self.dropout(deep))  # (B, T, V)
         cross = torch.stack(cross_weights, dim=1)  # (B, T, k)
         self_attn = None
         if self.self_attention is not None:
             # row t saw memory h_0..h_{past+t}; pad every row to the final memory length P + T (zeros: unseen)
             memory = past + length
             self_attn = torch.stack([F.pad(w, (0, memory - w.shape[-1])) for w in self_weights], dim=2)
+        if order is not None:  # back to the caller's order
+            inverse = order.argsort()
+            hidden, context, cross = hidden[inverse], context[inverse], cross[inverse]
+            self_attn = self_attn[inverse] if self_attn is not None else None
+        deep = embedded + self.out_hidden(hidden) + self.out_context(context)  # (B, T, E)
+        logits = self.lm_head(self.dropout(deep))  # (B, T, V)
         return logits, cross, self_attn
+
+
+def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """Zero rows appended up to `rows` (the captions that have already ended)."""
+    missing = rows - tensor.shape[0]
+    return tensor if missing == 0 else torch.cat([tensor, tensor.new_zeros(missing, *tensor.shape[1:])])
 
 
 class CaptionerPreTrainedModel(PreTrainedModel):
@@ -389,6 +423,7 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
     """Image captioner: a CNN grid encoder and an attention LSTM/GRU decoder; caption with `generate()`."""
 
     _tied_weights_keys = {"decoder.lm_head.weight": "decoder.embed_tokens.weight"}
+    skip_finished_captions = True  # training: steps run only on captions not yet ended (see CaptionerDecoder)
 
     def __init__(self, config: CaptionerConfig):
         super().__init__(config)
@@ -504,7 +539,10 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
             decoder_input_ids = self.shift_labels_right(labels)
 
         cache = past_key_values if past_key_values is not None else self.decoder.start(regions)
-        logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache)
+        lengths = None
+        if labels is not None and past_key_values is None and not use_cache and self.skip_finished_captions:
+            lengths = (labels != -100).sum(dim=1)  # padding is on the right: steps past a caption's end are skipped
+        logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache, lengths)
 
         loss = token_loss = attention_loss = None
         if labels is not None:

@@ -287,3 +287,28 @@ def test_default_configuration_is_show_attend_and_tell_sized():
     assert config.vision_config.depths == [3, 4, 23, 3]  # ResNet-101
     assert (config.grid_size, config.embed_dim, config.hidden_size, config.attention_dim) == (14, 512, 512, 512)
     assert config.rnn_type == "lstm" and config.cross_attention == "additive" and config.self_attention
+
+
+@pytest.mark.parametrize("rnn_type,self_attention", [("lstm", True), ("gru", False)])
+def test_skipping_finished_captions_changes_nothing_but_the_work(rnn_type, self_attention):
+    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention)
+    labels = token_ids(batch=4, length=7)
+    labels[0, 3:] = -100  # captions of 3, 7, 5 and 1 tokens, in no particular order
+    labels[2, 5:] = -100
+    labels[3, 1:] = -100
+    skipped = model(pixel_values=images(4), labels=labels, use_cache=False, output_attentions=True)
+    model.skip_finished_captions = False
+    full = model(pixel_values=images(4), labels=labels, use_cache=False, output_attentions=True)
+    torch.testing.assert_close(skipped.token_loss, full.token_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(skipped.attention_loss, full.attention_loss, rtol=1e-6, atol=1e-6)
+    real = labels != -100
+    torch.testing.assert_close(skipped.logits[real], full.logits[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(skipped.cross_attentions[real], full.cross_attentions[real], rtol=1e-5, atol=1e-6)
+    assert (skipped.cross_attentions[~real] == 0).all()
+    grads = []
+    for flag in (True, False):
+        model.zero_grad()
+        model.skip_finished_captions = flag
+        model(pixel_values=images(4), labels=labels, use_cache=False).loss.backward()
+        grads.append(model.decoder.cell.weight_hh.grad.clone())
+    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
