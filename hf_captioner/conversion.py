@@ -19,8 +19,6 @@ def map_by_position(source: Mapping[str, torch.Tensor], target: Mapping[str, tor
     converted = OrderedDict()
     for (source_name, tensor), (target_name, expected) in zip(source.items(), target.items(), strict=True):
         if tuple(tensor.shape) != tuple(expected.shape):
-            raise ValueError(
-                f"{source_name} {tuple(tensor.shape)} does not fit {target_name} {tuple(expected.shape)}"
-            )
+            raise ValueError(f"{source_name} {tuple(tensor.shape)} does not fit {target_name} {tuple(expected.shape)}")
         converted[target_name] = tensor.detach().clone().contiguous()
     return converted

@@ -167,7 +167,12 @@ def load_data(args: TrainingArguments):
 
 def backbone_image_settings(args: TrainingArguments) -> dict:
     """The backbone's own normalisation, crop ratio and interpolation (ImageNet defaults for transformers ones)."""
-    settings = {"mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "crop_pct": 0.875, "interpolation": "bicubic"}
+    settings = {
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+    }
     spec = args.model.get("vision_backbone") or ""
     pretrained = args.vision_pretrained or ""
     if pretrained.startswith(("timm:", "timm/", "torchvision:")):

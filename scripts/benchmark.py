@@ -127,13 +127,12 @@ def train_case(model, batch: int, repeats: int, inputs: str, generator: torch.Ge
 def generate_case(model, batch: int, beams: int, repeats: int, with_encoder: bool, generator: torch.Generator) -> dict:
     model.eval()
     new_tokens = 13  # a Flickr-length caption; min = max so every case decodes the same number of steps
-    if with_encoder:
-        inputs = {"pixel_values": torch.randn(batch, 3, 224, 224, generator=generator)}
-    else:
-        regions = torch.randn(batch, GRID * GRID, REGION_DIM, generator=generator)
-        inputs = {"encoder_outputs": BaseModelOutput(last_hidden_state=regions)}
+    pixel_values = torch.randn(batch, 3, 224, 224, generator=generator)
+    regions = torch.randn(batch, GRID * GRID, REGION_DIM, generator=generator)
 
     def run():
+        # a new BaseModelOutput each call: generate() expands the one it is given in place, once per call
+        inputs = {"pixel_values": pixel_values} if with_encoder else {"encoder_outputs": BaseModelOutput(regions)}
         model.generate(**inputs, num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
     with PeakMemory() as memory:
