@@ -471,6 +471,14 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         model.encoder.backbone.load_state_dict(backbone.state_dict())
         return model
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> CaptionerForConditionalGeneration:
+        """As `PreTrainedModel.from_pretrained`; then re-applies the encoder freezing of the config, because loading
+        materialises fresh parameters (all trainable) after `__init__` froze them."""
+        model = super().from_pretrained(*args, **kwargs)
+        model.encoder.set_trainable_stages(model.config.encoder_trainable_stages)
+        return model
+
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Also map `AutoModelForImageTextToText` in `auto_map` when the code is saved for `trust_remote_code`."""
         if self._auto_class is not None:

@@ -77,3 +77,15 @@ def test_trust_remote_code_loads_in_a_process_that_cannot_import_hf_captioner(tm
     with torch.no_grad():
         logits = model(pixel_values=pixel_values, decoder_input_ids=ids).logits
     torch.testing.assert_close(torch.tensor(remote["logits"]), logits, rtol=0, atol=1e-6)
+
+
+def test_a_loaded_model_keeps_the_encoder_freezing_of_its_config(tmp_path):
+    for stages in (0, 1):
+        model = tiny_model(encoder_trainable_stages=stages)
+        model.save_pretrained(tmp_path / str(stages))
+        loaded = CaptionerForConditionalGeneration.from_pretrained(tmp_path / str(stages))
+        expected = {name: p.requires_grad for name, p in model.named_parameters()}
+        assert {name: p.requires_grad for name, p in loaded.named_parameters()} == expected
+        assert loaded.encoder.is_frozen == (stages == 0)
+    overridden = CaptionerForConditionalGeneration.from_pretrained(tmp_path / "0", encoder_trainable_stages=-1)
+    assert all(p.requires_grad for p in overridden.encoder.parameters())
