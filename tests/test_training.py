@@ -118,6 +118,9 @@ def test_cached_features_give_the_first_batch_loss_of_a_frozen_end_to_end_model(
     assert len(cache_files) == 1
     assert torch.equal(encode_split(model, processor, data["train"], tmp_path / "cache"), features)
     key = feature_cache_key(model, processor, data["train"])
+    processor.save_pretrained(tmp_path / "processor")  # a reloaded processor computes the same pixels: same key
+    reloaded = type(processor).from_pretrained(tmp_path / "processor")
+    assert feature_cache_key(model, reloaded, data["train"]) == key
     model.config.grid_size = 3
     assert feature_cache_key(model, processor, data["train"]) != key
 

@@ -76,6 +76,10 @@ class CaptionCollator:
         return batch
 
 
+# image processor fields that say where the class lives, not how pixels are made (they change on save -> load)
+BOOKKEEPING = ("auto_map", "processor_class", "image_processor_type")
+
+
 def feature_cache_key(model, processor, dataset) -> str:
     """A key that changes whenever the cached features would: backbone weights and shape, image processing,
     grid size, and the split's content (its `datasets` fingerprint)."""
@@ -86,7 +90,7 @@ def feature_cache_key(model, processor, dataset) -> str:
     description = {
         "vision_config": model.config.vision_config.to_dict(),
         "grid_size": model.config.grid_size,
-        "image_processor": processor.image_processor.to_dict(),
+        "image_processor": {k: v for k, v in processor.image_processor.to_dict().items() if k not in BOOKKEEPING},
         "data": dataset._fingerprint,
     }
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
