@@ -60,6 +60,14 @@ def word_attention(model, processor, pixel_values: torch.Tensor, sequences: torc
     return results
 
 
+@torch.no_grad()
+def caption_with_attention(model, processor, images, **generate_kwargs) -> tuple[list[str], list[list[WordAttention]]]:
+    """Caption a batch of pictures and return, per picture, its words with the attention map of each."""
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(model.device)
+    sequences = model.generate(pixel_values=pixel_values, **generate_kwargs)
+    return processor.batch_decode(sequences), word_attention(model, processor, pixel_values, sequences)
+
+
 def grid_cell_to_image_point(
     cell: int, grid_size: int, image_size: tuple[int, int], image_processor
 ) -> tuple[float, float]:
@@ -87,10 +95,8 @@ def pointing_accuracy(model, processor, dataset, num_beams: int = 1, batch_size:
     hits, chance, nouns = 0, 0.0, 0
     for start in range(0, len(dataset), batch_size):
         rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
-        pixel_values = processor.image_processor(rows["image"], return_tensors="pt")["pixel_values"]
-        sequences = model.generate(pixel_values=pixel_values.to(model.device), num_beams=num_beams)
-        for words, image, objects in zip(word_attention(model, processor, pixel_values, sequences.cpu()), rows["image"],
-                                         rows["objects"], strict=True):  # fmt: skip
+        _, attentions = caption_with_attention(model, processor, rows["image"], num_beams=num_beams)
+        for words, image, objects in zip(attentions, rows["image"], rows["objects"], strict=True):
             for index, item in enumerate(words):
                 candidates = [o for o in objects if o["kind"] == item.word]
                 if len(candidates) > 1 and index > 0:

@@ -8,12 +8,11 @@ import io
 import urllib.request
 from pathlib import Path
 
-import torch
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 import hf_captioner  # noqa: F401  (registers the Auto classes)
-from hf_captioner.evaluation import word_attention
+from hf_captioner.evaluation import caption_with_attention
 from hf_captioner.processing_captioner import open_image, to_rgb
 from hf_captioner.visualize import plot_attention
 
@@ -68,15 +67,11 @@ def main() -> None:
         Path(args.attention).mkdir(parents=True, exist_ok=True)
     for start in range(0, len(pictures), args.batch_size):
         batch = pictures[start : start + args.batch_size]
-        pixel_values = processor.image_processor([image for _, image in batch], return_tensors="pt")["pixel_values"]
-        with torch.no_grad():
-            sequences = model.generate(pixel_values=pixel_values, num_beams=args.num_beams,
-                                       max_new_tokens=args.max_new_tokens)  # fmt: skip
-        captions = processor.batch_decode(sequences)
-        attentions = word_attention(model, processor, pixel_values, sequences) if args.attention else None
+        captions, attentions = caption_with_attention(model, processor, [image for _, image in batch],
+                                                      num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
         for index, ((name, image), caption) in enumerate(zip(batch, captions, strict=True)):
             line = f"{name}\t{caption}"
-            if attentions is not None and attentions[index]:
+            if args.attention and attentions[index]:
                 words = attentions[index]
                 stem = Path(name.rstrip("/").split("/")[-1]).stem or f"image{start + index}"
                 figure = Path(args.attention) / f"{start + index:04d}-{stem}.png"

@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers import AutoModel, AutoProcessor
 
 from hf_captioner.data import make_sample_dataset, write_sample_dataset
-from hf_captioner.evaluation import evaluate_split, format_table, word_attention
+from hf_captioner.evaluation import caption_with_attention, evaluate_split, format_table
 from hf_captioner.training import configure_logging, parse_arguments, train
 from hf_captioner.visualize import plot_attention
 
@@ -58,10 +58,8 @@ def main() -> None:
     figures = Path(options.output_dir) / "attention"
     figures.mkdir(exist_ok=True)
     pictures = test.select(range(3))
-    pixel_values = processor.image_processor(pictures["image"], return_tensors="pt")["pixel_values"]
-    sequences = model.generate(pixel_values=pixel_values, num_beams=options.num_beams)
-    for image_id, image, words in zip(pictures["image_id"], pictures["image"],
-                                      word_attention(model, processor, pixel_values, sequences), strict=True):  # fmt: skip
+    _, attentions = caption_with_attention(model, processor, pictures["image"], num_beams=options.num_beams)
+    for image_id, image, words in zip(pictures["image_id"], pictures["image"], attentions, strict=True):
         plot_attention(image, [w.word for w in words], [w.attention for w in words], figures / f"{image_id}.png")
     print(f"\nAttention figures: {figures}/")
     print(

@@ -25,15 +25,15 @@ class CaptionPairs(Dataset):
     def __init__(self, dataset, features: torch.Tensor | None = None):
         self.dataset = dataset
         self.features = features
-        self.pairs = [(row, i) for row, captions in enumerate(dataset["captions"]) for i in range(len(captions))]
-        self._captions = dataset["captions"]
+        self.captions = dataset["captions"]  # read once: the image column is decoded per item, lazily
+        self.pairs = [(row, i) for row, captions in enumerate(self.captions) for i in range(len(captions))]
 
     def __len__(self) -> int:
         return len(self.pairs)
 
     def __getitem__(self, index: int) -> dict:
         row, caption_index = self.pairs[index]
-        item = {"caption": self._captions[row][caption_index], "row": row}
+        item = {"caption": self.captions[row][caption_index]}
         if self.features is not None:
             item["features"] = self.features[row]
         else:
