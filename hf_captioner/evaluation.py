@@ -20,6 +20,28 @@ from .training import generate_captions
 logger = logging.getLogger(__name__)
 
 
+def speed_options(model, bf16: bool = False, channels_last: bool = False, compile_step: bool = False):
+    """Apply the inference speed options that `scripts/benchmark.py` measures, and return the context to caption in.
+
+    channels_last: the encoder's convolutions in NHWC layout; bf16: autocast matrix products to bfloat16 (captions
+    change slightly: see the README); compile_step: `torch.compile` the decoder step (dynamic shapes; slow first call).
+    """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile_step:
+        model.decoder.step = torch.compile(model.decoder.step, dynamic=True)
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+def add_speed_arguments(parser) -> None:
+    """The `speed_options` flags, for the scripts that caption."""
+    parser.add_argument(
+        "--bf16", action="store_true", help="autocast to bfloat16 (faster on CPUs with AVX512-BF16/AMX)"
+    )
+    parser.add_argument("--channels_last", action="store_true", help="NHWC convolutions in the encoder")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder step")
+
+
 @dataclass
 class WordAttention:
     """One generated word and the attention over the S x S grid while it was emitted (mean over its pieces)."""

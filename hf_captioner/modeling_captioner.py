@@ -61,8 +61,10 @@ class CaptionerOutput(ModelOutput):
 class CaptionerCache:
     """Decoding state carried between `generate` steps: everything beam search must reorder.
 
-    hidden/cell: (B, H) recurrent state (cell is None for a GRU); keys/values: (B, heads, P+1, d) self-attention
-    memory over h_0..h_P (None without self-attention); projected_regions: (B, k, A) W_f f, computed once per image.
+    hidden/cell: (R, H) recurrent state of R rows (cell is None for a GRU); keys/values: (R, heads, P+1, d)
+    self-attention memory over h_0..h_P (None without self-attention); projected_regions: (B, k, A) W_f f, once per
+    image. Generation runs `rows_per_image` consecutive rows per image (beams, returned sequences): they share one
+    copy of the regions and their projection, which beam search never needs to move.
     """
 
     is_compileable = False  # the recurrence is stateful and grows no fixed-size buffers
@@ -75,6 +77,7 @@ class CaptionerCache:
         keys: torch.Tensor | None,
         values: torch.Tensor | None,
         projected_regions: torch.Tensor,
+        rows_per_image: int = 1,
         seen_tokens: int = 0,
     ):
         self.hidden = hidden
@@ -82,6 +85,7 @@ class CaptionerCache:
         self.keys = keys
         self.values = values
         self.projected_regions = projected_regions
+        self.rows_per_image = rows_per_image
         self.seen_tokens = seen_tokens
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -89,13 +93,22 @@ class CaptionerCache:
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         """Keep, for every row, the state of the beam it continues (beam search calls this after each step)."""
-        for name in ("hidden", "cell", "keys", "values", "projected_regions"):
+        beam_idx = beam_idx.to(self.hidden.device)
+        if self.rows_per_image == 1:
+            self.projected_regions = self.projected_regions.index_select(0, beam_idx)
+        else:
+            rows = torch.arange(beam_idx.shape[0], device=beam_idx.device)
+            if not torch.equal(beam_idx // self.rows_per_image, rows // self.rows_per_image):
+                raise ValueError("reorder_cache: a row may only continue a beam of its own image")
+        for name in ("hidden", "cell", "keys", "values"):
             tensor = getattr(self, name)
             if tensor is not None:
-                setattr(self, name, tensor.index_select(0, beam_idx.to(tensor.device)))
+                setattr(self, name, tensor.index_select(0, beam_idx))
 
     def keep_first(self, rows: int) -> None:
         """Drop all but the first `rows` rows (captions that ended, when training on length-ordered captions)."""
+        if self.rows_per_image != 1:
+            raise ValueError("keep_first needs one row per image (teacher forcing)")
         for name in ("hidden", "cell", "keys", "values", "projected_regions"):
             tensor = getattr(self, name)
             if tensor is not None:
@@ -218,6 +231,63 @@ class CaptionerGridEncoder(nn.Module):
         return BaseModelOutput(last_hidden_state=regions)
 
 
+class StepWeightGradients:
+    """Weight gradients of the per-step linear layers of teacher forcing, summed in one matrix product per weight.
+
+    Autograd would add a (out x in) outer product into each weight's gradient at every step: at a few dozen rows per
+    step that is memory-bound and was most of the training step's backward. Here each step multiplies by a detached
+    weight, keeps its input, and a hook keeps the gradient of its output; `attach` puts a node before the loop whose
+    backward (it runs last: every step depends on the state it passes on) returns grad_W = sum_t G_t^T X_t as the
+    weights' gradient, so optimisers, DDP and gradient accumulation see an ordinary gradient.
+    """
+
+    def __init__(self):
+        self.inputs: dict[nn.Parameter, list[torch.Tensor]] = {}
+        self.output_grads: dict[nn.Parameter, dict[int, torch.Tensor]] = {}
+
+    def attach(self, state: torch.Tensor, weights: list[nn.Parameter]) -> torch.Tensor:
+        """`state` (the recurrence's initial state) passed through the node that will receive the weight gradients."""
+        self.weights = weights
+        return _WeightGradientSink.apply(self, state, *weights)
+
+    def linear(self, inputs: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """`F.linear`, with the weight's gradient left to `weight_gradients` (the bias's is cheap: autograd's)."""
+        outputs = F.linear(inputs, weight.detach(), bias)
+        kept = self.inputs.setdefault(weight, [])
+        grads = self.output_grads.setdefault(weight, {})
+        position = len(kept)
+        kept.append(inputs.detach())
+        outputs.register_hook(lambda grad: grads.__setitem__(position, grad))
+        return outputs
+
+    def weight_gradients(self) -> list[torch.Tensor | None]:
+        gradients = []
+        for weight in self.weights:
+            grads = self.output_grads.get(weight, {})
+            positions = sorted(grads)  # steps whose output reached the loss
+            if not positions:
+                gradients.append(None)
+                continue
+            # in the weight's dtype: under bf16 autocast the steps ran in bf16, the sum is kept in float32
+            output_grad = torch.cat([grads[i] for i in positions]).to(weight.dtype)  # (sum of rows, out)
+            inputs = torch.cat([self.inputs[weight][i] for i in positions]).to(weight.dtype)  # (sum of rows, in)
+            gradients.append(output_grad.transpose(0, 1) @ inputs)  # (out, in)
+        self.inputs.clear()
+        self.output_grads.clear()
+        return gradients
+
+
+class _WeightGradientSink(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, collector: StepWeightGradients, state: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
+        ctx.collector = collector
+        return state.view_as(state)
+
+    @staticmethod
+    def backward(ctx, state_grad: torch.Tensor):
+        return None, state_grad, *ctx.collector.weight_gradients()
+
+
 class CaptionerCrossAttention(nn.Module):
     """Attention of the previous hidden state over the k regions, and the gated context (SAT eq. 4-6, beta gate).
 
@@ -237,17 +307,21 @@ class CaptionerCrossAttention(nn.Module):
         return self.region_proj(regions)  # (B, k, C) -> (B, k, A)
 
     def forward(
-        self, hidden: torch.Tensor, regions: torch.Tensor, projected_regions: torch.Tensor
+        self, hidden: torch.Tensor, regions: torch.Tensor, projected_regions: torch.Tensor, linear=F.linear
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        query = self.query_proj(hidden)  # (B, A)
+        """hidden (R, H) for R = B x n rows, n consecutive rows per image; regions (B, k, C), projected (B, k, A)."""
+        images = regions.shape[0]
+        query = linear(hidden, self.query_proj.weight, self.query_proj.bias).view(
+            images, -1, self.query_proj.out_features
+        )  # (B, n, A)
         if self.score is not None:
-            scores = self.score(torch.tanh(projected_regions + query.unsqueeze(1))).squeeze(-1)  # (B, k)
+            scores = self.score(torch.tanh(projected_regions.unsqueeze(1) + query.unsqueeze(2))).squeeze(-1)
         else:
-            scores = torch.bmm(projected_regions, query.unsqueeze(-1)).squeeze(-1) * self.scale  # (B, k)
-        weights = scores.softmax(dim=-1)  # (B, k)
-        context = torch.bmm(weights.unsqueeze(1), regions).squeeze(1)  # (B, C)
-        gate = torch.sigmoid(self.gate(hidden))  # (B, C)
-        return gate * context, weights
+            scores = torch.bmm(query, projected_regions.transpose(1, 2)) * self.scale  # (B, n, k)
+        weights = scores.softmax(dim=-1)  # (B, n, k)
+        context = torch.bmm(weights, regions).flatten(0, 1)  # (R, C)
+        gate = torch.sigmoid(linear(hidden, self.gate.weight, self.gate.bias))  # (R, C)
+        return gate * context, weights.flatten(0, 1)  # (R, C), (R, k)
 
 
 class CaptionerSelfAttention(nn.Module):
@@ -264,25 +338,29 @@ class CaptionerSelfAttention(nn.Module):
         self.key_value = nn.Linear(config.hidden_size, 2 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def project_memory(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def project_memory(self, state: torch.Tensor, linear=F.linear) -> tuple[torch.Tensor, torch.Tensor]:
         """Key and value of one new state: (B, H) -> 2 x (B, heads, 1, d)."""
-        key, value = self.key_value(state).chunk(2, dim=-1)  # 2 x (B, H)
+        key, value = linear(state, self.key_value.weight, self.key_value.bias).chunk(2, dim=-1)  # 2 x (B, H)
         shape = (state.shape[0], self.num_heads, 1, self.head_dim)
         return key.view(shape), value.view(shape)
 
     def forward(
-        self, step_input: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+        self, step_input: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, linear=F.linear
     ) -> tuple[torch.Tensor, torch.Tensor]:
         batch = step_input.shape[0]
-        query = self.query(step_input).view(batch, self.num_heads, 1, self.head_dim)  # (B, heads, 1, d)
+        query = linear(step_input, self.query.weight, self.query.bias).view(
+            batch, self.num_heads, 1, self.head_dim
+        )  # (B, heads, 1, d)
         scores = query @ keys.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, heads, 1, M)
         weights = scores.softmax(dim=-1)  # (B, heads, 1, M)
         attended = (weights @ values).reshape(batch, -1)  # (B, H)
-        return self.out(attended), weights.squeeze(2)  # (B, H), (B, heads, M)
+        return linear(attended, self.out.weight, self.out.bias), weights.squeeze(2)  # (B, H), (B, heads, M)
 
 
 class CaptionerDecoder(nn.Module):
     """The recurrent decoder: one word per step, from the embedding, the region context and the self-attention."""
+
+    defer_step_weight_gradients = True  # training: one weight-gradient product per weight (`StepWeightGradients`)
 
     def __init__(self, config: CaptionerConfig, region_dim: int):
         super().__init__()
@@ -301,35 +379,58 @@ class CaptionerDecoder(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size)
 
-    def start(self, regions: torch.Tensor) -> CaptionerCache:
-        """The state before the first word: h_0 (and c_0) from the mean region, projections of the regions."""
+    def start(self, regions: torch.Tensor, rows_per_image: int = 1) -> CaptionerCache:
+        """The state before the first word: h_0 (and c_0) from the mean region, projections of the regions; each
+        image's state is repeated for its `rows_per_image` rows (beams), its regions are not."""
         mean_region = regions.mean(dim=1)  # (B, C)
-        hidden = torch.tanh(self.init_hidden(mean_region))  # (B, H)
-        cell = torch.tanh(self.init_cell(mean_region)) if self.init_cell is not None else None  # (B, H)
+        hidden = torch.tanh(self.init_hidden(mean_region)).repeat_interleave(rows_per_image, dim=0)  # (R, H)
+        cell = None
+        if self.init_cell is not None:
+            cell = torch.tanh(self.init_cell(mean_region)).repeat_interleave(rows_per_image, dim=0)  # (R, H)
         keys = values = None
         if self.self_attention is not None:
-            keys, values = self.self_attention.project_memory(hidden)  # 2 x (B, heads, 1, d)
+            keys, values = self.self_attention.project_memory(hidden)  # 2 x (R, heads, 1, d)
         projected = self.cross_attention.project_regions(regions)  # (B, k, A)
-        return CaptionerCache(hidden, cell, keys, values, projected)
+        return CaptionerCache(hidden, cell, keys, values, projected, rows_per_image)
+
+    def step_weights(self) -> list[nn.Parameter]:
+        """The weights every step multiplies by (see `StepWeightGradients`)."""
+        layers = [self.cross_attention.query_proj, self.cross_attention.gate]
+        if self.self_attention is not None:
+            layers += [self.self_attention.query, self.self_attention.key_value, self.self_attention.out]
+        return [layer.weight for layer in layers] + [self.cell.weight_ih, self.cell.weight_hh]
+
+    def recur(self, cell_input: torch.Tensor, cache: CaptionerCache, linear=F.linear) -> None:
+        """One LSTM/GRU update of the cache's state, the equations of `nn.LSTMCell` / `nn.GRUCell` (whose parameters
+        it uses), written out so that the weight products can go through `linear`."""
+        cell = self.cell
+        input_gates = linear(cell_input, cell.weight_ih, cell.bias_ih)  # (B, 4H | 3H)
+        hidden_gates = linear(cache.hidden, cell.weight_hh, cell.bias_hh)  # (B, 4H | 3H)
+        if cache.cell is not None:
+            i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=-1)
+            cache.cell = torch.sigmoid(f) * cache.cell + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
+            cache.hidden = torch.sigmoid(o) * torch.tanh(cache.cell)  # (B, H)
+        else:
+            input_r, input_z, input_n = input_gates.chunk(3, dim=-1)
+            hidden_r, hidden_z, hidden_n = hidden_gates.chunk(3, dim=-1)
+            reset, update = torch.sigmoid(input_r + hidden_r), torch.sigmoid(input_z + hidden_z)
+            new = torch.tanh(input_n + reset * hidden_n)
+            cache.hidden = (1 - update) * new + update * cache.hidden  # (B, H)
 
     def step(
-        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache
+        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, linear=F.linear
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Consume one word embedding (B, E); update `cache` in place; return its context and attention weights."""
-        context, cross_weights = self.cross_attention(cache.hidden, regions, cache.projected_regions)  # (B,C),(B,k)
-        inputs = [embedded, context]
+        context, cross_weights = self.cross_attention(cache.hidden, regions, cache.projected_regions, linear)
+        inputs = [embedded, context]  # (B, E), (B, C); cross_weights (B, k)
         self_weights = None
         if self.self_attention is not None:
             step_query = torch.cat([embedded, cache.hidden], dim=-1)  # (B, E + H)
-            attended, self_weights = self.self_attention(step_query, cache.keys, cache.values)  # (B,H),(B,heads,M)
-            inputs.append(attended)
-        cell_input = torch.cat(inputs, dim=-1)  # (B, E + C [+ H])
-        if cache.cell is not None:
-            cache.hidden, cache.cell = self.cell(cell_input, (cache.hidden, cache.cell))  # 2 x (B, H)
-        else:
-            cache.hidden = self.cell(cell_input, cache.hidden)  # (B, H)
+            attended, self_weights = self.self_attention(step_query, cache.keys, cache.values, linear)
+            inputs.append(attended)  # (B, H); self_weights (B, heads, M)
+        self.recur(torch.cat(inputs, dim=-1), cache, linear)  # input (B, E + C [+ H])
         if self.self_attention is not None:
-            key, value = self.self_attention.project_memory(cache.hidden)  # 2 x (B, heads, 1, d)
+            key, value = self.self_attention.project_memory(cache.hidden, linear)  # 2 x (B, heads, 1, d)
             cache.keys = torch.cat([cache.keys, key], dim=2)  # (B, heads, M + 1, d)
             cache.values = torch.cat([cache.values, value], dim=2)  # (B, heads, M + 1, d)
         cache.seen_tokens += 1
@@ -357,15 +458,25 @@ class CaptionerDecoder(nn.Module):
         if lengths is not None:
             order = lengths.argsort(descending=True, stable=True)  # (B,)
             active = (lengths[order][None, :] > torch.arange(length, device=lengths.device)[:, None]).sum(1).tolist()
-            cache.reorder_cache(order)
-            regions = regions.index_select(0, order)  # (B, k, C)
+            if torch.equal(order, torch.arange(batch, device=order.device)):
+                order = None  # already longest first (as CaptionCollator batches them): nothing to move
+            else:
+                cache.reorder_cache(order)
+                regions = regions.index_select(0, order)  # (B, k, C)
         steps_input = embedded if order is None else embedded.index_select(0, order)  # (B, T, E)
+        linear = F.linear
+        if torch.is_grad_enabled() and self.defer_step_weight_gradients:
+            weights = [weight for weight in self.step_weights() if weight.requires_grad]
+            if weights:
+                collector = StepWeightGradients()
+                cache.hidden = collector.attach(cache.hidden, weights)
+                linear = collector.linear
         hiddens, contexts, cross_weights, self_weights = [], [], [], []
         for t in range(length):
             rows = batch if active is None else active[t]
             if rows < cache.hidden.shape[0]:
                 cache.keep_first(rows)  # captions that have ended drop out of the batch for good
-            context, cross, self_w = self.step(steps_input[:rows, t], regions[:rows], cache)
+            context, cross, self_w = self.step(steps_input[:rows, t], regions[:rows], cache, linear)
             hiddens.append(_pad_rows(cache.hidden, batch))
             contexts.append(_pad_rows(context, batch))
             cross_weights.append(_pad_rows(cross, batch))
@@ -488,6 +599,16 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
             self.config.auto_map = auto_map
         return super().save_pretrained(save_directory, *args, **kwargs)
 
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """As in `GenerationMixin`, except that the encoder outputs keep one row per image: the beams (or returned
+        sequences) of an image share its regions, so they are neither copied per beam nor reordered at every step,
+        and a caller's `encoder_outputs` are left as they were given."""
+        encoder_outputs = model_kwargs.pop("encoder_outputs", None)
+        input_ids, model_kwargs = super()._expand_inputs_for_generation(expand_size, False, input_ids, **model_kwargs)
+        if encoder_outputs is not None:
+            model_kwargs["encoder_outputs"] = encoder_outputs
+        return input_ids, model_kwargs
+
     def get_input_embeddings(self) -> nn.Embedding:
         return self.decoder.embed_tokens
 
@@ -546,7 +667,13 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
                 raise ValueError("CaptionerForConditionalGeneration needs `decoder_input_ids` or `labels`")
             decoder_input_ids = self.shift_labels_right(labels)
 
-        cache = past_key_values if past_key_values is not None else self.decoder.start(regions)
+        rows_per_image, remainder = divmod(decoder_input_ids.shape[0], regions.shape[0])
+        if remainder or not rows_per_image:
+            raise ValueError(
+                f"{decoder_input_ids.shape[0]} caption rows for {regions.shape[0]} images: every image needs the "
+                "same whole number of consecutive rows"
+            )
+        cache = past_key_values if past_key_values is not None else self.decoder.start(regions, rows_per_image)
         lengths = None
         if labels is not None and past_key_values is None and not use_cache and self.skip_finished_captions:
             lengths = (labels != -100).sum(dim=1)  # padding is on the right: steps past a caption's end are skipped

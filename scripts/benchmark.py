@@ -5,15 +5,18 @@ captions of Flickr-like lengths):
 - training step (forward + backward + AdamW) of the decoder on cached region features, batch 32;
 - the same end to end through a ResNet-101-shaped encoder, frozen, and with its last two stages fine-tuned;
 - caption generation, greedy and 3 / 5 beams, one image at a time and in batches, encoder included and excluded;
+- the speed options (bf16 autocast, channels_last, torch.compile of the decoder step) on the cases they target;
 - the machine's own fp32 matrix-multiply rate, measured in the same run, and how much of it the training step uses.
-Each case reports its peak resident memory above the process's baseline. `--quick` shrinks repetitions and batch
-sizes so the whole run takes about a minute; its figures are rougher.
+Every case runs in a fresh process (forked before any computation), so its peak resident memory above the
+process's level after building the model and inputs is its own. `--quick` shrinks repetitions and batch sizes so
+the whole run takes about a minute; its figures are rougher.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import platform
 import threading
 import time
@@ -24,6 +27,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration
+from hf_captioner.evaluation import speed_options
 
 VOCAB, GRID, REGION_DIM, WIDTH = 10_000, 14, 2048, 512
 
@@ -62,10 +66,32 @@ def timed(function, repeats: int, warmup: int = 1) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def matmul_gflops(size: int, repeats: int) -> float:
+def in_fresh_process(case: dict) -> dict:
+    """Run one case in a forked child (the parent has computed nothing, so no thread pool is inherited)."""
+    receiver, sender = multiprocessing.get_context("fork").Pipe(duplex=False)
+    child = multiprocessing.get_context("fork").Process(target=_child, args=(case, sender))
+    child.start()
+    sender.close()
+    result = receiver.recv()
+    child.join()
+    if "error" in result:
+        raise RuntimeError(f"benchmark case {case} failed:\n{result['error']}")
+    return result
+
+
+def _child(case: dict, sender) -> None:
+    try:
+        sender.send(RUNNERS[case["kind"]](**{k: v for k, v in case.items() if k != "kind"}))
+    except Exception:  # the parent reports it with the case that failed
+        import traceback
+
+        sender.send({"error": traceback.format_exc()})
+
+
+def matmul_gflops(size: int, repeats: int) -> dict:
     a, b = torch.randn(size, size), torch.randn(size, size)
     seconds = timed(lambda: a @ b, repeats)
-    return 2 * size**3 / seconds / 1e9
+    return {"gflops": 2 * size**3 / seconds / 1e9, "threads": torch.get_num_threads()}
 
 
 def caption_lengths(batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -74,22 +100,27 @@ def caption_lengths(batch: int, generator: torch.Generator) -> torch.Tensor:
 
 
 def make_labels(batch: int, generator: torch.Generator) -> torch.Tensor:
-    lengths = caption_lengths(batch, generator)
+    """Random captions, longest first (as `CaptionCollator` batches them)."""
+    lengths = caption_lengths(batch, generator).sort(descending=True).values
     labels = torch.randint(4, VOCAB, (batch, int(lengths.max())), generator=generator)
     labels[torch.arange(labels.shape[1])[None] >= lengths[:, None]] = -100
     labels[torch.arange(batch), lengths - 1] = 2
     return labels
 
 
+def sat_config(trainable_stages: int = 0) -> CaptionerConfig:
+    return CaptionerConfig(vocab_size=VOCAB, grid_size=GRID, embed_dim=WIDTH, hidden_size=WIDTH, attention_dim=WIDTH,
+                           encoder_trainable_stages=trainable_stages, dropout=0.5)  # fmt: skip
+
+
 def sat_model(trainable_stages: int = 0) -> CaptionerForConditionalGeneration:
-    config = CaptionerConfig(vocab_size=VOCAB, grid_size=GRID, embed_dim=WIDTH, hidden_size=WIDTH, attention_dim=WIDTH,
-                             encoder_trainable_stages=trainable_stages, dropout=0.5)  # fmt: skip
     torch.manual_seed(0)
-    return CaptionerForConditionalGeneration(config)
+    return CaptionerForConditionalGeneration(sat_config(trainable_stages))
 
 
-def decoder_flops_per_step(config: CaptionerConfig, region_dim: int) -> float:
-    """Multiply-adds x 2 of one decoder step for one caption (forward only; backward is about twice that)."""
+def decoder_flops(config: CaptionerConfig, region_dim: int) -> tuple[float, float]:
+    """FLOPs (2 x multiply-adds, forward) of one decoder step for one caption, and of starting one caption (the
+    region projection and the initial state, once per caption); backward is about twice the forward."""
     e, h, a, k, v = config.embed_dim, config.hidden_size, config.attention_dim, config.grid_size**2, config.vocab_size
     cell_input = e + region_dim + (h if config.self_attention else 0)
     gates = 4 if config.rnn_type == "lstm" else 3
@@ -98,20 +129,24 @@ def decoder_flops_per_step(config: CaptionerConfig, region_dim: int) -> float:
     if config.self_attention:
         macs += (e + h) * h + 2 * h * h + h * h + 2 * 20 * h  # query, key/value of the new state, out, ~20 states
     macs += h * e + region_dim * e + e * v  # deep output and vocabulary projection
-    return 2.0 * macs
+    start_macs = k * region_dim * a + (2 if config.rnn_type == "lstm" else 1) * region_dim * h
+    return 2.0 * macs, 2.0 * start_macs
 
 
-def train_case(model, batch: int, repeats: int, inputs: str, generator: torch.Generator) -> dict:
+def train_case(batch: int, repeats: int, inputs: str, trainable_stages: int = 0, variant: str = "") -> dict:
+    generator = torch.Generator().manual_seed(0)
+    model = sat_model(trainable_stages).train()
     labels = make_labels(batch, generator)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
-    model.train()
     if inputs == "features":
         batch_inputs = {"encoder_outputs": torch.randn(batch, GRID * GRID, REGION_DIM, generator=generator)}
     else:
         batch_inputs = {"pixel_values": torch.randn(batch, 3, 224, 224, generator=generator)}
+    autocast = speed_options(model, "bf16" in variant, "channels_last" in variant, "compile" in variant)
 
     def step():
-        loss = model(**batch_inputs, labels=labels).loss
+        with autocast:
+            loss = model(**batch_inputs, labels=labels).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -119,63 +154,72 @@ def train_case(model, batch: int, repeats: int, inputs: str, generator: torch.Ge
     with PeakMemory() as memory:
         seconds = timed(step, repeats)
     tokens = int((labels != -100).sum())
-    return {"batch": batch, "ms_per_step": 1e3 * seconds, "captions_per_s": batch / seconds,
-            "tokens_per_step": tokens, "peak_mib": memory.mib}  # fmt: skip
+    step_flops, start_flops = decoder_flops(model.config, REGION_DIM)
+    # backward ~ 2x forward: 3x in all for the steps; 2x for the start (the regions need no gradient)
+    gflops = (3 * step_flops * tokens + 2 * start_flops * batch) / seconds / 1e9
+    return {"batch": batch, "ms_per_step": 1e3 * seconds, "captions_per_s": batch / seconds, "tokens_per_step": tokens,
+            "decoder_gflops": gflops, "peak_mib": memory.mib}  # fmt: skip
 
 
 @torch.no_grad()
-def generate_case(model, batch: int, beams: int, repeats: int, with_encoder: bool, generator: torch.Generator) -> dict:
-    model.eval()
+def generate_case(batch: int, beams: int, repeats: int, encoder: bool, variant: str = "") -> dict:
+    generator = torch.Generator().manual_seed(0)
+    model = sat_model().eval()
     new_tokens = 13  # a Flickr-length caption; min = max so every case decodes the same number of steps
     pixel_values = torch.randn(batch, 3, 224, 224, generator=generator)
     regions = torch.randn(batch, GRID * GRID, REGION_DIM, generator=generator)
+    autocast = speed_options(model, "bf16" in variant, "channels_last" in variant, "compile" in variant)
 
     def run():
-        # a new BaseModelOutput each call: generate() expands the one it is given in place, once per call
-        inputs = {"pixel_values": pixel_values} if with_encoder else {"encoder_outputs": BaseModelOutput(regions)}
-        model.generate(**inputs, num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+        inputs = {"pixel_values": pixel_values} if encoder else {"encoder_outputs": BaseModelOutput(regions)}
+        with autocast:
+            model.generate(**inputs, num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
 
     with PeakMemory() as memory:
         seconds = timed(run, repeats)
-    return {"batch": batch, "beams": beams, "encoder": with_encoder, "images_per_s": batch / seconds,
+    return {"batch": batch, "beams": beams, "encoder": encoder, "variant": variant, "images_per_s": batch / seconds,
             "ms_per_image": 1e3 * seconds / batch, "peak_mib": memory.mib}  # fmt: skip
 
 
+RUNNERS = {"matmul": matmul_gflops, "train": train_case, "generate": generate_case}
+
+
 def run(quick: bool) -> dict:
-    generator = torch.Generator().manual_seed(0)
     repeats = 2 if quick else 5
+    matmul = in_fresh_process({"kind": "matmul", "size": 1024 if quick else 2048, "repeats": repeats * 2})
+    step_flops, start_flops = decoder_flops(sat_config(), REGION_DIM)
     report = {
         "mode": "quick" if quick else "full",
         "machine": {
             "cpu": platform.processor() or platform.machine(),
-            "threads": torch.get_num_threads(),
+            "threads": matmul["threads"],
             "torch": torch.__version__,
         },  # fmt: skip
-        "matmul_gflops": matmul_gflops(1024 if quick else 2048, repeats * 2),
+        "matmul_gflops": matmul["gflops"],
+        "decoder_gflop_per_token": step_flops / 1e9,
+        "decoder_gflop_per_caption_start": start_flops / 1e9,
     }
-    model = sat_model()
-    flops = decoder_flops_per_step(model.config, REGION_DIM)
-    train_batch = 32
-    cached = train_case(model, train_batch, repeats, "features", generator)
-    # forward + backward is about 3x the forward FLOPs; steps are caption tokens
-    cached["gflops"] = 3 * flops * cached["tokens_per_step"] / (cached["ms_per_step"] / 1e3) / 1e9
-    cached["fraction_of_matmul_rate"] = cached["gflops"] / report["matmul_gflops"]
-    report["decoder_gflop_per_token"] = flops / 1e9
-    end_to_end_batch = 4 if quick else train_batch
+    train_batch, end_to_end_batch = 32, 4 if quick else 32
+    end_to_end_repeats = 1 if quick else repeats
+    cached = in_fresh_process({"kind": "train", "batch": train_batch, "repeats": repeats, "inputs": "features"})
+    cached["fraction_of_matmul_rate"] = cached["decoder_gflops"] / report["matmul_gflops"]
+    frozen = {"kind": "train", "batch": end_to_end_batch, "repeats": end_to_end_repeats, "inputs": "images"}
     report["training"] = {
         "cached_features": cached,
-        "frozen_encoder": train_case(model, end_to_end_batch, 1 if quick else repeats, "images", generator),
-        "fine_tuned_encoder": train_case(sat_model(2), end_to_end_batch, 1 if quick else repeats, "images", generator),
+        "frozen_encoder": in_fresh_process(frozen),
+        "fine_tuned_encoder": in_fresh_process({**frozen, "trainable_stages": 2}),
     }
     batches = [1, 8] if quick else [1, 32, 64]
     cases = []
     for beams in (1, 3) if quick else (1, 3, 5):
         for batch in batches:
-            for with_encoder in (False,) if quick else (False, True):
-                cases.append(generate_case(model, batch, beams, 1 if quick else 3, with_encoder, generator))
+            for encoder in (False,) if quick else (False, True):
+                cases.append(in_fresh_process({"kind": "generate", "batch": batch, "beams": beams,
+                                               "repeats": 1 if quick else 3, "encoder": encoder}))  # fmt: skip
     report["generation"] = cases
     three_beams = {c["batch"]: c for c in cases if c["beams"] == 3 and not c["encoder"]}
     largest = max(three_beams)
+    report["variants"] = [] if quick else measure_variants(report, repeats)
     report["ratios"] = {
         f"beam3_batch{largest}_vs_batch1_images_per_s": three_beams[largest]["images_per_s"] / three_beams[1]["images_per_s"],
         "cached_vs_frozen_end_to_end_per_caption": cached["captions_per_s"] / report["training"]["frozen_encoder"]["captions_per_s"],
@@ -184,9 +228,40 @@ def run(quick: bool) -> dict:
     return report
 
 
+def measure_variants(report: dict, repeats: int) -> list[dict]:
+    """Each speed option on the cases it targets, against the plain case of this run."""
+    plain_generation = {(c["batch"], c["beams"], c["encoder"]): c for c in report["generation"]}
+    results = []
+    for variant in ("bf16", "compile"):
+        case = in_fresh_process(
+            {"kind": "train", "batch": 32, "repeats": repeats, "inputs": "features", "variant": variant}
+        )
+        base = report["training"]["cached_features"]
+        results.append({"case": "training, cached features (32)", "variant": variant, "unit": "captions/s",
+                        "value": case["captions_per_s"], "plain": base["captions_per_s"], "peak_mib": case["peak_mib"]})  # fmt: skip
+    for variant in ("channels_last", "bf16", "channels_last+bf16"):
+        case = in_fresh_process(
+            {"kind": "train", "batch": 32, "repeats": repeats, "inputs": "images", "variant": variant}
+        )
+        base = report["training"]["frozen_encoder"]
+        results.append({"case": "training, frozen encoder (32)", "variant": variant, "unit": "captions/s",
+                        "value": case["captions_per_s"], "plain": base["captions_per_s"], "peak_mib": case["peak_mib"]})  # fmt: skip
+    targets = [(1, False, "bf16"), (32, False, "bf16"), (1, False, "compile"), (32, False, "compile"),
+               (32, False, "compile+bf16"), (32, True, "channels_last+bf16")]  # fmt: skip
+    for batch, encoder, variant in targets:
+        spec = {"kind": "generate", "batch": batch, "beams": 3, "repeats": 3, "encoder": encoder, "variant": variant}
+        case = in_fresh_process(spec)
+        base = plain_generation[(batch, 3, encoder)]
+        results.append({"case": f"3 beams, batch {batch}, encoder {'in' if encoder else 'out'}", "variant": variant,
+                        "unit": "images/s", "value": case["images_per_s"], "plain": base["images_per_s"],
+                        "peak_mib": case["peak_mib"]})  # fmt: skip
+    return results
+
+
 def table(report: dict) -> str:
     lines = [f"matrix multiply: {report['matmul_gflops']:.0f} GFLOP/s ({report['machine']['threads']} threads); "
-             f"decoder: {report['decoder_gflop_per_token'] * 1e3:.1f} MFLOP per token (forward)", "",
+             f"decoder: {report['decoder_gflop_per_token'] * 1e3:.1f} MFLOP per token, "
+             f"{report['decoder_gflop_per_caption_start'] * 1e3:.0f} MFLOP per caption start (forward)", "",
              "| training (batch) | ms/step | captions/s | peak MiB |", "|---|---|---|---|"]  # fmt: skip
     for name, case in report["training"].items():
         lines.append(f"| {name} ({case['batch']}) | {case['ms_per_step']:.0f} | {case['captions_per_s']:.1f} | "
@@ -196,6 +271,11 @@ def table(report: dict) -> str:
         label = f"{'greedy' if case['beams'] == 1 else str(case['beams']) + ' beams'}, encoder {'in' if case['encoder'] else 'out'}"
         lines.append(f"| {label} | {case['batch']} | {case['images_per_s']:.1f} | {case['ms_per_image']:.1f} | "
                      f"{case['peak_mib']:.0f} |")  # fmt: skip
+    if report["variants"]:
+        lines += ["", "| option | case | plain | with option | speed-up | peak MiB |", "|---|---|---|---|---|---|"]
+        for v in report["variants"]:
+            lines.append(f"| {v['variant']} | {v['case']} | {v['plain']:.1f} {v['unit']} | {v['value']:.1f} | "
+                         f"{v['value'] / v['plain']:.2f}x | {v['peak_mib']:.0f} |")  # fmt: skip
     lines += ["", *(f"{name}: {value:.2f}" for name, value in report["ratios"].items())]
     return "\n".join(lines)
 

@@ -12,7 +12,7 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 import hf_captioner  # noqa: F401  (registers the Auto classes)
-from hf_captioner.evaluation import caption_with_attention
+from hf_captioner.evaluation import add_speed_arguments, caption_with_attention, speed_options
 from hf_captioner.processing_captioner import open_image, to_rgb
 from hf_captioner.visualize import plot_attention
 
@@ -58,17 +58,20 @@ def main() -> None:
     parser.add_argument("--max_new_tokens", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--attention", metavar="DIR", help="write one attention figure per picture here")
+    add_speed_arguments(parser)
     args = parser.parse_args()
 
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    speed = speed_options(model, args.bf16, args.channels_last, args.compile)
     pictures = collect(args.inputs)
     if args.attention:
         Path(args.attention).mkdir(parents=True, exist_ok=True)
     for start in range(0, len(pictures), args.batch_size):
         batch = pictures[start : start + args.batch_size]
-        captions, attentions = caption_with_attention(model, processor, [image for _, image in batch],
-                                                      num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
+        with speed:
+            captions, attentions = caption_with_attention(model, processor, [image for _, image in batch],
+                                                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
         for index, ((name, image), caption) in enumerate(zip(batch, captions, strict=True)):
             line = f"{name}\t{caption}"
             if args.attention and attentions[index]:

@@ -13,7 +13,7 @@ from transformers import AutoModel, AutoProcessor
 
 import hf_captioner  # noqa: F401  (before `evaluate` is imported: it keeps the library importable from here)
 from hf_captioner.data import detect_and_load, make_sample_dataset
-from hf_captioner.evaluation import evaluate_split, format_table
+from hf_captioner.evaluation import add_speed_arguments, evaluate_split, format_table, speed_options
 from hf_captioner.training import configure_logging
 
 
@@ -41,6 +41,7 @@ def main() -> None:
     parser.add_argument("--output_dir", default=None, help="default: <model>/eval-<split>-beam<N>")
     parser.add_argument("--strict", action="store_true")
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR even where Java is present")
+    add_speed_arguments(parser)
     args = parser.parse_args()
     configure_logging()
 
@@ -52,9 +53,11 @@ def main() -> None:
     if args.max_images:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
     output_dir = args.output_dir or str(Path(args.model) / f"eval-{args.split}-beam{args.num_beams}")
-    metrics = evaluate_split(model, processor, dataset, output_dir, args.split, num_beams=args.num_beams,
-                             batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                             meteor=not args.no_meteor, extra={"model": args.model, "data": args.data})  # fmt: skip
+    extra = {"model": args.model, "data": args.data, "bf16": args.bf16, "compile": args.compile}
+    with speed_options(model, args.bf16, args.channels_last, args.compile):
+        metrics = evaluate_split(model, processor, dataset, output_dir, args.split, num_beams=args.num_beams,
+                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
+                                 meteor=not args.no_meteor, extra=extra)  # fmt: skip
     print(format_table(metrics))
     print(f"\nWrote {output_dir}/predictions.jsonl and metrics.json")
 

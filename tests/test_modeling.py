@@ -312,3 +312,75 @@ def test_skipping_finished_captions_changes_nothing_but_the_work(rnn_type, self_
         model(pixel_values=images(4), labels=labels, use_cache=False).loss.backward()
         grads.append(model.decoder.cell.weight_hh.grad.clone())
     torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("cross_attention", ["additive", "dot"])
+def test_beam_scores_are_the_teacher_forced_log_likelihood_of_the_returned_captions(cross_attention):
+    """The beams of an image share one copy of its regions; scoring the returned captions one row per caption
+    (teacher forcing) must give the scores beam search reported."""
+    model = tiny_model(initializer_range=0.3, cross_attention=cross_attention)
+    pixel_values = images(3)
+    out = model.generate(
+        pixel_values=pixel_values, num_beams=3, num_return_sequences=3, length_penalty=0.0, max_new_tokens=6,
+        output_scores=True, return_dict_in_generate=True,
+    )  # fmt: skip
+    sequences = out.sequences
+    with torch.no_grad():
+        logits = model(
+            pixel_values=pixel_values.repeat_interleave(3, dim=0), decoder_input_ids=sequences[:, :-1]
+        ).logits
+    log_probs = logits.log_softmax(-1).gather(-1, sequences[:, 1:, None]).squeeze(-1)
+    real = sequences[:, 1:] != model.config.pad_token_id  # pad only ever follows </s>
+    torch.testing.assert_close((log_probs * real).sum(-1), out.sequences_scores, atol=1e-4, rtol=1e-4)
+
+
+def test_generate_leaves_the_callers_encoder_outputs_as_they_were():
+    model = tiny_model()
+    encoder_outputs = model.encoder(images(2))
+    before = encoder_outputs.last_hidden_state.clone()
+    for _ in range(2):
+        sequences = model.generate(encoder_outputs=encoder_outputs, num_beams=3, max_new_tokens=4)
+        assert sequences.shape[0] == 2
+    assert torch.equal(encoder_outputs.last_hidden_state, before)
+
+
+def test_beams_may_not_move_to_another_image():
+    model = tiny_model()
+    with torch.no_grad():
+        out = model(pixel_values=images(2), decoder_input_ids=token_ids(6, 1), use_cache=True)
+    out.past_key_values.reorder_cache(torch.tensor([2, 0, 1, 3, 3, 5]))  # within each image's three rows: fine
+    with pytest.raises(ValueError, match="its own image"):
+        out.past_key_values.reorder_cache(torch.tensor([0, 1, 3, 3, 4, 5]))
+
+
+@pytest.mark.parametrize("rnn_type,self_attention", [("lstm", True), ("gru", False)])
+def test_step_weight_gradients_summed_once_equal_autograds_per_step_sums(rnn_type, self_attention):
+    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, dropout=0.0)
+    model.decoder.cross_attention.gate.weight.requires_grad_(False)  # a frozen step weight gets no gradient
+    labels = token_ids(batch=4, length=7)
+    labels[1, 4:] = -100
+    grads = []
+    for defer in (True, False):
+        model.zero_grad(set_to_none=True)
+        model.decoder.defer_step_weight_gradients = defer
+        model(pixel_values=images(4), labels=labels, use_cache=False).loss.backward()
+        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys()
+    assert "decoder.cell.weight_ih" in grads[0] and "decoder.cross_attention.gate.weight" not in grads[0]
+    for name in grads[0]:
+        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-9, msg=name)
+
+
+@pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
+def test_written_out_recurrence_equals_the_torch_cell(rnn_type):
+    decoder = tiny_model(rnn_type=rnn_type).decoder
+    generator = torch.Generator().manual_seed(0)
+    cell_input = torch.randn(5, decoder.cell.input_size, generator=generator)
+    hidden, cell = torch.randn(2, 5, decoder.cell.hidden_size, generator=generator)
+    cache = CaptionerCache(hidden, cell if rnn_type == "lstm" else None, None, None, torch.zeros(5, 1, 1))
+    decoder.recur(cell_input, cache)
+    expected = decoder.cell(cell_input, (hidden, cell) if rnn_type == "lstm" else hidden)
+    if rnn_type == "lstm":
+        torch.testing.assert_close(cache.cell, expected[1])
+        expected = expected[0]
+    torch.testing.assert_close(cache.hidden, expected)

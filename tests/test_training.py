@@ -110,6 +110,14 @@ def test_cached_features_give_the_first_batch_loss_of_a_frozen_end_to_end_model(
     cached_batch = collator([CaptionPairs(data["train"], features)[i] for i in range(8)])
     image_batch = collator([CaptionPairs(data["train"])[i] for i in range(8)])
     assert "encoder_outputs" in cached_batch and "pixel_values" in image_batch
+    lengths = (cached_batch["labels"] != -100).sum(1)
+    assert lengths.tolist() == sorted(lengths.tolist(), reverse=True)  # longest first, for teacher forcing
+    items = [CaptionPairs(data["train"], features)[i] for i in range(8)]
+    pairs = {(tuple(collator([item])["labels"][0].tolist()), item["features"].sum().item()) for item in items}
+    batch_rows = zip(
+        cached_batch["labels"], cached_batch["encoder_outputs"], strict=True
+    )  # each caption kept with its image
+    assert {(tuple(ids[ids != -100].tolist()), regions.sum().item()) for ids, regions in batch_rows} == pairs
     cached_loss = model(**cached_batch).loss
     image_loss = model(**image_batch).loss
     torch.testing.assert_close(cached_loss, image_loss, rtol=1e-5, atol=1e-6)

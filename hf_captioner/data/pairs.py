@@ -67,6 +67,9 @@ class CaptionCollator:
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         labels = self.processor.encode_captions([item["caption"] for item in items], max_length=self.max_caption_tokens)
+        # longest caption first: the model's teacher forcing wants this order and need not reorder the regions
+        order = sorted(range(len(items)), key=lambda i: -sum(token != -100 for token in labels[i]))
+        items, labels = [items[i] for i in order], [labels[i] for i in order]
         batch = {"labels": torch.tensor(labels, dtype=torch.long)}
         if "features" in items[0]:
             batch["encoder_outputs"] = torch.stack([item["features"] for item in items])
