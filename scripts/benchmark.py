@@ -28,6 +28,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration
 from hf_captioner.evaluation import speed_options
+from hf_captioner.training import TrainingArguments, build_optimizer
 
 VOCAB, GRID, REGION_DIM, WIDTH = 10_000, 14, 2048, 512
 
@@ -137,7 +138,7 @@ def train_case(batch: int, repeats: int, inputs: str, trainable_stages: int = 0,
     generator = torch.Generator().manual_seed(0)
     model = sat_model(trainable_stages).train()
     labels = make_labels(batch, generator)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    optimizer = build_optimizer(model, TrainingArguments(learning_rate=1e-4))
     if inputs == "features":
         batch_inputs = {"encoder_outputs": torch.randn(batch, GRID * GRID, REGION_DIM, generator=generator)}
     else:

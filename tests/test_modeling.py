@@ -4,10 +4,12 @@ import itertools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from hf_captioner import CaptionerCache, CaptionerConfig, CaptionerForConditionalGeneration
+from hf_captioner.evaluation import speed_options
 
 DECODER_KINDS = list(itertools.product(["lstm", "gru"], [True, False], ["additive", "dot", "scaled_dot"]))
 
@@ -384,3 +386,26 @@ def test_written_out_recurrence_equals_the_torch_cell(rnn_type):
         torch.testing.assert_close(cache.cell, expected[1])
         expected = expected[0]
     torch.testing.assert_close(cache.hidden, expected)
+
+
+def test_bf16_autocast_trains_with_float32_gradients_close_to_float32_ones():
+    model = tiny_model(dropout=0.0)
+    labels = token_ids(batch=4, length=7)
+    labels[2, 3:] = -100
+    grads = []
+    for enabled in (True, False):
+        model.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=enabled):
+            loss = model(pixel_values=images(4), labels=labels, use_cache=False).loss
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.decoder.parameters() if p.grad is not None]))
+    assert grads[0].dtype == torch.float32
+    assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+def test_compiled_decoder_step_captions_as_the_eager_one():
+    model = tiny_model(initializer_range=0.3)
+    kwargs = dict(pixel_values=images(3), num_beams=3, max_new_tokens=6)
+    eager = model.generate(**kwargs)
+    speed_options(model, compile_step=True)
+    assert torch.equal(model.generate(**kwargs), eager)
