@@ -105,7 +105,34 @@ def _convert(value: str, hint) -> typing.Any:
         return value
     if hint == (str | None):
         return None if value.lower() in ("none", "null") else value
-    return yaml.safe_load(value)
+    return _yaml_value(value)
+
+
+def _yaml_value(text: str) -> typing.Any:
+    """YAML, except that a number in exponent form without a dot (YAML 1.1 reads "2e-4" as a string) is a float."""
+    value = yaml.safe_load(text)
+    if isinstance(value, str):
+        try:
+            return float(value)
+        except ValueError:
+            return value
+    return value
+
+
+NUMBER_FIELDS = {int: int, float: float, int | None: int, float | None: float}
+
+
+def _check_numbers(values: dict, hints: dict, error) -> dict:
+    """Numbers from YAML files get the same reading; a field that wants a number and gets none is an error."""
+    for name, value in values.items():
+        kind = NUMBER_FIELDS.get(hints.get(name))
+        if kind is None or value is None or isinstance(value, bool):
+            continue
+        number = _yaml_value(value) if isinstance(value, str) else value
+        if not isinstance(number, (int, float)) or (kind is int and number != int(number)):
+            error(f"{name}: expected {kind.__name__}, got {value!r}")
+        values[name] = kind(number)
+    return values
 
 
 def parse_arguments(argv: list[str] | None = None) -> TrainingArguments:
@@ -136,11 +163,11 @@ def parse_arguments(argv: list[str] | None = None) -> TrainingArguments:
                 key, sep, value = item.partition("=")
                 if not sep:
                     parser.error(f"--model expects KEY=VALUE, got {item!r}")
-                model[key] = yaml.safe_load(value)
+                model[key] = _yaml_value(value)
             values["model"] = model
         elif raw is not None:
             values[f.name] = _convert(raw, hints[f.name])
-    return TrainingArguments(**values)
+    return TrainingArguments(**_check_numbers(values, hints, parser.error))
 
 
 # ----------------------------------------------------------------------------------------------------------------

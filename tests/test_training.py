@@ -36,6 +36,18 @@ def test_arguments_come_from_yaml_then_the_command_line(tmp_path):
         parse_arguments(["--config", str(config)])
 
 
+def test_numbers_in_exponent_form_are_numbers(tmp_path, capsys):
+    """YAML 1.1 reads 2e-4 (no dot) as a string; a learning rate given so used to crash the scheduler."""
+    config = tmp_path / "run.yaml"
+    config.write_text("learning_rate: 3e-4\nwarmup_steps: 1e2\n")
+    args = parse_arguments(["--config", str(config), "--encoder_learning_rate", "2e-5", "--model", "dropout=1e-1"])
+    assert args.learning_rate == 3e-4 and args.encoder_learning_rate == 2e-5 and args.model["dropout"] == 0.1
+    assert args.warmup_steps == 100 and isinstance(args.warmup_steps, int)
+    with pytest.raises(SystemExit):
+        parse_arguments(["--num_epochs", "many"])
+    assert "num_epochs: expected int, got 'many'" in capsys.readouterr().err
+
+
 def test_a_short_run_improves_validation_loss_and_saves_a_loadable_model(tmp_path):
     args = tiny_arguments(tmp_path / "run", num_epochs=3)
     metrics = train(args)
