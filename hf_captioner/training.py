@@ -79,7 +79,8 @@ class TrainingArguments:
     lr_scheduler: str = "cosine"  # any transformers scheduler name: linear, cosine, constant_with_warmup, ...
     warmup_steps: int = 0
     max_grad_norm: float = 5.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; see the README's speed section for what it gives)
+    channels_last: bool = False  # NHWC convolutions in the encoder (images through the encoder, feature caching)
     seed: int = 42
     num_workers: int = 0  # DataLoader workers per process
     # validation and early stopping
@@ -269,7 +270,6 @@ def build_model(args: TrainingArguments, processor: CaptionerProcessor) -> Capti
 # evaluation
 
 
-@torch.no_grad()
 def build_optimizer(model: CaptionerForConditionalGeneration, args: TrainingArguments) -> torch.optim.AdamW:
     """AdamW over the trainable parameters: the decoder at `learning_rate`, fine-tuned encoder stages at
     `encoder_learning_rate`. The fused kernel: on a CPU the default per-tensor loop took about as long as the
@@ -282,6 +282,7 @@ def build_optimizer(model: CaptionerForConditionalGeneration, args: TrainingArgu
     return torch.optim.AdamW(groups, weight_decay=args.weight_decay, fused=True)
 
 
+@torch.no_grad()
 def generate_captions(
     model,
     processor: CaptionerProcessor,
@@ -439,6 +440,8 @@ def train(args: TrainingArguments) -> dict:
             processor = CaptionerProcessor.from_pretrained(processor_dir)
     set_seed(args.seed)  # the model's initial weights do not depend on how the tokenizer was obtained
     model = build_model(args, processor)
+    if args.channels_last:
+        model.to(memory_format=torch.channels_last)
     logger.info("Model: %.2fM parameters (%.2fM trainable)", model.num_parameters() / 1e6,
                 model.num_parameters(only_trainable=True) / 1e6)  # fmt: skip
 

@@ -409,3 +409,16 @@ def test_compiled_decoder_step_captions_as_the_eager_one():
     eager = model.generate(**kwargs)
     speed_options(model, compile_step=True)
     assert torch.equal(model.generate(**kwargs), eager)
+
+
+def test_channels_last_encoder_gives_the_same_captions_and_logits():
+    model = tiny_model(initializer_range=0.3)
+    pixel_values, inputs = images(), token_ids()
+    with torch.no_grad():
+        logits = model(pixel_values=pixel_values, decoder_input_ids=inputs).logits
+        captions = model.generate(pixel_values=pixel_values, max_new_tokens=6)
+        speed_options(model, channels_last=True)
+        conv = next(m for m in model.encoder.modules() if isinstance(m, torch.nn.Conv2d))
+        assert conv.weight.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(model(pixel_values=pixel_values, decoder_input_ids=inputs).logits, logits)
+        assert torch.equal(model.generate(pixel_values=pixel_values, max_new_tokens=6), captions)
