@@ -87,6 +87,14 @@ class CaptionerCache:
         self.projected_regions = projected_regions
         self.rows_per_image = rows_per_image
         self.seen_tokens = seen_tokens
+        self._scratch: torch.Tensor | None = None
+
+    def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        """A buffer reused from step to step for the attention's largest temporary (B, n, k, A) when no gradient is
+        kept: a fresh one of that size (tens of MB in batched beam search) costs page faults at every step."""
+        if self._scratch is None or self._scratch.shape != shape or self._scratch.dtype != dtype:
+            self._scratch = self.hidden.new_empty(shape, dtype=dtype)
+        return self._scratch
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return self.seen_tokens
@@ -307,15 +315,30 @@ class CaptionerCrossAttention(nn.Module):
         return self.region_proj(regions)  # (B, k, C) -> (B, k, A)
 
     def forward(
-        self, hidden: torch.Tensor, regions: torch.Tensor, projected_regions: torch.Tensor, linear=F.linear
+        self,
+        hidden: torch.Tensor,
+        regions: torch.Tensor,
+        projected_regions: torch.Tensor,
+        linear=F.linear,
+        scratch=None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (R, H) for R = B x n rows, n consecutive rows per image; regions (B, k, C), projected (B, k, A)."""
+        """hidden (R, H) for R = B x n rows, n consecutive rows per image; regions (B, k, C), projected (B, k, A);
+        `scratch(shape, dtype)` may lend a reusable buffer for the additive scores' sum (inference only)."""
         images = regions.shape[0]
         query = linear(hidden, self.query_proj.weight, self.query_proj.bias).view(
             images, -1, self.query_proj.out_features
         )  # (B, n, A)
         if self.score is not None:
-            scores = self.score(torch.tanh(projected_regions.unsqueeze(1) + query.unsqueeze(2))).squeeze(-1)
+            # the (B, n, k, A) sum is the largest tensor of a step: tanh in place, in a reused buffer when lent
+            terms = projected_regions.unsqueeze(1), query.unsqueeze(2)
+            if scratch is None:
+                summed = torch.add(*terms)
+            else:
+                shape = (images, query.shape[1], *projected_regions.shape[1:])
+                summed = torch.add(
+                    *terms, out=scratch(shape, torch.promote_types(query.dtype, projected_regions.dtype))
+                )
+            scores = self.score(summed.tanh_()).squeeze(-1)  # (B, n, k)
         else:
             scores = torch.bmm(query, projected_regions.transpose(1, 2)) * self.scale  # (B, n, k)
         weights = scores.softmax(dim=-1)  # (B, n, k)
@@ -404,6 +427,12 @@ class CaptionerDecoder(nn.Module):
         """One LSTM/GRU update of the cache's state, the equations of `nn.LSTMCell` / `nn.GRUCell` (whose parameters
         it uses), written out so that the weight products can go through `linear`."""
         cell = self.cell
+        if linear is F.linear:  # nothing to defer: torch's own cell (fewer kernel launches)
+            if cache.cell is not None:
+                cache.hidden, cache.cell = cell(cell_input, (cache.hidden, cache.cell))
+            else:
+                cache.hidden = cell(cell_input, cache.hidden)
+            return
         input_gates = linear(cell_input, cell.weight_ih, cell.bias_ih)  # (B, 4H | 3H)
         hidden_gates = linear(cache.hidden, cell.weight_hh, cell.bias_hh)  # (B, 4H | 3H)
         if cache.cell is not None:
@@ -421,7 +450,8 @@ class CaptionerDecoder(nn.Module):
         self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, linear=F.linear
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Consume one word embedding (B, E); update `cache` in place; return its context and attention weights."""
-        context, cross_weights = self.cross_attention(cache.hidden, regions, cache.projected_regions, linear)
+        scratch = None if torch.is_grad_enabled() else cache.scratch  # autograd keeps each step's sum
+        context, cross_weights = self.cross_attention(cache.hidden, regions, cache.projected_regions, linear, scratch)
         inputs = [embedded, context]  # (B, E), (B, C); cross_weights (B, k)
         self_weights = None
         if self.self_attention is not None:

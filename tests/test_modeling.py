@@ -422,3 +422,13 @@ def test_channels_last_encoder_gives_the_same_captions_and_logits():
         assert conv.weight.is_contiguous(memory_format=torch.channels_last)
         torch.testing.assert_close(model(pixel_values=pixel_values, decoder_input_ids=inputs).logits, logits)
         assert torch.equal(model.generate(pixel_values=pixel_values, max_new_tokens=6), captions)
+
+
+def test_inference_reuses_a_scratch_buffer_and_matches_the_gradient_path():
+    model = tiny_model(initializer_range=0.3)
+    pixel_values, inputs = images(), token_ids()
+    with_grad = model(pixel_values=pixel_values, decoder_input_ids=inputs, use_cache=True)
+    with torch.no_grad():
+        without = model(pixel_values=pixel_values, decoder_input_ids=inputs, use_cache=True)
+    assert with_grad.past_key_values._scratch is None and without.past_key_values._scratch is not None
+    torch.testing.assert_close(without.logits, with_grad.logits.detach())
