@@ -83,11 +83,15 @@ def word_attention(model, processor, pixel_values: torch.Tensor, sequences: torc
 
 
 @torch.no_grad()
-def caption_with_attention(model, processor, images, **generate_kwargs) -> tuple[list[str], list[list[WordAttention]]]:
-    """Caption a batch of pictures and return, per picture, its words with the attention map of each."""
+def caption_with_attention(
+    model, processor, images, attention: bool = True, **generate_kwargs
+) -> tuple[list[str], list[list[WordAttention]] | None]:
+    """Caption a batch of pictures and return, per picture, its words with the attention map of each (None when
+    `attention` is off: the maps cost a second pass through the model)."""
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(model.device)
     sequences = model.generate(pixel_values=pixel_values, **generate_kwargs)
-    return processor.batch_decode(sequences), word_attention(model, processor, pixel_values, sequences)
+    maps = word_attention(model, processor, pixel_values, sequences) if attention else None
+    return processor.batch_decode(sequences), maps
 
 
 def grid_cell_to_image_point(

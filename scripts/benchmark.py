@@ -230,32 +230,26 @@ def run(quick: bool) -> dict:
 
 
 def measure_variants(report: dict, repeats: int) -> list[dict]:
-    """Each speed option on the cases it targets, against the plain case of this run."""
+    """Each speed option on the cases it targets, against the plain case of this run (same batch and settings)."""
+    cached, frozen = report["training"]["cached_features"], report["training"]["frozen_encoder"]
     plain_generation = {(c["batch"], c["beams"], c["encoder"]): c for c in report["generation"]}
-    results = []
-    for variant in ("bf16", "compile"):
-        case = in_fresh_process(
-            {"kind": "train", "batch": 32, "repeats": repeats, "inputs": "features", "variant": variant}
-        )
-        base = report["training"]["cached_features"]
-        results.append({"case": "training, cached features (32)", "variant": variant, "unit": "captions/s",
-                        "value": case["captions_per_s"], "plain": base["captions_per_s"], "peak_mib": case["peak_mib"]})  # fmt: skip
-    for variant in ("channels_last", "bf16", "channels_last+bf16"):
-        case = in_fresh_process(
-            {"kind": "train", "batch": 32, "repeats": repeats, "inputs": "images", "variant": variant}
-        )
-        base = report["training"]["frozen_encoder"]
-        results.append({"case": "training, frozen encoder (32)", "variant": variant, "unit": "captions/s",
-                        "value": case["captions_per_s"], "plain": base["captions_per_s"], "peak_mib": case["peak_mib"]})  # fmt: skip
-    targets = [(1, False, "bf16"), (32, False, "bf16"), (1, False, "compile"), (32, False, "compile"),
-               (32, False, "compile+bf16"), (32, True, "channels_last+bf16")]  # fmt: skip
-    for batch, encoder, variant in targets:
+    trials = []  # (label, plain case, spec of the case with the option, the figure compared)
+    for inputs, plain, variants in [("features", cached, ("bf16", "compile")),
+                                    ("images", frozen, ("channels_last", "bf16", "channels_last+bf16"))]:  # fmt: skip
+        label = f"training, {'cached features' if inputs == 'features' else 'frozen encoder'} ({plain['batch']})"
+        spec = {"kind": "train", "batch": plain["batch"], "repeats": repeats, "inputs": inputs}
+        trials += [(label, plain, {**spec, "variant": variant}, "captions_per_s") for variant in variants]
+    for batch, encoder, variant in [(1, False, "bf16"), (32, False, "bf16"), (1, False, "compile"),
+                                    (32, False, "compile"), (32, False, "compile+bf16"),
+                                    (32, True, "channels_last+bf16")]:  # fmt: skip
+        label = f"3 beams, batch {batch}, encoder {'in' if encoder else 'out'}"
         spec = {"kind": "generate", "batch": batch, "beams": 3, "repeats": 3, "encoder": encoder, "variant": variant}
+        trials.append((label, plain_generation[(batch, 3, encoder)], spec, "images_per_s"))
+    results = []
+    for label, plain, spec, figure in trials:
         case = in_fresh_process(spec)
-        base = plain_generation[(batch, 3, encoder)]
-        results.append({"case": f"3 beams, batch {batch}, encoder {'in' if encoder else 'out'}", "variant": variant,
-                        "unit": "images/s", "value": case["images_per_s"], "plain": base["images_per_s"],
-                        "peak_mib": case["peak_mib"]})  # fmt: skip
+        results.append({"case": label, "variant": spec["variant"], "unit": figure.replace("_per_s", "/s"),
+                        "value": case[figure], "plain": plain[figure], "peak_mib": case["peak_mib"]})  # fmt: skip
     return results
 
 

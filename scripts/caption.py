@@ -71,10 +71,11 @@ def main() -> None:
         batch = pictures[start : start + args.batch_size]
         with speed:
             captions, attentions = caption_with_attention(model, processor, [image for _, image in batch],
-                                                          num_beams=args.num_beams, max_new_tokens=args.max_new_tokens)  # fmt: skip
+                                                          attention=bool(args.attention), num_beams=args.num_beams,
+                                                          max_new_tokens=args.max_new_tokens)  # fmt: skip
         for index, ((name, image), caption) in enumerate(zip(batch, captions, strict=True)):
             line = f"{name}\t{caption}"
-            if args.attention and attentions[index]:
+            if attentions is not None and attentions[index]:
                 words = attentions[index]
                 stem = Path(name.rstrip("/").split("/")[-1]).stem or f"image{start + index}"
                 figure = Path(args.attention) / f"{start + index:04d}-{stem}.png"
