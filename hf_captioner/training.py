@@ -29,11 +29,19 @@ from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 from .configuration_captioner import CaptionerConfig
 from .data.loaders import DataError, detect_and_load
-from .data.pairs import CaptionCollator, CaptionPairs, EpochShuffleSampler, encode_split
+from .data.pairs import (
+    CaptionCollator,
+    CaptionedImages,
+    CaptionPairs,
+    EpochShuffleSampler,
+    ImageCollator,
+    encode_split,
+)
 from .data.sample import make_sample_dataset
 from .metrics import score_captions
 from .modeling_captioner import CaptionerForConditionalGeneration
 from .processing_captioner import CaptionerImageProcessor, CaptionerProcessor
+from .self_critical import SelfCriticalObjective
 from .tokenization import train_tokenizer
 
 logger = logging.getLogger(__name__)
@@ -67,6 +75,9 @@ class TrainingArguments:
     vision_pretrained: str | None = None  # start the encoder from this backbone, e.g. microsoft/resnet-101
     vision_checkpoint: str | None = None  # ... with a local weights file (timm: checkpoint_path), e.g. offline
     init_from: str | None = None  # start from a saved captioner (e.g. the frozen-encoder run, to fine-tune it)
+    # objective
+    objective: str = "cross_entropy"  # or "self_critical": CIDEr-D rewards of sampled captions (see README)
+    self_critical_samples: int = 5  # captions sampled per image by the self-critical objective
     # optimisation
     num_epochs: int = 10
     max_train_steps: int | None = None  # stop after this many optimizer steps (overrides num_epochs)
@@ -98,6 +109,13 @@ class TrainingArguments:
     # logging
     log_every_steps: int = 50
     report_to: str = "auto"  # "auto" (TensorBoard when installed), "none", or an Accelerate tracker name
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+
+
+OBJECTIVES = ("cross_entropy", "self_critical")
 
 
 def _convert(value: str, hint) -> typing.Any:
@@ -457,12 +475,17 @@ def train(args: TrainingArguments) -> dict:
             )
 
     collator = CaptionCollator(processor, args.max_caption_tokens)
-    train_pairs = CaptionPairs(data["train"], train_features)
+    if args.objective == "self_critical":  # one example per image, rewarded against all its references
+        train_set, train_collator = CaptionedImages(data["train"], train_features), ImageCollator(processor)
+        objective = SelfCriticalObjective(processor, data["train"]["captions"], args.self_critical_samples,
+                                          args.eval_max_new_tokens)  # fmt: skip
+    else:  # one example per (image, caption) pair
+        train_set, train_collator, objective = CaptionPairs(data["train"], train_features), collator, cross_entropy
     train_loader = DataLoader(
-        train_pairs,
+        train_set,
         batch_size=args.batch_size,
-        sampler=EpochShuffleSampler(len(train_pairs), args.seed),
-        collate_fn=collator,
+        sampler=EpochShuffleSampler(len(train_set), args.seed),
+        collate_fn=train_collator,
         num_workers=args.num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # worker seeds drawn here, not from the global RNG
     )
@@ -496,8 +519,8 @@ def train(args: TrainingArguments) -> dict:
         batches.set_epoch(state["epoch"])  # the sampler's permutation depends on the epoch only
         for batch in batches:
             with accelerator.accumulate(model):
-                outputs = model(**batch)
-                accelerator.backward(outputs.loss)
+                loss, logs = objective(model, batch, accelerator.unwrap_model(model))
+                accelerator.backward(loss)
                 if accelerator.sync_gradients and args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
                 optimizer.step()
@@ -509,9 +532,10 @@ def train(args: TrainingArguments) -> dict:
             state["global_step"] += 1
             progress.update(1)
             if state["global_step"] % args.log_every_steps == 0:
-                logs = {"train/loss": outputs.loss.item(), "train/token_loss": outputs.token_loss.item(),
-                        "train/attention_loss": outputs.attention_loss.item(), "lr": scheduler.get_last_lr()[0]}  # fmt: skip
-                progress.set_postfix(loss=f"{logs['train/token_loss']:.3f}")
+                logs = {name: float(value) for name, value in logs.items()} | {"lr": scheduler.get_last_lr()[0]}
+                progress.set_postfix(
+                    {name.split("/")[-1]: f"{logs[name]:.3f}" for name in PROGRESS_LOGS if name in logs}
+                )
                 accelerator.log(logs, step=state["global_step"])
             if args.checkpoint_every_steps and state["global_step"] % args.checkpoint_every_steps == 0:
                 save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
@@ -542,6 +566,17 @@ def train(args: TrainingArguments) -> dict:
         logger.info("Best validation CIDEr %.3f at epoch %d; model saved to %s", best["cider"], best["epoch"], final)
     accelerator.end_training()
     return metrics
+
+
+def cross_entropy(model, batch: dict, unwrapped=None) -> tuple[torch.Tensor, dict]:
+    """Teacher forcing on reference captions: (loss, logs); the logs stay tensors until they are logged."""
+    outputs = model(**batch)
+    logs = {"train/loss": outputs.loss.detach(), "train/token_loss": outputs.token_loss.detach(),
+            "train/attention_loss": outputs.attention_loss.detach()}  # fmt: skip
+    return outputs.loss, logs
+
+
+PROGRESS_LOGS = ("train/token_loss", "train/reward")  # shown on the progress bar
 
 
 def _validate(args, accelerator, model, processor, data, val_loader, val_features, state, output_dir) -> bool:

@@ -70,13 +70,43 @@ class CaptionCollator:
         # longest caption first: the model's teacher forcing wants this order and need not reorder the regions
         order = sorted(range(len(items)), key=lambda i: -sum(token != -100 for token in labels[i]))
         items, labels = [items[i] for i in order], [labels[i] for i in order]
-        batch = {"labels": torch.tensor(labels, dtype=torch.long)}
-        if "features" in items[0]:
-            batch["encoder_outputs"] = torch.stack([item["features"] for item in items])
-        else:
-            images = [item["image"] for item in items]
-            batch["pixel_values"] = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
-        return batch
+        return {"labels": torch.tensor(labels, dtype=torch.long), **image_inputs(items, self.processor)}
+
+
+class CaptionedImages(Dataset):
+    """Every image of a split once, with its row number (self-critical training rewards a caption against the
+    references of that row). With `features` (N, k, C), items carry the cached encoder output instead of the image."""
+
+    def __init__(self, dataset, features: torch.Tensor | None = None):
+        self.dataset = dataset
+        self.features = features
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, row: int) -> dict:
+        if self.features is not None:
+            return {"row": row, "features": self.features[row]}
+        return {"row": row, "image": self.dataset[row]["image"]}
+
+
+class ImageCollator:
+    """A list of `CaptionedImages` items -> `rows` and `pixel_values` (or `encoder_outputs`)."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
+        rows = torch.tensor([item["row"] for item in items], dtype=torch.long)
+        return {"rows": rows, **image_inputs(items, self.processor)}
+
+
+def image_inputs(items: list[dict], processor) -> dict[str, torch.Tensor]:
+    """The model's image input for a batch of items: stacked cached `features`, or the processed `image`s."""
+    if "features" in items[0]:
+        return {"encoder_outputs": torch.stack([item["features"] for item in items])}
+    images = [item["image"] for item in items]
+    return {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"]}
 
 
 # image processor fields that say where the class lives, not how pixels are made (they change on save -> load)
