@@ -105,6 +105,14 @@ def _training_text(args: dict, metrics: dict) -> str:
         f"- Early stopping on validation CIDEr-D (patience {args['early_stopping_patience']} epochs); the best "
         "epoch's weights are the ones published.",
     ]
+    if args.get("objective") == "self_critical":
+        lines.insert(0, f"- Self-critical sequence training: {args['self_critical_samples']} captions sampled per "
+                        "image, each rewarded with its CIDEr-D against the image's references, baseline the mean "
+                        "reward of the other samples.")  # fmt: skip
+    else:
+        lines.insert(0, "- Cross-entropy on the reference captions (teacher forcing).")
+    if args.get("init_from"):
+        lines.insert(0, f"- Started from the captioner `{args['init_from']}`.")
     if metrics.get("best"):
         best = metrics["best"]
         lines.append(f"- Best validation epoch {best['epoch']} (step {best['step']}): CIDEr-D {100 * best['cider']:.1f}, "

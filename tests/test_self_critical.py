@@ -10,6 +10,7 @@ from transformers import AutoModel
 
 from hf_captioner.data.pairs import CaptionedImages, ImageCollator
 from hf_captioner.metrics.coco import tokenized_corpus
+from hf_captioner.model_card import render_model_card
 from hf_captioner.processing_captioner import CaptionerProcessor
 from hf_captioner.self_critical import CiderDReward, SelfCriticalObjective
 from hf_captioner.training import TrainingArguments, load_data, train
@@ -77,6 +78,9 @@ def test_self_critical_fine_tuning_runs_from_a_trained_model(trained_tiny_model,
     assert {"cider", "bleu_4"} <= set(metrics["history"][0])
     saved = json.loads((tmp_path / "scst" / "final" / "training_args.json").read_text())
     assert saved["objective"] == "self_critical"
+    card = render_model_card(tmp_path / "scst" / "final")
+    assert "Self-critical sequence training: 3 captions sampled per image" in card
+    assert f"Started from the captioner `{trained_tiny_model}`" in card
     AutoModel.from_pretrained(tmp_path / "scst" / "final")
 
 
