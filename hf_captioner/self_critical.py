@@ -70,9 +70,9 @@ class SelfCriticalObjective:
     """The loss of one batch of images (`rows` into the reward's reference sets, plus `encoder_outputs` or
     `pixel_values`): -sum_k (r_k - mean of the other samples' r) * log p(sample_k), averaged over samples.
 
-    By default dropout is off (eval mode) in both the sampling and the gradient pass, so that the log-likelihoods
-    are those of the distribution that drew the samples. With `dropout`, both passes draw their own dropout masks:
-    the gradient is then that of a bound on the log-likelihood (as in dropout training), and dropout regularises.
+    Dropout stays off (eval mode) for both the sampling and the gradient pass, so that the log-likelihoods are those
+    of the distribution that drew the samples. (Dropout on in both passes, each with its own masks, was worse on
+    Flickr8k: greedy dev CIDEr-D 43.3 vs 47.0 after one epoch from the same model.)
     """
 
     def __init__(
@@ -81,7 +81,6 @@ class SelfCriticalObjective:
         references: Sequence[Sequence[str]],
         num_samples: int = 5,
         max_new_tokens: int = 30,
-        dropout: bool = False,
     ):
         if num_samples < 2:
             raise ValueError(f"self-critical training needs at least 2 samples per image, got {num_samples}")
@@ -89,12 +88,11 @@ class SelfCriticalObjective:
         self.reward = CiderDReward(references)
         self.num_samples = num_samples
         self.max_new_tokens = max_new_tokens
-        self.dropout = dropout
 
     def __call__(self, model, batch: dict, unwrapped=None) -> tuple[torch.Tensor, dict]:
         """(loss, logs); `model` may be wrapped (DDP) for the gradient pass, `unwrapped` is the same model bare."""
         unwrapped = unwrapped or model
-        model.train(self.dropout)
+        model.eval()
         regions = batch.get("encoder_outputs")
         if regions is None:
             regions = unwrapped.encoder(pixel_values=batch["pixel_values"]).last_hidden_state  # (B, k, C)

@@ -78,9 +78,6 @@ class TrainingArguments:
     # objective
     objective: str = "cross_entropy"  # or "self_critical": CIDEr-D rewards of sampled captions (see README)
     self_critical_samples: int = 5  # captions sampled per image by the self-critical objective
-    self_critical_dropout: bool = (
-        False  # dropout on while sampling and in the gradient pass (see SelfCriticalObjective)
-    )
     # optimisation
     num_epochs: int = 10
     max_train_steps: int | None = None  # stop after this many optimizer steps (overrides num_epochs)
@@ -481,7 +478,7 @@ def train(args: TrainingArguments) -> dict:
     if args.objective == "self_critical":  # one example per image, rewarded against all its references
         train_set, train_collator = CaptionedImages(data["train"], train_features), ImageCollator(processor)
         objective = SelfCriticalObjective(processor, data["train"]["captions"], args.self_critical_samples,
-                                          args.eval_max_new_tokens, args.self_critical_dropout)  # fmt: skip
+                                          args.eval_max_new_tokens)  # fmt: skip
     else:  # one example per (image, caption) pair
         train_set, train_collator, objective = CaptionPairs(data["train"], train_features), collator, cross_entropy
     train_loader = DataLoader(
