@@ -75,13 +75,7 @@ class SelfCriticalObjective:
     Flickr8k: greedy dev CIDEr-D 43.3 vs 47.0 after one epoch from the same model.)
     """
 
-    def __init__(
-        self,
-        processor,
-        references: Sequence[Sequence[str]],
-        num_samples: int = 5,
-        max_new_tokens: int = 30,
-    ):
+    def __init__(self, processor, references: Sequence[Sequence[str]], num_samples: int = 5, max_new_tokens: int = 30):
         if num_samples < 2:
             raise ValueError(f"self-critical training needs at least 2 samples per image, got {num_samples}")
         self.processor = processor
