@@ -463,6 +463,11 @@ def train(args: TrainingArguments) -> dict:
     logger.info("Model: %.2fM parameters (%.2fM trainable)", model.num_parameters() / 1e6,
                 model.num_parameters(only_trainable=True) / 1e6)  # fmt: skip
 
+    objective = cross_entropy
+    if args.objective == "self_critical":  # built before any feature caching, so that a bad setting fails at once
+        objective = SelfCriticalObjective(processor, data["train"]["captions"], args.self_critical_samples,
+                                          args.eval_max_new_tokens)  # fmt: skip
+
     train_features = val_features = None
     if args.cache_features:
         if not model.encoder.is_frozen:
@@ -477,10 +482,8 @@ def train(args: TrainingArguments) -> dict:
     collator = CaptionCollator(processor, args.max_caption_tokens)
     if args.objective == "self_critical":  # one example per image, rewarded against all its references
         train_set, train_collator = CaptionedImages(data["train"], train_features), ImageCollator(processor)
-        objective = SelfCriticalObjective(processor, data["train"]["captions"], args.self_critical_samples,
-                                          args.eval_max_new_tokens)  # fmt: skip
     else:  # one example per (image, caption) pair
-        train_set, train_collator, objective = CaptionPairs(data["train"], train_features), collator, cross_entropy
+        train_set, train_collator = CaptionPairs(data["train"], train_features), collator
     train_loader = DataLoader(
         train_set,
         batch_size=args.batch_size,

@@ -33,12 +33,7 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row, caption_index = self.pairs[index]
-        item = {"caption": self.captions[row][caption_index]}
-        if self.features is not None:
-            item["features"] = self.features[row]
-        else:
-            item["image"] = self.dataset[row]["image"]
-        return item
+        return {"caption": self.captions[row][caption_index], **image_item(self.dataset, self.features, row)}
 
 
 class EpochShuffleSampler(Sampler[int]):
@@ -85,9 +80,7 @@ class CaptionedImages(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, row: int) -> dict:
-        if self.features is not None:
-            return {"row": row, "features": self.features[row]}
-        return {"row": row, "image": self.dataset[row]["image"]}
+        return {"row": row, **image_item(self.dataset, self.features, row)}
 
 
 class ImageCollator:
@@ -99,6 +92,13 @@ class ImageCollator:
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         rows = torch.tensor([item["row"] for item in items], dtype=torch.long)
         return {"rows": rows, **image_inputs(items, self.processor)}
+
+
+def image_item(dataset, features: torch.Tensor | None, row: int) -> dict:
+    """One item's image side: its cached `features` when there are some, else its (lazily decoded) `image`."""
+    if features is not None:
+        return {"features": features[row]}
+    return {"image": dataset[row]["image"]}
 
 
 def image_inputs(items: list[dict], processor) -> dict[str, torch.Tensor]:
