@@ -29,17 +29,25 @@ REMOTE_CHECK = textwrap.dedent(
     except ImportError:
         pass
     import torch
+    import transformers
     from PIL import Image
     from transformers import AutoModel, AutoProcessor
     folder, images = sys.argv[1], sys.argv[2:]
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
-    inputs = processor(images=[Image.open(p) for p in images], return_tensors="pt")
-    ids = model.generate(pixel_values=inputs["pixel_values"])
+    pixel_values = processor(images=[Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
+    ids = model.generate(pixel_values=pixel_values)
+    greedy = model.generate(pixel_values=pixel_values, num_beams=1, return_dict_in_generate=True)
+    cache = greedy.get("cache") or greedy.get("past_key_values")  # its name from transformers 5.24 on / before
+    uncached = model.generate(pixel_values=pixel_values, num_beams=1, use_cache=False)
+    torch.manual_seed(0)
+    sampled = model.generate(pixel_values=pixel_values, num_beams=1, do_sample=True)
     with torch.no_grad():
-        logits = model(pixel_values=inputs["pixel_values"], decoder_input_ids=ids).logits
-    print(json.dumps({"module": type(model).__module__, "ids": ids.tolist(), "captions": processor.batch_decode(ids),
-                      "logits": logits.tolist()}))
+        logits = model(pixel_values=pixel_values, decoder_input_ids=ids).logits
+    print(json.dumps({"module": type(model).__module__, "transformers": transformers.__version__,
+                      "ids": ids.tolist(), "captions": processor.batch_decode(ids), "logits": logits.tolist(),
+                      "greedy": greedy.sequences.tolist(), "greedy_cache": type(cache).__name__,
+                      "uncached": uncached.tolist(), "sampled": sampled.tolist()}))
     """
 )
 
@@ -56,11 +64,18 @@ def probe_images(folder: Path, count: int = 3, size: int = 96) -> list[Path]:
     return paths
 
 
-def load_without_package(folder: str | Path, images: list[Path], timeout: int = 600) -> dict:
+def load_without_package(
+    folder: str | Path, images: list[Path], timeout: int = 600, transformers_dir: str | Path | None = None
+) -> dict:
     """Load `folder` with trust_remote_code in a fresh Python that cannot import hf_captioner; caption `images` with
-    the saved generation defaults. Returns the model's module, token ids, captions, and the logits of the captions
-    fed back (teacher forcing). Raises RuntimeError with the child's error output if it cannot."""
+    the saved generation defaults. Returns the model's module, the transformers version, token ids, captions, the
+    logits of the captions fed back (teacher forcing), greedy ids with and without the cache (and the type of the cache
+    generate returned), and sampled ids (seed 0). `transformers_dir`, a
+    folder holding another transformers release, goes first on the child's path: users load saved folders under
+    their own version. Raises RuntimeError with the child's error output if it cannot."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if transformers_dir is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(transformers_dir), env.get("PYTHONPATH")]))
     with tempfile.TemporaryDirectory() as scratch:
         env["HF_MODULES_CACHE"] = str(Path(scratch) / "modules")
         result = subprocess.run(

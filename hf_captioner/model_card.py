@@ -17,6 +17,9 @@ METRIC_NAMES = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "ble
                 "rouge_l": "ROUGE-L", "cider": "CIDEr-D"}  # fmt: skip
 HUB_METRIC_TYPES = {"bleu_4": "bleu", "meteor": "meteor", "rouge_l": "rouge", "cider": "cider"}
 KNOWN_DATASETS = {"flickr8k": "Flickr8k", "flickr30k": "Flickr30k", "coco": "MS COCO"}
+# The transformers releases a saved folder's code is tested under (tests/test_save_load.py runs one under each): the
+# lower bound of pyproject.toml's range and the version constraints.txt pins; that test keeps the three in step.
+TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
 
 
 def _read_json(path: Path) -> dict:
@@ -87,6 +90,8 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
         training=training,
         results=results,
         data_limits=f"it was trained on {name[0].lower() + name[1:]}" if data else "its training data is not recorded",
+        saved_with=config.get("transformers_version", "an unrecorded version"),
+        tested_transformers=" and ".join(TESTED_TRANSFORMERS),
     )
 
 

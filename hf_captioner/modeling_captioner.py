@@ -19,43 +19,44 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoBackbone, AutoConfig, GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.modeling_outputs import BaseModelOutput
+from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
-from transformers.utils import ModelOutput, logging
+from transformers.utils import logging
 
 from .configuration_captioner import CaptionerConfig
 
 logger = logging.get_logger(__name__)
 
 
+# transformers 5.24 renamed the decoding cache from `past_key_values` to `cache`: `generate()` passes it to `forward`
+# and reads it back from the outputs under the new name. Saved model folders run this file under the user's
+# transformers, so the model follows whichever name the installed version gives its own output classes.
+CACHE_NAME = "cache" if "cache" in Seq2SeqLMOutput.__dataclass_fields__ else "past_key_values"
+
+
 @dataclass
-class CaptionerOutput(ModelOutput):
-    """Outputs of [`CaptionerForConditionalGeneration`].
+class CaptionerOutput(Seq2SeqLMOutput):
+    """Outputs of [`CaptionerForConditionalGeneration`]: transformers' sequence-to-sequence outputs (whose cache field
+    is `cache` from transformers 5.24 on, `past_key_values` before) plus the two parts of the loss.
 
     loss: token_loss + attention_loss (when labels are given).
+    logits: (B, T, V) next-token scores.
+    cache / past_key_values: the [`CaptionerCache`] to continue decoding from (when `use_cache`).
+    decoder_attentions: (B, heads, T, P + T) self-attention over the P + T earlier decoder states h_0.. (when
+        `output_attentions` and self-attention is on); entries a step cannot see are 0. Also `self_attentions`.
+    cross_attentions: (B, T, k) attention over the k regions at each step (when `output_attentions`).
+    encoder_last_hidden_state: (B, k, C) the region features.
     token_loss: the (label-smoothed) token cross-entropy, padding ignored.
     attention_loss: the weighted doubly stochastic penalty lambda * sum_i (1 - sum_t alpha_ti)^2, batch mean.
-    logits: (B, T, V) next-token scores.
-    past_key_values: the [`CaptionerCache`] to continue decoding from (when `use_cache`).
-    cross_attentions: (B, T, k) attention over the k regions at each step (when `output_attentions`).
-    self_attentions: (B, heads, T, P + T) attention over the P + T earlier decoder states h_0.. (when
-        `output_attentions` and self-attention is on); entries a step cannot see are 0.
-    encoder_last_hidden_state: (B, k, C) the region features.
     """
 
-    loss: torch.FloatTensor | None = None
     token_loss: torch.FloatTensor | None = None
     attention_loss: torch.FloatTensor | None = None
-    logits: torch.FloatTensor | None = None
-    past_key_values: CaptionerCache | None = None
-    cross_attentions: torch.FloatTensor | None = None
-    self_attentions: torch.FloatTensor | None = None
-    encoder_last_hidden_state: torch.FloatTensor | None = None
 
     @property
-    def decoder_attentions(self) -> torch.FloatTensor | None:
-        """The name `generate` collects decoder attentions under."""
-        return self.self_attentions
+    def self_attentions(self) -> torch.FloatTensor | None:
+        """The decoder's self-attention weights, under the name the model's description uses."""
+        return self.decoder_attentions
 
 
 class CaptionerCache:
@@ -663,6 +664,7 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         decoder_input_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
+        cache: CaptionerCache | None = None,
         past_key_values: CaptionerCache | None = None,
         use_cache: bool | None = None,
         output_attentions: bool | None = None,
@@ -674,7 +676,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         pixel_values: (B, 3, H, W) images, or pass `encoder_outputs` (e.g. cached region features (B, k, C)).
         decoder_input_ids: (B, T) inputs; built from `labels` (shifted right) when only labels are given.
         labels: (B, T) target ids, -100 where there is no target (padding).
-        past_key_values: a [`CaptionerCache`] to continue from; `decoder_input_ids` then holds only the new tokens.
+        cache: a [`CaptionerCache`] to continue from; `decoder_input_ids` then holds only the new tokens.
+        past_key_values: the same, under the name transformers before 5.24 gives it.
         decoder_attention_mask: accepted for API compatibility; decoding is causal and padding is on the right, so
             padded steps never influence real ones and the mask is not needed.
         """
@@ -703,10 +706,15 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
                 f"{decoder_input_ids.shape[0]} caption rows for {regions.shape[0]} images: every image needs the "
                 "same whole number of consecutive rows"
             )
-        cache = past_key_values if past_key_values is not None else self.decoder.start(regions, rows_per_image)
+        if past_key_values is not None:  # the cache's name under transformers < 5.24
+            if cache is not None:
+                raise ValueError("Pass the decoding cache as `cache` or as `past_key_values`, not both")
+            cache = past_key_values
         lengths = None
-        if labels is not None and past_key_values is None and not use_cache and self.skip_finished_captions:
+        if labels is not None and cache is None and not use_cache and self.skip_finished_captions:
             lengths = (labels != -100).sum(dim=1)  # padding is on the right: steps past a caption's end are skipped
+        if cache is None:
+            cache = self.decoder.start(regions, rows_per_image)
         logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache, lengths)
 
         loss = token_loss = attention_loss = None
@@ -722,13 +730,13 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
 
         output = CaptionerOutput(
             loss=loss,
+            logits=logits,
+            **{CACHE_NAME: cache if use_cache else None},
+            decoder_attentions=self_attentions if output_attentions else None,
+            cross_attentions=cross_attentions if output_attentions else None,
+            encoder_last_hidden_state=regions,
             token_loss=token_loss,
             attention_loss=attention_loss,
-            logits=logits,
-            past_key_values=cache if use_cache else None,
-            cross_attentions=cross_attentions if output_attentions else None,
-            self_attentions=self_attentions if output_attentions else None,
-            encoder_last_hidden_state=regions,
         )
         return output if return_dict else output.to_tuple()
 

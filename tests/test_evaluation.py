@@ -16,7 +16,7 @@ from transformers import AutoModel, AutoProcessor
 from hf_captioner.data import make_sample_dataset
 from hf_captioner.evaluation import grid_cell_to_image_point, word_attention
 from hf_captioner.hub import load_without_package
-from hf_captioner.model_card import render_model_card
+from hf_captioner.model_card import TESTED_TRANSFORMERS, render_model_card
 from hf_captioner.visualize import DPI, PANEL_INCHES, plot_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -112,6 +112,9 @@ def test_model_card_renders_real_values(trained_tiny_model, evaluated, tmp_path)
     )
     assert f"{100 * metrics['cider']:.1f}" in card and "me/tiny" in card and "${" not in card
     assert "Show, Attend and Tell" in card and "hodosh2013framing" in card and "young2014image" in card
+    saved_with = json.loads((folder / "config.json").read_text())["transformers_version"]
+    assert f"saved with transformers {saved_with}." in card.replace("\n", " ")
+    assert f"tested with transformers {' and '.join(TESTED_TRANSFORMERS)}" in card.replace("\n", " ")
     training_args = json.loads((folder / "training_args.json").read_text())
     assert f"batch {training_args['batch_size']} per process" in card
 

@@ -1,5 +1,6 @@
 """Behaviour of the model: cached decoding, generate(), attention, loss, encoder freezing, configuration errors."""
 
+import copy
 import itertools
 
 import pytest
@@ -34,11 +35,11 @@ def test_cached_step_by_step_decoding_equals_teacher_forcing(rnn_type, self_atte
             out = model(
                 encoder_outputs=encoder_outputs,
                 decoder_input_ids=inputs[:, t : t + 1],
-                past_key_values=cache,
+                cache=cache,
                 use_cache=True,
                 output_attentions=True,
             )
-            cache = out.past_key_values
+            cache = out.cache
             step_logits.append(out.logits)
             step_cross.append(out.cross_attentions)
             if self_attention:  # the last row of the full self-attention is what the step saw
@@ -346,13 +347,30 @@ def test_generate_leaves_the_callers_encoder_outputs_as_they_were():
     assert torch.equal(encoder_outputs.last_hidden_state, before)
 
 
+def test_cache_is_taken_under_its_name_before_transformers_5_24_too():
+    """Model folders saved with this code run under the user's transformers: older versions pass the cache to
+    `forward` as `past_key_values`, 5.24 and later as `cache`; both continue decoding the same way."""
+    model = tiny_model()
+    pixel_values, inputs = images(), token_ids()
+    with torch.no_grad():
+        first = model(pixel_values=pixel_values, decoder_input_ids=inputs[:, :3], use_cache=True)
+        state = copy.deepcopy(first.cache)
+        new_name = model(pixel_values=pixel_values, decoder_input_ids=inputs[:, 3:], cache=first.cache)
+        old_name = model(pixel_values=pixel_values, decoder_input_ids=inputs[:, 3:], past_key_values=state)
+        full = model(pixel_values=pixel_values, decoder_input_ids=inputs)
+    assert torch.equal(new_name.logits, old_name.logits)
+    torch.testing.assert_close(new_name.logits, full.logits[:, 3:], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        model(pixel_values=pixel_values, decoder_input_ids=inputs[:, 3:], cache=state, past_key_values=state)
+
+
 def test_beams_may_not_move_to_another_image():
     model = tiny_model()
     with torch.no_grad():
         out = model(pixel_values=images(2), decoder_input_ids=token_ids(6, 1), use_cache=True)
-    out.past_key_values.reorder_cache(torch.tensor([2, 0, 1, 3, 3, 5]))  # within each image's three rows: fine
+    out.cache.reorder_cache(torch.tensor([2, 0, 1, 3, 3, 5]))  # within each image's three rows: fine
     with pytest.raises(ValueError, match="its own image"):
-        out.past_key_values.reorder_cache(torch.tensor([0, 1, 3, 3, 4, 5]))
+        out.cache.reorder_cache(torch.tensor([0, 1, 3, 3, 4, 5]))
 
 
 @pytest.mark.parametrize("rnn_type,self_attention", [("lstm", True), ("gru", False)])
@@ -430,5 +448,5 @@ def test_inference_reuses_a_scratch_buffer_and_matches_the_gradient_path():
     with_grad = model(pixel_values=pixel_values, decoder_input_ids=inputs, use_cache=True)
     with torch.no_grad():
         without = model(pixel_values=pixel_values, decoder_input_ids=inputs, use_cache=True)
-    assert with_grad.past_key_values._scratch is None and without.past_key_values._scratch is not None
+    assert with_grad.cache._scratch is None and without.cache._scratch is not None
     torch.testing.assert_close(without.logits, with_grad.logits.detach())

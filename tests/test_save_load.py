@@ -1,15 +1,24 @@
 """Save -> load: the Auto classes in this process, and `trust_remote_code` in a process without hf_captioner."""
 
+import importlib.metadata
 import json
 import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
+import pytest
 import torch
+import transformers
 from conftest import tiny_model
+from packaging.requirements import Requirement
 from PIL import Image
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
 from hf_captioner import CaptionerForConditionalGeneration, CaptionerImageProcessor, CaptionerProcessor
 from hf_captioner.hub import load_without_package
+from hf_captioner.model_card import TESTED_TRANSFORMERS
 
 
 def saved_captioner(folder, tokenizer):
@@ -62,18 +71,54 @@ def test_auto_classes_load_identical_logits_and_captions(tmp_path, tiny_tokenize
     assert loaded_processor.batch_decode(ids) == processor.batch_decode(ids)
 
 
-def test_trust_remote_code_loads_in_a_process_that_cannot_import_hf_captioner(tmp_path, tiny_tokenizer):
+def test_tested_transformers_versions_are_the_declared_range_and_the_pin():
+    """The model card's tested versions are the ones the test below runs: pyproject's lower bound and the pin."""
+    declared = [Requirement(line) for line in importlib.metadata.requires("hf_captioner")]
+    specifier = next(r.specifier for r in declared if r.name == "transformers" and not r.marker)
+    assert [s.version for s in specifier if s.operator == ">="] == [TESTED_TRANSFORMERS[0]]
+    constraints = (Path(__file__).resolve().parents[1] / "constraints.txt").read_text().splitlines()
+    assert f"transformers=={TESTED_TRANSFORMERS[-1]}" in constraints
+    assert transformers.__version__ == TESTED_TRANSFORMERS[-1], "make test installs the pinned transformers"
+
+
+def transformers_release(version: str) -> Path | None:
+    """A folder holding transformers `version` alone (`pip install --no-deps --target`), to go first on a child
+    process's path; kept under the virtual environment for later runs. None for the installed version."""
+    if version == transformers.__version__:
+        return None
+    folder = Path(sys.prefix) / "compat" / f"transformers-{version}"
+    if not (folder / "transformers" / "__init__.py").is_file():
+        partial = folder.with_name(folder.name + ".partial")
+        shutil.rmtree(partial, ignore_errors=True)
+        subprocess.run(
+            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
+             "--target", str(partial), f"transformers=={version}"],
+            check=True, timeout=600,
+        )  # fmt: skip
+        partial.rename(folder)  # only a complete install is ever reused
+    return folder
+
+
+@pytest.mark.parametrize("version", TESTED_TRANSFORMERS)
+def test_trust_remote_code_loads_in_a_process_that_cannot_import_hf_captioner(tmp_path, tiny_tokenizer, version):
+    """A saved folder runs its own copied code under the user's transformers: each tested release gives the captions
+    (beam, greedy, sampled) and logits of this process."""
     model, processor = saved_captioner(tmp_path / "model", tiny_tokenizer)
     paths = []
     for i, picture in enumerate(pictures()):
         paths.append(tmp_path / f"{i}.png")
         picture.save(paths[-1])
-    remote = load_without_package(tmp_path / "model", paths)
+    remote = load_without_package(tmp_path / "model", paths, transformers_dir=transformers_release(version))
+    assert remote["transformers"] == version
     assert remote["module"].startswith("transformers_modules.")
     pixel_values = processor(images=[Image.open(p) for p in paths], return_tensors="pt")["pixel_values"]
     ids = model.generate(pixel_values=pixel_values)
     assert remote["ids"] == ids.tolist()
     assert remote["captions"] == processor.batch_decode(ids)
+    assert remote["greedy"] == remote["uncached"] == model.generate(pixel_values=pixel_values, num_beams=1).tolist()
+    assert remote["greedy_cache"] == "CaptionerCache", "generate did not carry the model's cache from step to step"
+    torch.manual_seed(0)
+    assert remote["sampled"] == model.generate(pixel_values=pixel_values, num_beams=1, do_sample=True).tolist()
     with torch.no_grad():
         logits = model(pixel_values=pixel_values, decoder_input_ids=ids).logits
     torch.testing.assert_close(torch.tensor(remote["logits"]), logits, rtol=0, atol=1e-6)
