@@ -8,90 +8,14 @@ from __future__ import annotations
 import json
 import logging
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
+from .inference import WordAttention, generate_captions
 from .metrics import score_captions
-from .training import generate_captions
 
 logger = logging.getLogger(__name__)
-
-
-def speed_options(model, bf16: bool = False, channels_last: bool = False, compile_step: bool = False):
-    """Apply the inference speed options that `scripts/benchmark.py` measures, and return the context to caption in.
-
-    channels_last: the encoder's convolutions in NHWC layout; bf16: autocast matrix products to bfloat16 (captions
-    change slightly: see the README); compile_step: `torch.compile` the decoder step (dynamic shapes; slow first call).
-    """
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    if compile_step:
-        model.decoder.step = torch.compile(model.decoder.step, dynamic=True)
-    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
-
-
-def add_speed_arguments(parser) -> None:
-    """The `speed_options` flags, for the scripts that caption."""
-    parser.add_argument(
-        "--bf16", action="store_true", help="autocast to bfloat16 (faster on CPUs with AVX512-BF16/AMX)"
-    )
-    parser.add_argument("--channels_last", action="store_true", help="NHWC convolutions in the encoder")
-    parser.add_argument("--compile", action="store_true", help="torch.compile the decoder step")
-
-
-@dataclass
-class WordAttention:
-    """One generated word and the attention over the S x S grid while it was emitted (mean over its pieces)."""
-
-    word: str
-    attention: np.ndarray  # (S, S)
-
-
-@torch.no_grad()
-def word_attention(model, processor, pixel_values: torch.Tensor, sequences: torch.Tensor) -> list[list[WordAttention]]:
-    """Per image, its generated words with their attention maps.
-
-    The captions are fed back through the model (teacher forcing reproduces decoding exactly), so this works for
-    any decoding method: position t of `cross_attentions` is where the model looked while emitting token t + 1.
-    """
-    config = model.config
-    inputs = sequences[:, :-1]
-    targets = sequences[:, 1:]
-    outputs = model(pixel_values=pixel_values.to(model.device), decoder_input_ids=inputs.to(model.device),
-                    output_attentions=True)  # fmt: skip
-    maps = outputs.cross_attentions.float().cpu().view(*targets.shape, config.grid_size, config.grid_size)
-    special = {config.pad_token_id, config.bos_token_id, config.eos_token_id}
-    tokenizer = processor.tokenizer
-    results = []
-    for row, ids in enumerate(targets.tolist()):
-        words: list[tuple[str, list[int]]] = []
-        for step, token_id in enumerate(ids):
-            if token_id in special:
-                if token_id == config.eos_token_id:
-                    break
-                continue
-            piece = tokenizer.convert_ids_to_tokens(token_id)
-            if piece.startswith("▁") or not words:
-                words.append((piece.lstrip("▁"), [step]))
-            else:
-                words[-1] = (words[-1][0] + piece, words[-1][1] + [step])
-        results.append([WordAttention(w, maps[row, steps].mean(0).numpy()) for w, steps in words if w])
-    return results
-
-
-@torch.no_grad()
-def caption_with_attention(
-    model, processor, images, attention: bool = True, **generate_kwargs
-) -> tuple[list[str], list[list[WordAttention]] | None]:
-    """Caption a batch of pictures and return, per picture, its words with the attention map of each (None when
-    `attention` is off: the maps cost a second pass through the model)."""
-    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(model.device)
-    sequences = model.generate(pixel_values=pixel_values, **generate_kwargs)
-    maps = word_attention(model, processor, pixel_values, sequences) if attention else None
-    return processor.batch_decode(sequences), maps
 
 
 def grid_cell_to_image_point(
@@ -111,30 +35,27 @@ def grid_cell_to_image_point(
     return x / scale, y / scale
 
 
-def pointing_accuracy(model, processor, dataset, num_beams: int = 1, batch_size: int = 50) -> dict:
+def pointing_accuracy(dataset, attentions: list[list[WordAttention]], grid_size: int, image_processor) -> dict:
     """How often the most-attended region, while a shape's noun is emitted, lies in that shape's box — and chance.
 
-    Needs a data set with `objects` (kind, colour, box), such as the sample data set. A noun is matched to the shape
-    of its kind (and, where two share the kind, of the colour named just before it); chance is the box's share of
-    the picture, averaged over the same nouns.
+    `attentions`: per image of `dataset`, its caption's words with their attention maps. Needs a data set with
+    `objects` (kind, colour, box), such as the sample data set. A noun is matched to the shape of its kind (and,
+    where two share the kind, of the colour named just before it); chance is the box's share of the picture,
+    averaged over the same nouns.
     """
     hits, chance, nouns = 0, 0.0, 0
-    for start in range(0, len(dataset), batch_size):
-        rows = dataset.select(range(start, min(start + batch_size, len(dataset))))
-        _, attentions = caption_with_attention(model, processor, rows["image"], num_beams=num_beams)
-        for words, image, objects in zip(attentions, rows["image"], rows["objects"], strict=True):
-            for index, item in enumerate(words):
-                candidates = [o for o in objects if o["kind"] == item.word]
-                if len(candidates) > 1 and index > 0:
-                    candidates = [o for o in candidates if o["colour"] == words[index - 1].word]
-                if len(candidates) != 1:
-                    continue
-                x0, y0, x1, y1 = candidates[0]["box"]
-                cell = int(np.argmax(item.attention))
-                x, y = grid_cell_to_image_point(cell, model.config.grid_size, image.size, processor.image_processor)
-                hits += x0 <= x <= x1 + 1 and y0 <= y <= y1 + 1
-                chance += (x1 - x0 + 1) * (y1 - y0 + 1) / (image.size[0] * image.size[1])
-                nouns += 1
+    for words, image, objects in zip(attentions, dataset["image"], dataset["objects"], strict=True):
+        for index, item in enumerate(words):
+            candidates = [o for o in objects if o["kind"] == item.word]
+            if len(candidates) > 1 and index > 0:
+                candidates = [o for o in candidates if o["colour"] == words[index - 1].word]
+            if len(candidates) != 1:
+                continue
+            x0, y0, x1, y1 = candidates[0]["box"]
+            x, y = grid_cell_to_image_point(int(np.argmax(item.attention)), grid_size, image.size, image_processor)
+            hits += x0 <= x <= x1 + 1 and y0 <= y <= y1 + 1
+            chance += (x1 - x0 + 1) * (y1 - y0 + 1) / (image.size[0] * image.size[1])
+            nouns += 1
     if nouns == 0:  # no caption named a shape: nothing to measure, and said so rather than a made-up rate
         return {"pointing_accuracy": None, "pointing_chance": None, "pointing_nouns": 0}
     return {"pointing_accuracy": hits / nouns, "pointing_chance": chance / nouns, "pointing_nouns": nouns}
@@ -152,12 +73,14 @@ def evaluate_split(
     meteor: bool = True,
     extra: dict | None = None,
 ) -> dict:
-    """Caption every image of `dataset`, score against its references, write predictions.jsonl and metrics.json."""
+    """Caption every image of `dataset`, score against its references, write predictions.jsonl and metrics.json.
+    With shape boxes (`objects`), the same captioning pass also measures where attention points."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    captions = generate_captions(model, processor, dataset, batch_size=batch_size, num_beams=num_beams,
-                                 max_new_tokens=max_new_tokens)  # fmt: skip
+    with_boxes = "objects" in dataset.column_names
+    captions, attentions = generate_captions(model, processor, dataset, batch_size=batch_size, attention=with_boxes,
+                                             num_beams=num_beams, max_new_tokens=max_new_tokens)  # fmt: skip
     references = dataset["captions"]
     with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as handle:
         for image_id, caption, refs in zip(dataset["image_id"], captions, references, strict=True):
@@ -173,8 +96,8 @@ def evaluate_split(
         "metrics": scores,
         **(extra or {}),
     }
-    if "objects" in dataset.column_names:
-        metrics["attention"] = pointing_accuracy(model, processor, dataset, num_beams=num_beams)
+    if with_boxes:
+        metrics["attention"] = pointing_accuracy(dataset, attentions, model.config.grid_size, processor.image_processor)
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

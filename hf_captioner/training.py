@@ -18,15 +18,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import gather_object, set_seed
+from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
 
+from .cli import configure_logging
 from .configuration_captioner import CaptionerConfig
 from .data.loaders import DataError, detect_and_load
 from .data.pairs import (
@@ -38,6 +38,7 @@ from .data.pairs import (
     encode_split,
 )
 from .data.sample import make_sample_dataset
+from .inference import generate_captions, validation_loss
 from .metrics import score_captions
 from .modeling_captioner import CaptionerForConditionalGeneration
 from .processing_captioner import CaptionerImageProcessor, CaptionerProcessor
@@ -297,66 +298,6 @@ def build_optimizer(model: CaptionerForConditionalGeneration, args: TrainingArgu
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# evaluation
-
-
-@torch.no_grad()
-def generate_captions(
-    model,
-    processor: CaptionerProcessor,
-    dataset,
-    accelerator: Accelerator | None = None,
-    features: torch.Tensor | None = None,
-    batch_size: int = 64,
-    progress: bool = True,
-    **generate_kwargs,
-) -> list[str]:
-    """One caption per image of `dataset`, in its order; with an accelerator the images are shared out among
-    processes and the captions gathered, so every process gets the whole list."""
-    model = accelerator.unwrap_model(model) if accelerator is not None else model
-    was_training = model.training
-    model.eval()
-    indices = list(range(len(dataset)))
-    if accelerator is not None and accelerator.num_processes > 1:
-        with accelerator.split_between_processes(indices) as shard:
-            indices = list(shard)
-    device = model.device
-    results = []
-    show = progress and (accelerator is None or accelerator.is_local_main_process)
-    for start in tqdm(range(0, len(indices), batch_size), desc="Captioning", disable=not show, leave=False):
-        chunk = indices[start : start + batch_size]
-        if features is not None:
-            inputs = {"encoder_outputs": features[chunk].to(device)}
-        else:
-            images = dataset.select(chunk)["image"]
-            inputs = {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)}
-        ids = model.generate(**inputs, **generate_kwargs)
-        results.extend(zip(chunk, processor.batch_decode(ids), strict=True))
-    if accelerator is not None and accelerator.num_processes > 1:
-        results = gather_object(results)
-    model.train(was_training)
-    return [caption for _, caption in sorted(dict(results).items())]
-
-
-def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-caption summed cross-entropy and token count (B,), B,), for exact corpus means across processes."""
-    losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
-    return losses.sum(dim=1), (labels != -100).sum(dim=1)
-
-
-@torch.no_grad()
-def validation_loss(model, loader, accelerator: Accelerator) -> float:
-    model.eval()
-    total, tokens = 0.0, 0
-    for batch in loader:
-        outputs = model(**batch)
-        loss_sums, counts = accelerator.gather_for_metrics(caption_token_losses(outputs.logits, batch["labels"]))
-        total += loss_sums.sum().item()
-        tokens += counts.sum().item()
-    return total / max(tokens, 1)
-
-
-# ----------------------------------------------------------------------------------------------------------------
 # checkpoints
 
 
@@ -501,15 +442,19 @@ def train(args: TrainingArguments) -> dict:
     steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
     total_steps = args.max_train_steps or steps_per_epoch * args.num_epochs
     num_epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, args.warmup_steps, total_steps)
+    # A prepared scheduler is stepped once per process at every optimizer step (Accelerate counts per-process
+    # batches): the schedule is laid out in those units, so the rate at step k is the one-process run's.
+    processes = accelerator.num_processes
+    scheduler = get_scheduler(args.lr_scheduler, optimizer, args.warmup_steps * processes, total_steps * processes)
     scheduler = accelerator.prepare(scheduler)
     accelerator.init_trackers("hf_captioner", config=_scalars(args))
 
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_cider": None, "bad_epochs": 0, "history": []}
+    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_cider": None, "bad_epochs": 0, "history": [],
+             "log_history": []}  # fmt: skip
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
         accelerator.load_state(str(checkpoint))
-        state = json.loads((checkpoint / STATE_FILE).read_text())
+        state = {"log_history": []} | json.loads((checkpoint / STATE_FILE).read_text())  # older checkpoints lack it
         logger.info("Resumed from %s at step %d (epoch %d)", checkpoint, state["global_step"], state["epoch"])
 
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="Training",
@@ -540,6 +485,7 @@ def train(args: TrainingArguments) -> dict:
                     {name.split("/")[-1]: f"{logs[name]:.3f}" for name in PROGRESS_LOGS if name in logs}
                 )
                 accelerator.log(logs, step=state["global_step"])
+                state["log_history"].append({"step": state["global_step"], **logs})
             if args.checkpoint_every_steps and state["global_step"] % args.checkpoint_every_steps == 0:
                 save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
             if state["global_step"] >= total_steps:
@@ -560,8 +506,8 @@ def train(args: TrainingArguments) -> dict:
         shutil.copy(output_dir / "training_args.json", final)  # the model card and evaluate.py read it
     accelerator.wait_for_everyone()
     best = max(state["history"], key=lambda h: h["cider"])
-    metrics = {"best": best, "history": state["history"], "steps": state["global_step"],
-               "num_processes": accelerator.num_processes,
+    metrics = {"best": best, "history": state["history"], "log_history": state["log_history"],
+               "steps": state["global_step"], "num_processes": accelerator.num_processes,
                "train_seconds_this_session": round(train_seconds, 1)}  # fmt: skip
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
@@ -585,7 +531,7 @@ PROGRESS_LOGS = ("train/token_loss", "train/reward")  # shown on the progress ba
 def _validate(args, accelerator, model, processor, data, val_loader, val_features, state, output_dir) -> bool:
     """Validation loss and caption scores; keep the best model; return whether to stop early."""
     validation = data["validation"]
-    captions = generate_captions(
+    captions, _ = generate_captions(
         model, processor, validation, accelerator, features=val_features, batch_size=args.eval_batch_size,
         num_beams=args.eval_num_beams, max_new_tokens=args.eval_max_new_tokens,
     )  # fmt: skip
@@ -614,10 +560,4 @@ def main(argv: list[str] | None = None) -> dict:
     return train(parse_arguments(argv))
 
 
-def configure_logging() -> None:
-    """INFO for this package, warnings only from Accelerate's per-file checkpoint messages."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("accelerate").setLevel(logging.WARNING)
-
-
-__all__ = ["TrainingArguments", "configure_logging", "generate_captions", "main", "parse_arguments", "train"]
+__all__ = ["TrainingArguments", "main", "parse_arguments", "train"]

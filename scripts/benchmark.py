@@ -27,7 +27,7 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration
-from hf_captioner.evaluation import speed_options
+from hf_captioner.inference import speed_options
 from hf_captioner.training import TrainingArguments, build_optimizer
 
 VOCAB, GRID, REGION_DIM, WIDTH = 10_000, 14, 2048, 512

@@ -12,7 +12,8 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 import hf_captioner  # noqa: F401  (registers the Auto classes)
-from hf_captioner.evaluation import add_speed_arguments, caption_with_attention, speed_options
+from hf_captioner.cli import add_speed_arguments
+from hf_captioner.inference import caption_with_attention, speed_options
 from hf_captioner.processing_captioner import open_image, to_rgb
 from hf_captioner.visualize import plot_attention
 

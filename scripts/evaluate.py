@@ -12,9 +12,10 @@ from pathlib import Path
 from transformers import AutoModel, AutoProcessor
 
 import hf_captioner  # noqa: F401  (before `evaluate` is imported: it keeps the library importable from here)
+from hf_captioner.cli import add_speed_arguments, configure_logging
 from hf_captioner.data import detect_and_load, make_sample_dataset
-from hf_captioner.evaluation import add_speed_arguments, evaluate_split, format_table, speed_options
-from hf_captioner.training import configure_logging
+from hf_captioner.evaluation import evaluate_split, format_table
+from hf_captioner.inference import speed_options
 
 
 def load_split(data: str, split: str, model_dir: str, images_dir: str | None, strict: bool):

@@ -14,8 +14,9 @@ from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 from hf_captioner.data import make_sample_dataset
-from hf_captioner.evaluation import grid_cell_to_image_point, word_attention
+from hf_captioner.evaluation import grid_cell_to_image_point
 from hf_captioner.hub import load_without_package
+from hf_captioner.inference import word_attention
 from hf_captioner.model_card import TESTED_TRANSFORMERS, render_model_card
 from hf_captioner.visualize import DPI, PANEL_INCHES, plot_attention
 
@@ -28,6 +29,15 @@ def run_script(name: str, *args: str, cwd=None, env=None) -> subprocess.Complete
                             env=env or ENV, cwd=cwd or REPO, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return result
+
+
+def test_evaluation_and_captioning_do_not_import_the_trainer():
+    """Layers point down: scoring and captioning build on inference, never on the training loop."""
+    code = ("import sys, hf_captioner.evaluation, hf_captioner.inference, hf_captioner.cli; "
+            "print(sorted(m for m in sys.modules if m.startswith('hf_captioner.')))")  # fmt: skip
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True).stdout
+    assert "hf_captioner.inference" in loaded and "hf_captioner.training" not in loaded
+    assert "hf_captioner.self_critical" not in loaded
 
 
 @pytest.fixture(scope="module")
@@ -77,7 +87,7 @@ def test_attention_figure_and_word_maps(trained_tiny_model):
     image = make_sample_dataset(0, 0, 1, seed=3, image_size=32)["test"][0]["image"]
     pixel_values = processor.image_processor(image, return_tensors="pt")["pixel_values"]
     sequences = model.generate(pixel_values=pixel_values, num_beams=2, max_new_tokens=8)
-    words = word_attention(model, processor, pixel_values, sequences)[0]
+    words = word_attention(model, processor, {"pixel_values": pixel_values}, sequences)[0]
     assert [w.word for w in words] == processor.batch_decode(sequences)[0].split()
     for item in words:
         assert item.attention.shape == (2, 2) and item.attention.sum() == pytest.approx(1.0, abs=1e-5)

@@ -10,7 +10,7 @@ from conftest import tiny_config, tiny_model
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from hf_captioner import CaptionerCache, CaptionerConfig, CaptionerForConditionalGeneration
-from hf_captioner.evaluation import speed_options
+from hf_captioner.inference import speed_options
 
 DECODER_KINDS = list(itertools.product(["lstm", "gru"], [True, False], ["additive", "dot", "scaled_dot"]))
 

@@ -1,0 +1,146 @@
+"""Captioning with a trained model: pictures or a whole data split, optionally with each word's attention map, the
+validation loss, and the inference speed options. Training, evaluation, the commands and the demo build on this
+module; it imports nothing of theirs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate.utils import gather_object
+from tqdm.auto import tqdm
+
+
+def speed_options(model, bf16: bool = False, channels_last: bool = False, compile_step: bool = False):
+    """Apply the inference speed options that `scripts/benchmark.py` measures, and return the context to caption in.
+
+    channels_last: the encoder's convolutions in NHWC layout; bf16: autocast matrix products to bfloat16 (captions
+    change slightly: see the README); compile_step: `torch.compile` the decoder step (dynamic shapes; slow first call).
+    """
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    if compile_step:
+        model.decoder.step = torch.compile(model.decoder.step, dynamic=True)
+    return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
+
+
+@dataclass
+class WordAttention:
+    """One generated word and the attention over the S x S grid while it was emitted (mean over its pieces)."""
+
+    word: str
+    attention: np.ndarray  # (S, S)
+
+
+@torch.no_grad()
+def word_attention(model, processor, inputs: dict, sequences: torch.Tensor) -> list[list[WordAttention]]:
+    """Per image, its generated words with their attention maps. `inputs`: the `pixel_values` or the
+    `encoder_outputs` the captions were generated from.
+
+    The captions are fed back through the model (teacher forcing reproduces decoding exactly), so this works for
+    any decoding method: position t of `cross_attentions` is where the model looked while emitting token t + 1.
+    """
+    config = model.config
+    targets = sequences[:, 1:]
+    outputs = model(**inputs, decoder_input_ids=sequences[:, :-1].to(model.device), output_attentions=True)
+    maps = outputs.cross_attentions.float().cpu().view(*targets.shape, config.grid_size, config.grid_size)
+    special = {config.pad_token_id, config.bos_token_id, config.eos_token_id}
+    tokenizer = processor.tokenizer
+    results = []
+    for row, ids in enumerate(targets.tolist()):
+        words: list[tuple[str, list[int]]] = []
+        for step, token_id in enumerate(ids):
+            if token_id in special:
+                if token_id == config.eos_token_id:
+                    break
+                continue
+            piece = tokenizer.convert_ids_to_tokens(token_id)
+            if piece.startswith("▁") or not words:
+                words.append((piece.lstrip("▁"), [step]))
+            else:
+                words[-1] = (words[-1][0] + piece, words[-1][1] + [step])
+        results.append([WordAttention(w, maps[row, steps].mean(0).numpy()) for w, steps in words if w])
+    return results
+
+
+@torch.no_grad()
+def caption_batch(
+    model, processor, inputs: dict, attention: bool = False, **generate_kwargs
+) -> tuple[list[str], list[list[WordAttention]] | None]:
+    """Captions of one batch of model inputs and, when `attention`, each caption's words with their attention maps
+    (None otherwise: the maps cost a second pass through the model)."""
+    sequences = model.generate(**inputs, **generate_kwargs)
+    maps = word_attention(model, processor, inputs, sequences) if attention else None
+    return processor.batch_decode(sequences), maps
+
+
+def caption_with_attention(
+    model, processor, images, attention: bool = True, **generate_kwargs
+) -> tuple[list[str], list[list[WordAttention]] | None]:
+    """`caption_batch` for a list of pictures."""
+    pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(model.device)
+    return caption_batch(model, processor, {"pixel_values": pixel_values}, attention, **generate_kwargs)
+
+
+@torch.no_grad()
+def generate_captions(
+    model,
+    processor,
+    dataset,
+    accelerator=None,
+    features: torch.Tensor | None = None,
+    batch_size: int = 64,
+    progress: bool = True,
+    attention: bool = False,
+    **generate_kwargs,
+) -> tuple[list[str], list[list[WordAttention]] | None]:
+    """One caption per image of `dataset`, in its order, from its pictures or its cached `features`; with
+    `attention`, also each caption's words with their attention maps, from the same pass. With an accelerator the
+    images are shared out among processes and the results gathered, so every process gets the whole list."""
+    model = accelerator.unwrap_model(model) if accelerator is not None else model
+    was_training = model.training
+    model.eval()
+    indices = list(range(len(dataset)))
+    if accelerator is not None and accelerator.num_processes > 1:
+        with accelerator.split_between_processes(indices) as shard:
+            indices = list(shard)
+    device = model.device
+    results = []
+    show = progress and (accelerator is None or accelerator.is_local_main_process)
+    for start in tqdm(range(0, len(indices), batch_size), desc="Captioning", disable=not show, leave=False):
+        chunk = indices[start : start + batch_size]
+        if features is not None:
+            inputs = {"encoder_outputs": features[chunk].to(device)}
+        else:
+            images = dataset.select(chunk)["image"]
+            inputs = {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)}
+        captions, maps = caption_batch(model, processor, inputs, attention, **generate_kwargs)
+        results.extend(zip(chunk, captions, maps or [None] * len(chunk), strict=True))
+    if accelerator is not None and accelerator.num_processes > 1:
+        results = gather_object(results)
+    model.train(was_training)
+    by_index = {index: (caption, maps) for index, caption, maps in results}
+    ordered = [by_index[index] for index in range(len(dataset))]
+    return [caption for caption, _ in ordered], ([maps for _, maps in ordered] if attention else None)
+
+
+def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-caption summed cross-entropy and token count (B,), B,), for exact corpus means across processes."""
+    losses = F.cross_entropy(logits.float().transpose(1, 2), labels, ignore_index=-100, reduction="none")  # (B, T)
+    return losses.sum(dim=1), (labels != -100).sum(dim=1)
+
+
+@torch.no_grad()
+def validation_loss(model, loader, accelerator) -> float:
+    """Mean token cross-entropy (no label smoothing, no attention penalty) over a loader of caption batches."""
+    model.eval()
+    total, tokens = 0.0, 0
+    for batch in loader:
+        outputs = model(**batch)
+        loss_sums, counts = accelerator.gather_for_metrics(caption_token_losses(outputs.logits, batch["labels"]))
+        total += loss_sums.sum().item()
+        tokens += counts.sum().item()
+    return total / max(tokens, 1)
