@@ -15,13 +15,13 @@ $(INSTALLED): pyproject.toml constraints.txt
 venv: $(INSTALLED)
 
 lint: $(INSTALLED)
-	$(VENV)/bin/ruff check hf_captioner scripts tests
+	$(VENV)/bin/ruff check hf_captioner tests
 
 test: lint
 	$(OFFLINE) $(PYTHON) -m pytest -q
 
 demo: $(INSTALLED)
-	$(OFFLINE) $(PYTHON) scripts/demo.py
+	$(OFFLINE) $(VENV)/bin/hf-captioner demo
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache

@@ -4,15 +4,7 @@ Importing the package registers its classes with the Auto factories, so inside t
 `AutoModel.from_pretrained(folder)` and `AutoProcessor.from_pretrained(folder)` work without `trust_remote_code`.
 """
 
-import sys
-from pathlib import Path
-
-# scripts/evaluate.py shares its name with the `evaluate` library, and running any of our scripts puts scripts/ first
-# on the import path, where that file would shadow the library: take that folder off the path.
-_SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
-sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != _SCRIPTS]
-
-from transformers import (  # noqa: E402
+from transformers import (
     AutoConfig,
     AutoImageProcessor,
     AutoModel,
@@ -20,15 +12,15 @@ from transformers import (  # noqa: E402
     AutoProcessor,
 )
 
-from .configuration_captioner import CaptionerConfig  # noqa: E402
-from .modeling_captioner import (  # noqa: E402
+from .configuration_captioner import CaptionerConfig
+from .modeling_captioner import (
     CaptionerCache,
     CaptionerForConditionalGeneration,
     CaptionerOutput,
     CaptionerPreTrainedModel,
 )
-from .processing_captioner import CaptionerImageProcessor, CaptionerProcessor  # noqa: E402
-from .tokenization import train_tokenizer  # noqa: E402
+from .processing_captioner import CaptionerImageProcessor, CaptionerProcessor
+from .tokenization import train_tokenizer
 
 __version__ = "0.1.0"
 

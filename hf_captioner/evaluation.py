@@ -1,6 +1,6 @@
 """Evaluate a saved captioner on a data split: captions, COCO metrics, and (with shape boxes) where attention points.
 
-`scripts/evaluate.py` is the command line; `evaluate_split` is the same for notebooks.
+`hf-captioner evaluate` is the command line; `evaluate_split` is the same for notebooks.
 """
 
 from __future__ import annotations

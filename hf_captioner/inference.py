@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 
 def speed_options(model, bf16: bool = False, channels_last: bool = False, compile_step: bool = False):
-    """Apply the inference speed options that `scripts/benchmark.py` measures, and return the context to caption in.
+    """Apply the inference speed options that `hf-captioner benchmark` measures, and return the context to caption in.
 
     channels_last: the encoder's convolutions in NHWC layout; bf16: autocast matrix products to bfloat16 (captions
     change slightly: see the README); compile_step: `torch.compile` the decoder step (dynamic shapes; slow first call).

@@ -1,7 +1,7 @@
-"""Fill the model card template (`model_card.md` at the repository root) from a saved model folder.
+"""Fill the model card template (`model_card_template.md`, shipped with the package) from a saved model folder.
 
 Every value comes from the folder: `config.json`, `training_args.json`, the training `metrics.json` and the
-evaluation results (`eval-*/metrics.json`, as written by scripts/evaluate.py). What is missing is said to be missing.
+evaluation results (`eval-*/metrics.json`, as written by `hf-captioner evaluate`). What is missing is said to be missing.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from string import Template
 
 import yaml
 
-TEMPLATE = Path(__file__).resolve().parents[1] / "model_card.md"
+TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 METRIC_NAMES = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
                 "rouge_l": "ROUGE-L", "cider": "CIDEr-D"}  # fmt: skip
 HUB_METRIC_TYPES = {"bleu_4": "bleu", "meteor": "meteor", "rouge_l": "rouge", "cider": "cider"}
@@ -127,7 +127,7 @@ def _training_text(args: dict, metrics: dict) -> str:
 
 def _results_text(evaluations: list[dict], name: str) -> str:
     if not evaluations:
-        return "No evaluation recorded yet: run `scripts/evaluate.py` on this folder and render the card again."
+        return "No evaluation recorded yet: run `hf-captioner evaluate` on this folder and render the card again."
     keys = [k for k in METRIC_NAMES if any(k in e["metrics"] for e in evaluations)]
     lines = ["| data | split | images | beams | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
              "|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip

@@ -1,6 +1,7 @@
 """Training with Accelerate: arguments, data, the loop, validation with caption scores, checkpoints and resume.
 
-Run it as `accelerate launch scripts/train.py --config configs/X.yaml [--field value ...]` or with plain `python`.
+Run it as `hf-captioner train --config configs/X.yaml [--field value ...]`; on several processes
+`accelerate launch -m hf_captioner.commands.train --config ...`.
 """
 
 from __future__ import annotations

@@ -6,12 +6,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
 from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration, train_tokenizer  # noqa: E402
 from hf_captioner.training import TrainingArguments, train  # noqa: E402
 
+HF_CAPTIONER = str(Path(sys.executable).with_name("hf-captioner"))  # the console command, as users run it
 TINY_VISION = {
     "model_type": "resnet",
     "layer_type": "basic",

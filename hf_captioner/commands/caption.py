@@ -1,4 +1,4 @@
-"""Caption pictures: `python scripts/caption.py --model runs/sample/final photo.jpg folder/ https://... [--attention out/]`.
+"""Caption pictures: `hf-captioner caption --model runs/sample/final photo.jpg folder/ https://... [--attention out/]`.
 
 With `--attention DIR`, one figure per picture shows, word by word, where the model looked.
 """
@@ -51,7 +51,7 @@ def collect(inputs: list[str]) -> list[tuple[str, Image.Image]]:
     return found
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or URLs")
     parser.add_argument("--model", required=True, help="saved model folder or Hub id")
@@ -60,7 +60,7 @@ def main() -> None:
     parser.add_argument("--batch_size", type=int, default=16)
     parser.add_argument("--attention", metavar="DIR", help="write one attention figure per picture here")
     add_speed_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
 
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)

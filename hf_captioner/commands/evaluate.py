@@ -1,4 +1,4 @@
-"""Evaluate a saved captioner on a split: `python scripts/evaluate.py --model runs/sample/final --split test`.
+"""Evaluate a saved captioner on a split: `hf-captioner evaluate --model runs/sample/final --split test`.
 
 Writes predictions.jsonl (image id, caption, references) and metrics.json (BLEU-1..4, METEOR where Java is present,
 ROUGE-L, CIDEr-D, with beam size, split and counts; on the sample data also attention pointing accuracy) and prints
@@ -11,7 +11,7 @@ from pathlib import Path
 
 from transformers import AutoModel, AutoProcessor
 
-import hf_captioner  # noqa: F401  (before `evaluate` is imported: it keeps the library importable from here)
+import hf_captioner  # noqa: F401  (registers the Auto classes)
 from hf_captioner.cli import add_speed_arguments, configure_logging
 from hf_captioner.data import detect_and_load, make_sample_dataset
 from hf_captioner.evaluation import evaluate_split, format_table
@@ -29,7 +29,7 @@ def load_split(data: str, split: str, model_dir: str, images_dir: str | None, st
                                image_size=trained.get("sample_image_size", 64))[split]  # fmt: skip
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="saved model folder or Hub id")
     parser.add_argument("--data", default="sample", help="'sample', a data folder/file in a known layout, or a Hub id")
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--strict", action="store_true")
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR even where Java is present")
     add_speed_arguments(parser)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     configure_logging()
 
     model = AutoModel.from_pretrained(args.model, trust_remote_code=True)

@@ -6,13 +6,13 @@ import logging
 from hf_captioner.data import write_sample_dataset
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--out", default="data/sample", help="folder to write")
     parser.add_argument("--sizes", type=int, nargs=3, default=[2000, 200, 200], metavar=("TRAIN", "VAL", "TEST"))
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--image_size", type=int, default=64)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     path = write_sample_dataset(args.out, *args.sizes, seed=args.seed, image_size=args.image_size)
     logging.info("Wrote %s", path)

@@ -1,4 +1,4 @@
-"""Publish a saved captioner to the Hub: `python scripts/publish.py --model runs/flickr8k/final --repo_id me/sat-flickr8k`.
+"""Publish a saved captioner to the Hub: `hf-captioner publish --model runs/flickr8k/final --repo_id me/sat-flickr8k`.
 
 Stages the upload (weights, processor, code, records, model card), checks in a separate Python that it loads through
 `trust_remote_code` and captions like the original, then pushes it. `--dry_run OUT` writes the staged folder to OUT
@@ -29,14 +29,14 @@ def original_captions(model_dir: str, images: list[Path]) -> list[list[int]]:
         return model.generate(pixel_values=inputs["pixel_values"]).tolist()
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--model", required=True, help="saved model folder (with its processor)")
     parser.add_argument("--repo_id", required=True, help="Hub repository, e.g. me/sat-flickr8k")
     parser.add_argument("--private", action="store_true")
     parser.add_argument("--dry_run", metavar="OUT", help="write the staged folder here and upload nothing")
     parser.add_argument("--commit_message", default="Upload hf-captioner model")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"{args.model} is not a saved model folder (no config.json)")

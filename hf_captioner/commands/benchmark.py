@@ -1,4 +1,4 @@
-"""Speed and memory of training and captioning on this machine: `python scripts/benchmark.py [--quick] [--out F]`.
+"""Speed and memory of training and captioning on this machine: `hf-captioner benchmark [--quick] [--out F]`.
 
 Cases (Show, Attend and Tell sizes: 2048-d regions on a 14 x 14 grid, embedding/attention/hidden 512, 10,000 words,
 captions of Flickr-like lengths):
@@ -275,11 +275,11 @@ def table(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="about a minute, rougher figures")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON report")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     report = run(args.quick)
     Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
     print(table(report))
