@@ -7,6 +7,8 @@ nothing from `hf_captioner` except, relatively, its sibling files.
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+from .backbones import parse_backbone
+
 RNN_TYPES = ("lstm", "gru")
 CROSS_ATTENTION_KINDS = ("additive", "dot", "scaled_dot")
 
@@ -102,12 +104,10 @@ class CaptionerConfig(PreTrainedConfig):
 
     def _validate_vision(self) -> None:
         if self.vision_backbone is not None:
-            library, _, name = str(self.vision_backbone).partition(":")
-            if library not in ("timm", "torchvision") or not name:
-                raise ValueError(
-                    "CaptionerConfig.vision_backbone must be 'timm:NAME' or 'torchvision:NAME', "
-                    f"got {self.vision_backbone!r}"
-                )
+            try:
+                parse_backbone(self.vision_backbone)
+            except ValueError as err:
+                raise ValueError(f"CaptionerConfig.{err}") from None
             return
         if not hasattr(self.vision_config, "stage_names"):
             raise ValueError(

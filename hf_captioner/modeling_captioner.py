@@ -11,7 +11,6 @@ nothing from `hf_captioner` except, relatively, its sibling files.
 from __future__ import annotations
 
 import math
-from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +22,15 @@ from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
 from transformers.utils import logging
 
+from .backbones import (
+    backbone_stages,
+    build_backbone,
+    is_backbone_name,
+    last_feature_map,
+    modules_after,
+    parse_backbone,
+    pretrained_source,
+)
 from .configuration_captioner import CaptionerConfig
 
 logger = logging.get_logger(__name__)
@@ -127,35 +135,6 @@ class CaptionerCache:
         return self.seen_tokens
 
 
-def build_external_backbone(spec: str, pretrained: bool = False, **load_kwargs) -> tuple[nn.Module, int]:
-    """A timm ("timm:NAME") or torchvision ("torchvision:NAME") network cut to its last feature map, with its
-    channel count. Saved captioners rebuild it randomly initialised (their checkpoint holds the weights);
-    `pretrained` (timm: also `checkpoint_path=...`; torchvision: `weights=...`) is for starting a new captioner."""
-    library, name = spec.split(":", 1)
-    if library == "timm":
-        try:
-            import timm
-        except ImportError:
-            raise ImportError(f"vision_backbone={spec!r} needs the timm package: pip install timm") from None
-        network = timm.create_model(name, pretrained=pretrained, **load_kwargs)
-        network.reset_classifier(0, "")  # keep the trunk (and EfficientNet's conv_head): no pooling, no classifier
-        return network, network.num_features
-    try:
-        import torchvision
-    except ImportError:
-        raise ImportError(f"vision_backbone={spec!r} needs the torchvision package") from None
-    weights = load_kwargs.get("weights", "DEFAULT") if pretrained else None
-    network = torchvision.models.get_model(name, weights=weights)
-    if hasattr(network, "features"):  # VGG, EfficientNet, MobileNet, DenseNet, ConvNeXt
-        trunk = network.features
-    else:  # ResNet-like: everything before global pooling and the classifier
-        children = dict(network.named_children())
-        trunk = nn.Sequential(OrderedDict((k, v) for k, v in children.items() if k not in ("avgpool", "fc")))
-    with torch.no_grad():
-        channels = trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
-    return trunk, channels
-
-
 class CaptionerGridEncoder(nn.Module):
     """Backbone -> last feature map -> average pool to S x S -> k = S*S region vectors (B, k, C).
 
@@ -167,48 +146,20 @@ class CaptionerGridEncoder(nn.Module):
 
     def __init__(self, config: CaptionerConfig):
         super().__init__()
-        self.library = config.vision_backbone.split(":", 1)[0] if config.vision_backbone else "transformers"
+        self.library = parse_backbone(config.vision_backbone)[0] if config.vision_backbone else "transformers"
         if self.library == "transformers":
             self.backbone = AutoBackbone.from_config(config.vision_config)
             self.num_channels = self.backbone.channels[-1]
         else:
-            self.backbone, self.num_channels = build_external_backbone(config.vision_backbone)
+            self.backbone, self.num_channels = build_backbone(config.vision_backbone)
         self.pool = nn.AdaptiveAvgPool2d(config.grid_size)
         self.set_trainable_stages(config.encoder_trainable_stages)
-
-    def _stages(self) -> list[nn.Module] | None:
-        """The backbone's stages in order (stem excluded), for fine-tuning the last few."""
-        if self.library == "timm":
-            return [self.backbone.get_submodule(info["module"]) for info in self.backbone.feature_info][1:]
-        if self.library == "torchvision":
-            named = dict(self.backbone.named_children())
-            layers = [named[n] for n in ("layer1", "layer2", "layer3", "layer4") if n in named]
-            return layers or list(self.backbone.children())[1:]
-        num_stages = len([name for name in self.backbone.stage_names if name != "stem"])
-        for module in self.backbone.modules():  # found by its length, so any transformers backbone family works
-            if isinstance(module, nn.ModuleList) and len(module) == num_stages:
-                return list(module)
-        return None
-
-    def _after(self, module: nn.Module) -> list[nn.Module]:
-        """The backbone's top-level children that come after the one holding `module`."""
-        children = list(self.backbone.children())
-        holder = next(i for i, child in enumerate(children) if any(m is module for m in child.modules()))
-        return children[holder + 1 :]
-
-    def feature_map(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
-        """The backbone's last feature map (B, C, H, W)."""
-        if self.library == "transformers":
-            return self.backbone(pixel_values).feature_maps[-1]
-        if self.library == "timm":
-            return self.backbone.forward_features(pixel_values)
-        return self.backbone(pixel_values)
 
     def set_trainable_stages(self, num_stages: int) -> None:
         """Fine-tune the last `num_stages` stages (0: frozen, -1: everything); the rest gets no gradient."""
         self.backbone.requires_grad_(num_stages == -1)
         if num_stages > 0:
-            stages = self._stages()
+            stages = backbone_stages(self.library, self.backbone)
             if stages is None:
                 raise ValueError(
                     f"Cannot find the stages of the {type(self.backbone).__name__} backbone to fine-tune "
@@ -216,7 +167,8 @@ class CaptionerGridEncoder(nn.Module):
                 )
             for stage in stages[len(stages) - num_stages :]:
                 stage.requires_grad_(True)
-            for head in self._after(stages[-1]):  # e.g. EfficientNet's conv_head: it belongs to the last stage
+            # what follows the last stage belongs to it (e.g. EfficientNet's conv_head)
+            for head in modules_after(self.backbone, stages[-1]):
                 head.requires_grad_(True)
         self.train(self.training)
 
@@ -235,7 +187,7 @@ class CaptionerGridEncoder(nn.Module):
 
     def forward(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutput:
         with torch.set_grad_enabled(torch.is_grad_enabled() and not self.is_frozen):
-            feature_map = self.feature_map(pixel_values)  # (B, C, H, W)
+            feature_map = last_feature_map(self.library, self.backbone, pixel_values)  # (B, C, H, W)
         regions = self.pool(feature_map).flatten(2).transpose(1, 2)  # (B, k, C)
         return BaseModelOutput(last_hidden_state=regions)
 
@@ -594,13 +546,10 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         """
         vision_kwargs = dict(vision_kwargs or {})
         name = vision_model_name_or_path
-        if name.startswith(("timm:", "timm/", "torchvision:")):
-            if name.startswith("timm/"):  # a timm Hub id: the model keeps the architecture name, the Hub gives weights
-                spec, source = f"timm:{name.split('/', 1)[1]}", f"timm:hf-hub:{name}"
-            else:
-                spec = source = name
+        if is_backbone_name(name):
+            spec, source = pretrained_source(name)
             pretrained = "checkpoint_path" not in vision_kwargs
-            backbone, _ = build_external_backbone(source, pretrained=pretrained, **vision_kwargs)
+            backbone, _ = build_backbone(source, pretrained=pretrained, **vision_kwargs)
             model = cls(CaptionerConfig(vision_backbone=spec, **config_kwargs))
             model.encoder.backbone.load_state_dict(backbone.state_dict())
             return model

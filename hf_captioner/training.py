@@ -25,8 +25,9 @@ from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import get_scheduler
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.image_utils import PILImageResampling
 
+from .backbones import image_settings, is_backbone_name
 from .cli import configure_logging
 from .configuration_captioner import CaptionerConfig
 from .data.loaders import DataError, detect_and_load
@@ -213,35 +214,6 @@ def load_data(args: TrainingArguments):
     return data
 
 
-def backbone_image_settings(args: TrainingArguments) -> dict:
-    """The backbone's own normalisation, crop ratio and interpolation (ImageNet defaults for transformers ones)."""
-    settings = {
-        "mean": IMAGENET_DEFAULT_MEAN,
-        "std": IMAGENET_DEFAULT_STD,
-        "crop_pct": 0.875,
-        "interpolation": "bicubic",
-    }
-    spec = args.model.get("vision_backbone") or ""
-    pretrained = args.vision_pretrained or ""
-    if pretrained.startswith(("timm:", "timm/", "torchvision:")):
-        spec = pretrained
-    if spec.startswith(("timm:", "timm/")):
-        import timm
-
-        name = spec.split(":", 1)[1] if spec.startswith("timm:") else spec.split("/", 1)[1]
-        config = timm.get_pretrained_cfg(name) or timm.create_model(name, pretrained=False).pretrained_cfg
-        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
-        settings.update({k: config[k] for k in ("mean", "std", "crop_pct", "interpolation") if config.get(k)})
-    elif spec.startswith("torchvision:"):
-        import torchvision
-
-        transforms = torchvision.models.get_model_weights(spec.split(":", 1)[1]).DEFAULT.transforms()
-        settings.update(mean=tuple(transforms.mean), std=tuple(transforms.std),
-                        crop_pct=transforms.crop_size[0] / transforms.resize_size[0],
-                        interpolation=transforms.interpolation.value)  # fmt: skip
-    return settings
-
-
 def build_processor(args: TrainingArguments, train_captions: list[list[str]]) -> CaptionerProcessor:
     """Image processor with the backbone's own values at the run's image size + a tokenizer trained on the train
     captions (or the processor saved at `processor_path`)."""
@@ -250,7 +222,8 @@ def build_processor(args: TrainingArguments, train_captions: list[list[str]]) ->
     tokenizer = train_tokenizer(
         [c for captions in train_captions for c in captions], args.vocab_size, args.tokenizer_model_type
     )
-    settings = backbone_image_settings(args)
+    named = args.vision_pretrained if is_backbone_name(args.vision_pretrained) else args.model.get("vision_backbone")
+    settings = image_settings(named)
     resample = {"bilinear": PILImageResampling.BILINEAR, "bicubic": PILImageResampling.BICUBIC}
     image_processor = CaptionerImageProcessor(
         size={"shortest_edge": args.resize_size or round(args.image_size / settings["crop_pct"])},

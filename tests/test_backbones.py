@@ -11,8 +11,8 @@ import torch
 from conftest import tiny_config
 
 from hf_captioner import CaptionerForConditionalGeneration
+from hf_captioner.backbones import image_settings
 from hf_captioner.conversion import map_by_position
-from hf_captioner.training import TrainingArguments, backbone_image_settings
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_NETWORKS = [
@@ -70,9 +70,9 @@ def test_bad_backbone_names_are_refused():
 
 
 def test_image_processor_takes_the_backbones_own_values():
-    lite = backbone_image_settings(TrainingArguments(model={"vision_backbone": "timm:tf_efficientnet_lite0"}))
+    lite = image_settings("timm:tf_efficientnet_lite0")
     assert tuple(lite["mean"]) == (0.5, 0.5, 0.5) and tuple(lite["std"]) == (0.5, 0.5, 0.5)
-    resnet = backbone_image_settings(TrainingArguments(model={"vision_backbone": "torchvision:resnet18"}))
+    resnet = image_settings("torchvision:resnet18")
     assert tuple(resnet["mean"]) == pytest.approx((0.485, 0.456, 0.406)) and resnet["crop_pct"] == pytest.approx(
         224 / 256
     )

@@ -40,7 +40,7 @@ def test_save_writes_safetensors_code_auto_map_and_generation_defaults(tmp_path,
     saved_captioner(tmp_path, tiny_tokenizer)
     files = set(os.listdir(tmp_path))
     assert {"model.safetensors", "config.json", "generation_config.json", "tokenizer.json"} <= files
-    assert {"configuration_captioner.py", "modeling_captioner.py", "processing_captioner.py"} <= files
+    assert {"configuration_captioner.py", "modeling_captioner.py", "processing_captioner.py", "backbones.py"} <= files
     assert not any(name.endswith((".bin", ".pt", ".pkl")) for name in files)
     auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
     assert (

@@ -1,0 +1,132 @@
+"""Vision backbones, in one place: what a backbone name means, how the network is built, where its stages are, how
+its last feature map is read, and the image settings it was trained with.
+
+- transformers: any `AutoBackbone`, described by `CaptionerConfig.vision_config` (no name);
+- timm: "timm:NAME" (the architecture), or, for starting from pretrained weights, "timm/NAME" (a timm Hub model);
+- torchvision: "torchvision:NAME".
+
+`save_pretrained` copies this file next to the weights with the model (it is a relative import of
+modeling_captioner.py), so it imports nothing else from hf_captioner.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+LIBRARIES = ("timm", "torchvision")  # the libraries a backbone name may come from (transformers ones have no name)
+
+
+def parse_backbone(spec: str) -> tuple[str, str]:
+    """(library, architecture) of a backbone name as configs store it: "timm:NAME" or "torchvision:NAME"."""
+    library, _, name = str(spec).partition(":")
+    if library not in LIBRARIES or not name:
+        raise ValueError(f"vision_backbone must be 'timm:NAME' or 'torchvision:NAME', got {spec!r}")
+    return library, name
+
+
+def is_backbone_name(name: str | None) -> bool:
+    """Whether `name` names a timm / torchvision backbone (else it is a transformers model id or folder)."""
+    return bool(name) and name.startswith(("timm:", "timm/", "torchvision:"))
+
+
+def pretrained_source(name: str) -> tuple[str, str]:
+    """(the name a config stores, the name the weights load from): a timm Hub id "timm/NAME" keeps the architecture
+    NAME in the config and loads the weights from the Hub."""
+    if name.startswith("timm/"):
+        return f"timm:{name.split('/', 1)[1]}", f"timm:hf-hub:{name}"
+    parse_backbone(name)
+    return name, name
+
+
+def build_backbone(spec: str, pretrained: bool = False, **load_kwargs) -> tuple[nn.Module, int]:
+    """A timm or torchvision network cut to its last feature map, with its channel count. Saved captioners rebuild
+    it randomly initialised (their checkpoint holds the weights); `pretrained` (timm: also `checkpoint_path=...`;
+    torchvision: `weights=...`) is for starting a new captioner."""
+    library, name = parse_backbone(spec)  # a timm name may be a Hub source, "hf-hub:timm/NAME"
+    if library == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ImportError(f"vision_backbone={spec!r} needs the timm package: pip install timm") from None
+        network = timm.create_model(name, pretrained=pretrained, **load_kwargs)
+        network.reset_classifier(0, "")  # keep the trunk (and EfficientNet's conv_head): no pooling, no classifier
+        return network, network.num_features
+    try:
+        import torchvision
+    except ImportError:
+        raise ImportError(f"vision_backbone={spec!r} needs the torchvision package") from None
+    weights = load_kwargs.get("weights", "DEFAULT") if pretrained else None
+    network = torchvision.models.get_model(name, weights=weights)
+    if hasattr(network, "features"):  # VGG, EfficientNet, MobileNet, DenseNet, ConvNeXt
+        trunk = network.features
+    else:  # ResNet-like: everything before global pooling and the classifier
+        children = dict(network.named_children())
+        trunk = nn.Sequential(OrderedDict((k, v) for k, v in children.items() if k not in ("avgpool", "fc")))
+    with torch.no_grad():
+        channels = trunk.eval()(torch.zeros(1, 3, 64, 64)).shape[1]
+    return trunk, channels
+
+
+def last_feature_map(library: str, backbone: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The backbone's last feature map (B, C, H, W)."""
+    if library == "transformers":
+        return backbone(pixel_values).feature_maps[-1]
+    if library == "timm":
+        return backbone.forward_features(pixel_values)
+    return backbone(pixel_values)
+
+
+def backbone_stages(library: str, backbone: nn.Module) -> list[nn.Module] | None:
+    """The backbone's stages in order (stem excluded), for fine-tuning the last few; None where they are not found."""
+    if library == "timm":
+        return [backbone.get_submodule(info["module"]) for info in backbone.feature_info][1:]
+    if library == "torchvision":
+        named = dict(backbone.named_children())
+        layers = [named[n] for n in ("layer1", "layer2", "layer3", "layer4") if n in named]
+        return layers or list(backbone.children())[1:]
+    num_stages = len([name for name in backbone.stage_names if name != "stem"])
+    for module in backbone.modules():  # found by its length, so any transformers backbone family works
+        if isinstance(module, nn.ModuleList) and len(module) == num_stages:
+            return list(module)
+    return None
+
+
+def modules_after(backbone: nn.Module, module: nn.Module) -> list[nn.Module]:
+    """The backbone's top-level children that come after the one holding `module` (e.g. EfficientNet's conv_head)."""
+    children = list(backbone.children())
+    holder = next(i for i, child in enumerate(children) if any(m is module for m in child.modules()))
+    return children[holder + 1 :]
+
+
+def image_settings(name: str | None) -> dict:
+    """The normalisation, crop ratio and interpolation a backbone was trained with (ImageNet defaults for
+    transformers backbones and for no name)."""
+    settings = {
+        "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD,
+        "crop_pct": 0.875,
+        "interpolation": "bicubic",
+    }
+    if not is_backbone_name(name):
+        return settings
+    library, architecture = parse_backbone(pretrained_source(name)[0])
+    if library == "timm":
+        import timm
+
+        config = (
+            timm.get_pretrained_cfg(architecture) or timm.create_model(architecture, pretrained=False).pretrained_cfg
+        )
+        config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+        settings.update({k: config[k] for k in ("mean", "std", "crop_pct", "interpolation") if config.get(k)})
+    else:
+        import torchvision
+
+        transforms = torchvision.models.get_model_weights(architecture).DEFAULT.transforms()
+        settings.update(mean=tuple(transforms.mean), std=tuple(transforms.std),
+                        crop_pct=transforms.crop_size[0] / transforms.resize_size[0],
+                        interpolation=transforms.interpolation.value)  # fmt: skip
+    return settings
