@@ -11,6 +11,7 @@ from .backbones import parse_backbone
 
 RNN_TYPES = ("lstm", "gru")
 CROSS_ATTENTION_KINDS = ("additive", "dot", "scaled_dot")
+DECODER_IMPLEMENTATIONS = ("packed", "reference")
 
 # A ResNet-101 shaped backbone (random init unless started with `from_vision_pretrained`), last stage only.
 DEFAULT_VISION_CONFIG = {
@@ -50,6 +51,7 @@ class CaptionerConfig(PreTrainedConfig):
     self_attention: bool = True  # attend over the decoder's earlier states; False gives the classic SAT decoder
     self_attention_heads: int = 8  # heads of the self-attention (must divide hidden_size)
     dropout: float = 0.5  # dropout before the output layer (deep output)
+    decoder_implementation: str = "packed"  # teacher forcing: "packed" (fast, packed_decoding.py) | "reference"
     attention_penalty: float = 1.0  # lambda of the doubly stochastic penalty sum_i (1 - sum_t alpha_ti)^2
     label_smoothing: float = 0.0  # label smoothing of the token cross-entropy
     tie_word_embeddings: bool = False  # share the embedding matrix with the output layer
@@ -73,6 +75,11 @@ class CaptionerConfig(PreTrainedConfig):
         if self.cross_attention not in CROSS_ATTENTION_KINDS:
             raise ValueError(
                 f"CaptionerConfig.cross_attention must be one of {CROSS_ATTENTION_KINDS}, got {self.cross_attention!r}"
+            )
+        if self.decoder_implementation not in DECODER_IMPLEMENTATIONS:
+            raise ValueError(
+                f"CaptionerConfig.decoder_implementation must be one of {DECODER_IMPLEMENTATIONS}, "
+                f"got {self.decoder_implementation!r}"
             )
         for name in ("grid_size", "embed_dim", "hidden_size", "attention_dim", "vocab_size", "self_attention_heads"):
             value = getattr(self, name)

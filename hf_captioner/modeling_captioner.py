@@ -32,6 +32,7 @@ from .backbones import (
     pretrained_source,
 )
 from .configuration_captioner import CaptionerConfig
+from .packed_decoding import packed_teacher_forcing
 
 logger = logging.get_logger(__name__)
 
@@ -122,15 +123,6 @@ class CaptionerCache:
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, beam_idx))
 
-    def keep_first(self, rows: int) -> None:
-        """Drop all but the first `rows` rows (captions that ended, when training on length-ordered captions)."""
-        if self.rows_per_image != 1:
-            raise ValueError("keep_first needs one row per image (teacher forcing)")
-        for name in ("hidden", "cell", "keys", "values", "projected_regions"):
-            tensor = getattr(self, name)
-            if tensor is not None:
-                setattr(self, name, tensor[:rows])
-
     def __len__(self) -> int:
         return self.seen_tokens
 
@@ -192,63 +184,6 @@ class CaptionerGridEncoder(nn.Module):
         return BaseModelOutput(last_hidden_state=regions)
 
 
-class StepWeightGradients:
-    """Weight gradients of the per-step linear layers of teacher forcing, summed in one matrix product per weight.
-
-    Autograd would add a (out x in) outer product into each weight's gradient at every step: at a few dozen rows per
-    step that is memory-bound and was most of the training step's backward. Here each step multiplies by a detached
-    weight, keeps its input, and a hook keeps the gradient of its output; `attach` puts a node before the loop whose
-    backward (it runs last: every step depends on the state it passes on) returns grad_W = sum_t G_t^T X_t as the
-    weights' gradient, so optimisers, DDP and gradient accumulation see an ordinary gradient.
-    """
-
-    def __init__(self):
-        self.inputs: dict[nn.Parameter, list[torch.Tensor]] = {}
-        self.output_grads: dict[nn.Parameter, dict[int, torch.Tensor]] = {}
-
-    def attach(self, state: torch.Tensor, weights: list[nn.Parameter]) -> torch.Tensor:
-        """`state` (the recurrence's initial state) passed through the node that will receive the weight gradients."""
-        self.weights = weights
-        return _WeightGradientSink.apply(self, state, *weights)
-
-    def linear(self, inputs: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`F.linear`, with the weight's gradient left to `weight_gradients` (the bias's is cheap: autograd's)."""
-        outputs = F.linear(inputs, weight.detach(), bias)
-        kept = self.inputs.setdefault(weight, [])
-        grads = self.output_grads.setdefault(weight, {})
-        position = len(kept)
-        kept.append(inputs.detach())
-        outputs.register_hook(lambda grad: grads.__setitem__(position, grad))
-        return outputs
-
-    def weight_gradients(self) -> list[torch.Tensor | None]:
-        gradients = []
-        for weight in self.weights:
-            grads = self.output_grads.get(weight, {})
-            positions = sorted(grads)  # steps whose output reached the loss
-            if not positions:
-                gradients.append(None)
-                continue
-            # in the weight's dtype: under bf16 autocast the steps ran in bf16, the sum is kept in float32
-            output_grad = torch.cat([grads[i] for i in positions]).to(weight.dtype)  # (sum of rows, out)
-            inputs = torch.cat([self.inputs[weight][i] for i in positions]).to(weight.dtype)  # (sum of rows, in)
-            gradients.append(output_grad.transpose(0, 1) @ inputs)  # (out, in)
-        self.inputs.clear()
-        self.output_grads.clear()
-        return gradients
-
-
-class _WeightGradientSink(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, collector: StepWeightGradients, state: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-        ctx.collector = collector
-        return state.view_as(state)
-
-    @staticmethod
-    def backward(ctx, state_grad: torch.Tensor):
-        return None, state_grad, *ctx.collector.weight_gradients()
-
-
 class CaptionerCrossAttention(nn.Module):
     """Attention of the previous hidden state over the k regions, and the gated context (SAT eq. 4-6, beta gate).
 
@@ -267,36 +202,27 @@ class CaptionerCrossAttention(nn.Module):
     def project_regions(self, regions: torch.Tensor) -> torch.Tensor:
         return self.region_proj(regions)  # (B, k, C) -> (B, k, A)
 
-    def forward(
-        self,
-        hidden: torch.Tensor,
-        regions: torch.Tensor,
-        projected_regions: torch.Tensor,
-        linear=F.linear,
-        scratch=None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (R, H) for R = B x n rows, n consecutive rows per image; regions (B, k, C), projected (B, k, A);
-        `scratch(shape, dtype)` may lend a reusable buffer for the additive scores' sum (inference only)."""
-        images = regions.shape[0]
-        query = linear(hidden, self.query_proj.weight, self.query_proj.bias).view(
-            images, -1, self.query_proj.out_features
-        )  # (B, n, A)
-        if self.score is not None:
-            # the (B, n, k, A) sum is the largest tensor of a step: tanh in place, in a reused buffer when lent
-            terms = projected_regions.unsqueeze(1), query.unsqueeze(2)
-            if scratch is None:
-                summed = torch.add(*terms)
-            else:
-                shape = (images, query.shape[1], *projected_regions.shape[1:])
-                summed = torch.add(
-                    *terms, out=scratch(shape, torch.promote_types(query.dtype, projected_regions.dtype))
-                )
-            scores = self.score(summed.tanh_()).squeeze(-1)  # (B, n, k)
+    def weights(self, query: torch.Tensor, projected_regions: torch.Tensor, scratch=None) -> torch.Tensor:
+        """alpha = softmax_i(e_i) (B, n, k) for queries (B, n, A) of n rows per image. `scratch(shape, dtype)` may
+        lend a reusable buffer for the additive scores' (B, n, k, A) sum, the largest tensor of a step (inference)."""
+        if self.score is None:
+            return (torch.bmm(query, projected_regions.transpose(1, 2)) * self.scale).softmax(dim=-1)
+        terms = projected_regions.unsqueeze(1), query.unsqueeze(2)  # (B, 1, k, A), (B, n, 1, A)
+        if scratch is None:
+            summed = torch.add(*terms)
         else:
-            scores = torch.bmm(query, projected_regions.transpose(1, 2)) * self.scale  # (B, n, k)
-        weights = scores.softmax(dim=-1)  # (B, n, k)
+            shape = (query.shape[0], query.shape[1], *projected_regions.shape[1:])
+            summed = torch.add(*terms, out=scratch(shape, torch.promote_types(query.dtype, projected_regions.dtype)))
+        return self.score(summed.tanh_()).squeeze(-1).softmax(dim=-1)  # (B, n, k)
+
+    def forward(
+        self, hidden: torch.Tensor, regions: torch.Tensor, projected_regions: torch.Tensor, scratch=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """hidden (R, H) for R = B x n rows, n consecutive rows per image; regions (B, k, C), projected (B, k, A)."""
+        query = self.query_proj(hidden).view(regions.shape[0], -1, self.query_proj.out_features)  # (B, n, A)
+        weights = self.weights(query, projected_regions, scratch)  # (B, n, k)
         context = torch.bmm(weights, regions).flatten(0, 1)  # (R, C)
-        gate = torch.sigmoid(linear(hidden, self.gate.weight, self.gate.bias))  # (R, C)
+        gate = torch.sigmoid(self.gate(hidden))  # (R, C)
         return gate * context, weights.flatten(0, 1)  # (R, C), (R, k)
 
 
@@ -314,29 +240,37 @@ class CaptionerSelfAttention(nn.Module):
         self.key_value = nn.Linear(config.hidden_size, 2 * config.hidden_size)
         self.out = nn.Linear(config.hidden_size, config.hidden_size)
 
-    def project_memory(self, state: torch.Tensor, linear=F.linear) -> tuple[torch.Tensor, torch.Tensor]:
-        """Key and value of one new state: (B, H) -> 2 x (B, heads, 1, d)."""
-        key, value = linear(state, self.key_value.weight, self.key_value.bias).chunk(2, dim=-1)  # 2 x (B, H)
-        shape = (state.shape[0], self.num_heads, 1, self.head_dim)
+    def split_memory(self, key_value: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The projected new state (B, 2H) as a key and a value of 2 x (B, heads, 1, d)."""
+        shape = (key_value.shape[0], self.num_heads, 1, self.head_dim)
+        key, value = key_value.chunk(2, dim=-1)  # 2 x (B, H)
         return key.view(shape), value.view(shape)
 
-    def forward(
-        self, step_input: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, linear=F.linear
+    def project_memory(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Key and value of one new state: (B, H) -> 2 x (B, heads, 1, d)."""
+        return self.split_memory(self.key_value(state))
+
+    def attend(
+        self, query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        batch = step_input.shape[0]
-        query = linear(step_input, self.query.weight, self.query.bias).view(
-            batch, self.num_heads, 1, self.head_dim
-        )  # (B, heads, 1, d)
-        scores = query @ keys.transpose(-1, -2) / math.sqrt(self.head_dim)  # (B, heads, 1, M)
-        weights = scores.softmax(dim=-1)  # (B, heads, 1, M)
-        attended = (weights @ values).reshape(batch, -1)  # (B, H)
-        return linear(attended, self.out.weight, self.out.bias), weights.squeeze(2)  # (B, H), (B, heads, M)
+        """query (B, H) over keys/values (B, heads, M, d): the attended state (B, H) and the weights (B, heads, M)."""
+        query = query.view(query.shape[0], self.num_heads, 1, self.head_dim)  # (B, heads, 1, d)
+        weights = (query @ keys.transpose(-1, -2) / math.sqrt(self.head_dim)).softmax(dim=-1)  # (B, heads, 1, M)
+        return (weights @ values).reshape(query.shape[0], -1), weights.squeeze(2)
+
+    def forward(
+        self, step_input: torch.Tensor, keys: torch.Tensor, values: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        attended, weights = self.attend(self.query(step_input), keys, values)
+        return self.out(attended), weights  # (B, H), (B, heads, M)
 
 
 class CaptionerDecoder(nn.Module):
-    """The recurrent decoder: one word per step, from the embedding, the region context and the self-attention."""
+    """The recurrent decoder: one word per step, from the embedding, the region context and the self-attention.
 
-    defer_step_weight_gradients = True  # training: one weight-gradient product per weight (`StepWeightGradients`)
+    This is the reference implementation, which generation uses; `config.decoder_implementation = "packed"` trains
+    with the equivalent, faster runner of packed_decoding.py.
+    """
 
     def __init__(self, config: CaptionerConfig, region_dim: int):
         super().__init__()
@@ -369,122 +303,59 @@ class CaptionerDecoder(nn.Module):
         projected = self.cross_attention.project_regions(regions)  # (B, k, A)
         return CaptionerCache(hidden, cell, keys, values, projected, rows_per_image)
 
-    def step_weights(self) -> list[nn.Parameter]:
-        """The weights every step multiplies by (see `StepWeightGradients`)."""
-        layers = [self.cross_attention.query_proj, self.cross_attention.gate]
-        if self.self_attention is not None:
-            layers += [self.self_attention.query, self.self_attention.key_value, self.self_attention.out]
-        return [layer.weight for layer in layers] + [self.cell.weight_ih, self.cell.weight_hh]
-
-    def recur(self, cell_input: torch.Tensor, cache: CaptionerCache, linear=F.linear) -> None:
-        """One LSTM/GRU update of the cache's state, the equations of `nn.LSTMCell` / `nn.GRUCell` (whose parameters
-        it uses), written out so that the weight products can go through `linear`."""
-        cell = self.cell
-        if linear is F.linear:  # nothing to defer: torch's own cell (fewer kernel launches)
-            if cache.cell is not None:
-                cache.hidden, cache.cell = cell(cell_input, (cache.hidden, cache.cell))
-            else:
-                cache.hidden = cell(cell_input, cache.hidden)
-            return
-        input_gates = linear(cell_input, cell.weight_ih, cell.bias_ih)  # (B, 4H | 3H)
-        hidden_gates = linear(cache.hidden, cell.weight_hh, cell.bias_hh)  # (B, 4H | 3H)
-        if cache.cell is not None:
-            i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=-1)
-            cache.cell = torch.sigmoid(f) * cache.cell + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
-            cache.hidden = torch.sigmoid(o) * torch.tanh(cache.cell)  # (B, H)
-        else:
-            input_r, input_z, input_n = input_gates.chunk(3, dim=-1)
-            hidden_r, hidden_z, hidden_n = hidden_gates.chunk(3, dim=-1)
-            reset, update = torch.sigmoid(input_r + hidden_r), torch.sigmoid(input_z + hidden_z)
-            new = torch.tanh(input_n + reset * hidden_n)
-            cache.hidden = (1 - update) * new + update * cache.hidden  # (B, H)
-
     def step(
-        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, linear=F.linear
+        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Consume one word embedding (B, E); update `cache` in place; return its context and attention weights."""
         scratch = None if torch.is_grad_enabled() else cache.scratch  # autograd keeps each step's sum
-        context, cross_weights = self.cross_attention(cache.hidden, regions, cache.projected_regions, linear, scratch)
+        context, cross_weights = self.cross_attention(cache.hidden, regions, cache.projected_regions, scratch)
         inputs = [embedded, context]  # (B, E), (B, C); cross_weights (B, k)
         self_weights = None
         if self.self_attention is not None:
             step_query = torch.cat([embedded, cache.hidden], dim=-1)  # (B, E + H)
-            attended, self_weights = self.self_attention(step_query, cache.keys, cache.values, linear)
+            attended, self_weights = self.self_attention(step_query, cache.keys, cache.values)
             inputs.append(attended)  # (B, H); self_weights (B, heads, M)
-        self.recur(torch.cat(inputs, dim=-1), cache, linear)  # input (B, E + C [+ H])
+        cell_input = torch.cat(inputs, dim=-1)  # (B, E + C [+ H])
+        if cache.cell is not None:
+            cache.hidden, cache.cell = self.cell(cell_input, (cache.hidden, cache.cell))  # (B, H) each
+        else:
+            cache.hidden = self.cell(cell_input, cache.hidden)  # (B, H)
         if self.self_attention is not None:
-            key, value = self.self_attention.project_memory(cache.hidden, linear)  # 2 x (B, heads, 1, d)
+            key, value = self.self_attention.project_memory(cache.hidden)  # 2 x (B, heads, 1, d)
             cache.keys = torch.cat([cache.keys, key], dim=2)  # (B, heads, M + 1, d)
             cache.values = torch.cat([cache.values, value], dim=2)  # (B, heads, M + 1, d)
         cache.seen_tokens += 1
         return context, cross_weights, self_weights
 
-    def forward(
-        self,
-        input_ids: torch.LongTensor,
-        regions: torch.Tensor,
-        cache: CaptionerCache,
-        lengths: torch.LongTensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Run the T input words through the recurrence (teacher forcing, or one step of generation).
+    def output(self, embedded: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """Deep output over all steps at once: (B, T, E), (B, T, H), (B, T, C) -> logits (B, T, V)."""
+        deep = embedded + self.out_hidden(hidden) + self.out_context(context)  # (B, T, E)
+        return self.lm_head(self.dropout(deep))
 
-        Work that does not depend on the recurrence (embeddings, the output layer) runs batched over all steps.
-        With `lengths` (B,) (training: the number of real target tokens per caption), captions are ordered longest
-        first and each step runs only on those not yet ended; outputs past a caption's end are then zeros and the
-        cache is left incomplete, so this is for training only.
-        Returns logits (B, T, V), cross-attention (B, T, k), self-attention (B, heads, T, P + T) or None.
-        """
-        batch, length = input_ids.shape
+    def forward(
+        self, input_ids: torch.LongTensor, regions: torch.Tensor, cache: CaptionerCache
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run the T input words through the recurrence from `cache` (teacher forcing, or steps of generation).
+        Returns logits (B, T, V), cross-attention (B, T, k), self-attention (B, heads, T, P + T) or None."""
         past = cache.seen_tokens
         embedded = self.embed_tokens(input_ids)  # (B, T, E)
-        order = active = None
-        if lengths is not None:
-            order = lengths.argsort(descending=True, stable=True)  # (B,)
-            active = (lengths[order][None, :] > torch.arange(length, device=lengths.device)[:, None]).sum(1).tolist()
-            if torch.equal(order, torch.arange(batch, device=order.device)):
-                order = None  # already longest first (as CaptionCollator batches them): nothing to move
-            else:
-                cache.reorder_cache(order)
-                regions = regions.index_select(0, order)  # (B, k, C)
-        steps_input = embedded if order is None else embedded.index_select(0, order)  # (B, T, E)
-        linear = F.linear
-        if torch.is_grad_enabled() and self.defer_step_weight_gradients:
-            weights = [weight for weight in self.step_weights() if weight.requires_grad]
-            if weights:
-                collector = StepWeightGradients()
-                cache.hidden = collector.attach(cache.hidden, weights)
-                linear = collector.linear
         hiddens, contexts, cross_weights, self_weights = [], [], [], []
-        for t in range(length):
-            rows = batch if active is None else active[t]
-            if rows < cache.hidden.shape[0]:
-                cache.keep_first(rows)  # captions that have ended drop out of the batch for good
-            context, cross, self_w = self.step(steps_input[:rows, t], regions[:rows], cache, linear)
-            hiddens.append(_pad_rows(cache.hidden, batch))
-            contexts.append(_pad_rows(context, batch))
-            cross_weights.append(_pad_rows(cross, batch))
-            self_weights.append(None if self_w is None else _pad_rows(self_w, batch))
-        hidden = torch.stack(hiddens, dim=1)  # (B, T, H)
-        context = torch.stack(contexts, dim=1)  # (B, T, C)
-        cross = torch.stack(cross_weights, dim=1)  # (B, T, k)
-        self_attn = None
-        if self.self_attention is not None:
-            # row t saw memory h_0..h_{past+t}; pad every row to the final memory length P + T (zeros: unseen)
-            memory = past + length
-            self_attn = torch.stack([F.pad(w, (0, memory - w.shape[-1])) for w in self_weights], dim=2)
-        if order is not None:  # back to the caller's order
-            inverse = order.argsort()
-            hidden, context, cross = hidden[inverse], context[inverse], cross[inverse]
-            self_attn = self_attn[inverse] if self_attn is not None else None
-        deep = embedded + self.out_hidden(hidden) + self.out_context(context)  # (B, T, E)
-        logits = self.lm_head(self.dropout(deep))  # (B, T, V)
-        return logits, cross, self_attn
+        for t in range(input_ids.shape[1]):
+            context, cross, self_w = self.step(embedded[:, t], regions, cache)
+            hiddens.append(cache.hidden)
+            contexts.append(context)
+            cross_weights.append(cross)
+            self_weights.append(self_w)
+        logits = self.output(embedded, torch.stack(hiddens, dim=1), torch.stack(contexts, dim=1))
+        return logits, torch.stack(cross_weights, dim=1), self.stack_self_attention(self_weights, past + len(hiddens))
 
-
-def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """Zero rows appended up to `rows` (the captions that have already ended)."""
-    missing = rows - tensor.shape[0]
-    return tensor if missing == 0 else torch.cat([tensor, tensor.new_zeros(missing, *tensor.shape[1:])])
+    @staticmethod
+    def stack_self_attention(step_weights: list[torch.Tensor | None], memory: int) -> torch.Tensor | None:
+        """The steps' self-attention weights (B, heads, M_t) as (B, heads, T, memory): step t saw h_0..h_{P+t}; the
+        states it could not see get weight 0. None without self-attention."""
+        if not step_weights or step_weights[0] is None:
+            return None
+        return torch.stack([F.pad(w, (0, memory - w.shape[-1])) for w in step_weights], dim=2)
 
 
 class CaptionerPreTrainedModel(PreTrainedModel):
@@ -517,7 +388,6 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
     """Image captioner: a CNN grid encoder and an attention LSTM/GRU decoder; caption with `generate()`."""
 
     _tied_weights_keys = {"decoder.lm_head.weight": "decoder.embed_tokens.weight"}
-    skip_finished_captions = True  # training: steps run only on captions not yet ended (see CaptionerDecoder)
 
     def __init__(self, config: CaptionerConfig):
         super().__init__(config)
@@ -659,12 +529,14 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
             if cache is not None:
                 raise ValueError("Pass the decoding cache as `cache` or as `past_key_values`, not both")
             cache = past_key_values
-        lengths = None
-        if labels is not None and cache is None and not use_cache and self.skip_finished_captions:
-            lengths = (labels != -100).sum(dim=1)  # padding is on the right: steps past a caption's end are skipped
-        if cache is None:
-            cache = self.decoder.start(regions, rows_per_image)
-        logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache, lengths)
+        if self.config.decoder_implementation == "packed" and cache is None and not use_cache and rows_per_image == 1:
+            lengths = None if labels is None else (labels != -100).sum(dim=1)  # padding is on the right
+            logits, cross_attentions, self_attentions = packed_teacher_forcing(
+                self.decoder, decoder_input_ids, regions, lengths
+            )
+        else:
+            cache = cache if cache is not None else self.decoder.start(regions, rows_per_image)
+            logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache)
 
         loss = token_loss = attention_loss = None
         if labels is not None:

@@ -11,6 +11,7 @@ from transformers import ResNetConfig, ResNetForImageClassification
 
 from hf_captioner import CaptionerCache, CaptionerConfig, CaptionerForConditionalGeneration
 from hf_captioner.inference import speed_options
+from hf_captioner.packed_decoding import recur
 
 DECODER_KINDS = list(itertools.product(["lstm", "gru"], [True, False], ["additive", "dot", "scaled_dot"]))
 
@@ -292,29 +293,37 @@ def test_default_configuration_is_show_attend_and_tell_sized():
     assert config.rnn_type == "lstm" and config.cross_attention == "additive" and config.self_attention
 
 
-@pytest.mark.parametrize("rnn_type,self_attention", [("lstm", True), ("gru", False)])
-def test_skipping_finished_captions_changes_nothing_but_the_work(rnn_type, self_attention):
-    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention)
+@pytest.mark.parametrize("rnn_type,self_attention,cross_attention", [("lstm", True, "additive"), ("gru", False, "dot")])
+def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_attention, cross_attention):
+    """The packed runner (length-packed steps, deferred weight gradients) changes nothing but the work: the same
+    losses, logits and attention on every real position, and the same gradients, frozen weights included."""
+    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention)
+    model.decoder.cross_attention.gate.weight.requires_grad_(False)  # a frozen step weight gets no gradient
     labels = token_ids(batch=4, length=7)
     labels[0, 3:] = -100  # captions of 3, 7, 5 and 1 tokens, in no particular order
     labels[2, 5:] = -100
     labels[3, 1:] = -100
-    skipped = model(pixel_values=images(4), labels=labels, use_cache=False, output_attentions=True)
-    model.skip_finished_captions = False
-    full = model(pixel_values=images(4), labels=labels, use_cache=False, output_attentions=True)
-    torch.testing.assert_close(skipped.token_loss, full.token_loss, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(skipped.attention_loss, full.attention_loss, rtol=1e-6, atol=1e-6)
+    outputs, grads = {}, {}
+    for implementation in ("packed", "reference"):
+        model.config.decoder_implementation = implementation
+        model.zero_grad(set_to_none=True)
+        outputs[implementation] = model(pixel_values=images(4), labels=labels, use_cache=False, output_attentions=True)
+        outputs[implementation].loss.backward()
+        grads[implementation] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+    packed, reference = outputs["packed"], outputs["reference"]
+    torch.testing.assert_close(packed.token_loss, reference.token_loss, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(packed.attention_loss, reference.attention_loss, rtol=1e-6, atol=1e-6)
     real = labels != -100
-    torch.testing.assert_close(skipped.logits[real], full.logits[real], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(skipped.cross_attentions[real], full.cross_attentions[real], rtol=1e-5, atol=1e-6)
-    assert (skipped.cross_attentions[~real] == 0).all()
-    grads = []
-    for flag in (True, False):
-        model.zero_grad()
-        model.skip_finished_captions = flag
-        model(pixel_values=images(4), labels=labels, use_cache=False).loss.backward()
-        grads.append(model.decoder.cell.weight_hh.grad.clone())
-    torch.testing.assert_close(grads[0], grads[1], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(packed.logits[real], reference.logits[real], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.cross_attentions[real], reference.cross_attentions[real], rtol=1e-5, atol=1e-6)
+    assert (packed.cross_attentions[~real] == 0).all()
+    if self_attention:  # (B, heads, T, T) -> the real (B, T) positions
+        per_step = [attention.self_attentions.transpose(1, 2)[real] for attention in (packed, reference)]
+        torch.testing.assert_close(*per_step, rtol=1e-5, atol=1e-6)
+    assert grads["packed"].keys() == grads["reference"].keys()
+    assert "decoder.cell.weight_ih" in grads["packed"] and "decoder.cross_attention.gate.weight" not in grads["packed"]
+    for name in grads["packed"]:
+        torch.testing.assert_close(grads["packed"][name], grads["reference"][name], rtol=1e-4, atol=1e-9, msg=name)
 
 
 @pytest.mark.parametrize("cross_attention", ["additive", "dot"])
@@ -373,24 +382,6 @@ def test_beams_may_not_move_to_another_image():
         out.cache.reorder_cache(torch.tensor([0, 1, 3, 3, 4, 5]))
 
 
-@pytest.mark.parametrize("rnn_type,self_attention", [("lstm", True), ("gru", False)])
-def test_step_weight_gradients_summed_once_equal_autograds_per_step_sums(rnn_type, self_attention):
-    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, dropout=0.0)
-    model.decoder.cross_attention.gate.weight.requires_grad_(False)  # a frozen step weight gets no gradient
-    labels = token_ids(batch=4, length=7)
-    labels[1, 4:] = -100
-    grads = []
-    for defer in (True, False):
-        model.zero_grad(set_to_none=True)
-        model.decoder.defer_step_weight_gradients = defer
-        model(pixel_values=images(4), labels=labels, use_cache=False).loss.backward()
-        grads.append({name: p.grad for name, p in model.named_parameters() if p.grad is not None})
-    assert grads[0].keys() == grads[1].keys()
-    assert "decoder.cell.weight_ih" in grads[0] and "decoder.cross_attention.gate.weight" not in grads[0]
-    for name in grads[0]:
-        torch.testing.assert_close(grads[0][name], grads[1][name], rtol=1e-4, atol=1e-9, msg=name)
-
-
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
 def test_written_out_recurrence_equals_the_torch_cell(rnn_type):
     decoder = tiny_model(rnn_type=rnn_type).decoder
@@ -398,7 +389,7 @@ def test_written_out_recurrence_equals_the_torch_cell(rnn_type):
     cell_input = torch.randn(5, decoder.cell.input_size, generator=generator)
     hidden, cell = torch.randn(2, 5, decoder.cell.hidden_size, generator=generator)
     cache = CaptionerCache(hidden, cell if rnn_type == "lstm" else None, None, None, torch.zeros(5, 1, 1))
-    decoder.recur(cell_input, cache)
+    recur(decoder.cell, cell_input, cache, F.linear)
     expected = decoder.cell(cell_input, (hidden, cell) if rnn_type == "lstm" else hidden)
     if rnn_type == "lstm":
         torch.testing.assert_close(cache.cell, expected[1])
