@@ -145,7 +145,7 @@ def packed_teacher_forcing(
     embedded = decoder.embed_tokens(input_ids)  # (B, T, E)
     cache = decoder.start(regions)
     order = active = None
-    if lengths is not None:
+    if lengths is not None and int(lengths.max()) > 0:
         order = lengths.argsort(descending=True, stable=True)  # (B,)
         active = (lengths[order][None, :] > torch.arange(length, device=lengths.device)[:, None]).sum(1).tolist()
         if torch.equal(order, torch.arange(batch, device=order.device)):
@@ -163,6 +163,8 @@ def packed_teacher_forcing(
     hiddens, contexts, cross_weights, self_weights = [], [], [], []
     for t in range(length):
         rows = batch if active is None else active[t]
+        if rows == 0:
+            break  # every caption has ended: the remaining steps are padding
         if rows < cache.hidden.shape[0]:
             keep_first_rows(cache, rows)  # captions that have ended drop out of the batch for good
         if weights:
@@ -173,10 +175,12 @@ def packed_teacher_forcing(
         contexts.append(_pad_rows(context, batch))
         cross_weights.append(_pad_rows(cross, batch))
         self_weights.append(None if self_w is None else _pad_rows(self_w, batch))
-    hidden = torch.stack(hiddens, dim=1)  # (B, T, H)
-    context = torch.stack(contexts, dim=1)  # (B, T, C)
-    cross = torch.stack(cross_weights, dim=1)  # (B, T, k)
-    self_attention = decoder.stack_self_attention(self_weights, length)  # the last step saw h_0..h_{T-1}
+    hidden = _pad_steps(torch.stack(hiddens, dim=1), length)  # (B, T, H)
+    context = _pad_steps(torch.stack(contexts, dim=1), length)  # (B, T, C)
+    cross = _pad_steps(torch.stack(cross_weights, dim=1), length)  # (B, T, k)
+    self_attention = decoder.stack_self_attention(self_weights, length)  # (B, heads, steps run, T)
+    if self_attention is not None:
+        self_attention = _pad_steps(self_attention.transpose(1, 2), length).transpose(1, 2)  # (B, heads, T, T)
     if order is not None:  # back to the caller's order
         inverse = order.argsort()
         hidden, context, cross = hidden[inverse], context[inverse], cross[inverse]
@@ -190,6 +194,16 @@ def keep_first_rows(cache: CaptionerCache, rows: int) -> None:
         tensor = getattr(cache, name)
         if tensor is not None:
             setattr(cache, name, tensor[:rows])
+
+
+def _pad_steps(tensor: torch.Tensor, steps: int) -> torch.Tensor:
+    """Zero steps appended along dim 1 up to `steps` (the steps after every caption had ended)."""
+    missing = steps - tensor.shape[1]
+    return (
+        tensor
+        if missing == 0
+        else torch.cat([tensor, tensor.new_zeros(tensor.shape[0], missing, *tensor.shape[2:])], 1)
+    )
 
 
 def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:

@@ -299,8 +299,9 @@ def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_atte
     losses, logits and attention on every real position, and the same gradients, frozen weights included."""
     model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention)
     model.decoder.cross_attention.gate.weight.requires_grad_(False)  # a frozen step weight gets no gradient
-    labels = token_ids(batch=4, length=7)
-    labels[0, 3:] = -100  # captions of 3, 7, 5 and 1 tokens, in no particular order
+    labels = token_ids(batch=4, length=8)
+    labels[0, 3:] = -100  # captions of 3, 7, 5 and 1 tokens, in no particular order,
+    labels[1, 7:] = -100  # padded one step beyond the longest
     labels[2, 5:] = -100
     labels[3, 1:] = -100
     outputs, grads = {}, {}
