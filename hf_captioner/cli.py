@@ -1,10 +1,11 @@
-"""What every command shares: logging set-up and the inference speed flags. It imports nothing else from the
-package, so any layer may use it."""
+"""What every command shares: logging set-up, loading a saved captioner, the inference speed flags. It imports
+nothing else from the package, so any layer may use it."""
 
 from __future__ import annotations
 
 import argparse
 import logging
+from pathlib import Path
 
 
 def configure_logging() -> None:
@@ -20,3 +21,30 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--channels_last", action="store_true", help="NHWC convolutions in the encoder")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder step")
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    """--model and --trust_remote_code, for the commands that load a saved captioner."""
+    parser.add_argument("--model", required=True, help="saved model folder, or a Hub id")
+    parser.add_argument(
+        "--trust_remote_code",
+        action="store_true",
+        help="run the model folder's own code (needed only for captioners this package does not know)",
+    )
+
+
+def load_captioner(args: argparse.Namespace, parser: argparse.ArgumentParser):
+    """The model (in eval mode) and processor of `args.model`. Folders of this package load with its own code;
+    the folder's copied code runs only with --trust_remote_code. A bad folder or id is one line, not a traceback."""
+    from transformers import AutoModel, AutoProcessor
+
+    folder = Path(args.model)
+    if folder.exists() or args.model.startswith((".", "/", "~")) or args.model.count("/") > 1:
+        if not (folder / "config.json").is_file():
+            parser.error(f"--model {args.model}: not a saved model folder (no config.json)")
+    try:
+        model = AutoModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+        processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    except (OSError, ValueError) as err:
+        parser.error(f"--model {args.model}: {str(err).splitlines()[0]}")
+    return model.eval(), processor

@@ -3,6 +3,7 @@
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -80,6 +81,29 @@ def test_caption_script_draws_one_panel_per_word(trained_tiny_model, tmp_path):
         columns, rows = min(len(words), 5), math.ceil(len(words) / 5)
         panel = PANEL_INCHES * DPI
         assert Image.open(figure).size == (round(columns * panel), round(rows * panel))
+
+
+def test_a_model_folders_own_code_runs_only_when_trusted(trained_tiny_model, tmp_path):
+    """Commands load folders of this package with its own code; a folder naming another model type runs its
+    copied code only with --trust_remote_code; a bad --model is one line, not a traceback."""
+    folder = tmp_path / "foreign"
+    shutil.copytree(trained_tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    (folder / "config.json").write_text(json.dumps({**config, "model_type": "someone_elses_captioner"}))
+    marker = tmp_path / "marker"
+    with open(folder / "modeling_captioner.py", "a") as handle:
+        handle.write(f"\nopen({str(marker)!r}, 'w').write('ran')\n")
+    picture = tmp_path / "picture.png"
+    make_sample_dataset(0, 0, 1, seed=3, image_size=32)["test"][0]["image"].save(picture)
+    command = [HF_CAPTIONER, "caption", "--model", str(folder), str(picture)]
+    refused = subprocess.run(command, capture_output=True, text=True, env=ENV, timeout=600)
+    assert refused.returncode == 2 and "custom code" in refused.stderr.splitlines()[-1] and not marker.exists()
+    run_command("caption", *command[2:], "--trust_remote_code")
+    assert marker.exists()
+    missing = subprocess.run([HF_CAPTIONER, "evaluate", "--model", str(tmp_path / "nothing")], capture_output=True,
+                             text=True, env=ENV, timeout=600)  # fmt: skip
+    assert missing.returncode == 2 and "Traceback" not in missing.stderr
+    assert missing.stderr.splitlines()[-1].endswith("not a saved model folder (no config.json)")
 
 
 def test_attention_figure_and_word_maps(trained_tiny_model):

@@ -9,10 +9,9 @@ import urllib.request
 from pathlib import Path
 
 from PIL import Image
-from transformers import AutoModel, AutoProcessor
 
 import hf_captioner  # noqa: F401  (registers the Auto classes)
-from hf_captioner.cli import add_speed_arguments
+from hf_captioner.cli import add_model_arguments, add_speed_arguments, load_captioner
 from hf_captioner.inference import caption_with_attention, speed_options
 from hf_captioner.processing_captioner import open_image, to_rgb
 from hf_captioner.visualize import plot_attention
@@ -54,7 +53,7 @@ def collect(inputs: list[str]) -> list[tuple[str, Image.Image]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or URLs")
-    parser.add_argument("--model", required=True, help="saved model folder or Hub id")
+    add_model_arguments(parser)
     parser.add_argument("--num_beams", type=int, default=3)
     parser.add_argument("--max_new_tokens", type=int, default=30)
     parser.add_argument("--batch_size", type=int, default=16)
@@ -62,8 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     add_speed_arguments(parser)
     args = parser.parse_args(argv)
 
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model, processor = load_captioner(args, parser)
     speed = speed_options(model, args.bf16, args.channels_last, args.compile)
     pictures = collect(args.inputs)
     if args.attention:

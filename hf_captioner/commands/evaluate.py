@@ -9,10 +9,8 @@ import argparse
 import json
 from pathlib import Path
 
-from transformers import AutoModel, AutoProcessor
-
 import hf_captioner  # noqa: F401  (registers the Auto classes)
-from hf_captioner.cli import add_speed_arguments, configure_logging
+from hf_captioner.cli import add_model_arguments, add_speed_arguments, configure_logging, load_captioner
 from hf_captioner.data import detect_and_load, make_sample_dataset
 from hf_captioner.evaluation import evaluate_split, format_table
 from hf_captioner.inference import speed_options
@@ -31,7 +29,7 @@ def load_split(data: str, split: str, model_dir: str, images_dir: str | None, st
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--model", required=True, help="saved model folder or Hub id")
+    add_model_arguments(parser)
     parser.add_argument("--data", default="sample", help="'sample', a data folder/file in a known layout, or a Hub id")
     parser.add_argument("--images_dir", default=None)
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
@@ -46,8 +44,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     configure_logging()
 
-    model = AutoModel.from_pretrained(args.model, trust_remote_code=True)
-    processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=True)
+    model, processor = load_captioner(args, parser)
     dataset = load_split(args.data, args.split, args.model, args.images_dir, args.strict)
     if len(dataset) == 0:
         parser.error(f"the {args.split} split of {args.data} has no images")
