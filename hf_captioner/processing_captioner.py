@@ -27,7 +27,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             return ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
         raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
 
 

@@ -27,7 +27,9 @@ def attention_overlay(image: Image.Image, attention: np.ndarray, blur: float | N
     upsampled = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False).clamp(min=0)
     sigma = blur if blur is not None else max(width, height) / grid.shape[-1] / 3
     kernel = 2 * math.ceil(3 * sigma) + 1
-    smooth = gaussian_blur(upsampled, [kernel, kernel], [sigma, sigma])[0, 0].numpy()  # (H, W)
+    # the blur pads by reflection, which needs a kernel radius below each side (1 x 1 or 4000 x 10 pictures)
+    kernels = [min(kernel, 2 * width - 1), min(kernel, 2 * height - 1)]
+    smooth = gaussian_blur(upsampled, kernels, [sigma, sigma])[0, 0].numpy()  # (H, W)
     return smooth / max(float(smooth.max()), 1e-12)
 
 

@@ -6,11 +6,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import io  # noqa: E402
+import struct  # noqa: E402
 import sys  # noqa: E402
+import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from PIL import Image  # noqa: E402
 
 from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration, train_tokenizer  # noqa: E402
 from hf_captioner.training import TrainingArguments, train  # noqa: E402
@@ -31,6 +35,25 @@ TINY_CAPTIONS = [
     "a small purple circle in the middle",
     "a large orange square on the right",
 ]
+
+
+def write_truncated_jpeg(path: Path) -> Path:
+    """A JPEG cut in half: its header is fine (PIL's `verify()` passes it), its data is not."""
+    Image.effect_noise((64, 64), 60).convert("RGB").save(path, format="JPEG")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    return path
+
+
+def write_bomb_png(path: Path, side: int = 50_000) -> Path:
+    """A tiny PNG whose header claims side x side pixels (a decompression bomb)."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (4, 4)).save(buffer, format="PNG")
+    data = bytearray(buffer.getvalue())
+    header = data[12:16] + struct.pack(">II", side, side) + data[24:29]  # IHDR type, size, then depth etc.
+    data[16:24] = header[4:12]
+    data[29:33] = struct.pack(">I", zlib.crc32(bytes(header)))
+    path.write_bytes(bytes(data))
+    return path
 
 
 def tiny_config(**overrides) -> CaptionerConfig:

@@ -5,6 +5,7 @@ import logging
 
 import numpy as np
 import pytest
+from conftest import write_bomb_png, write_truncated_jpeg
 from datasets import Dataset
 from PIL import Image
 
@@ -141,6 +142,17 @@ def test_missing_and_corrupt_images_and_empty_captions_are_counted(karpathy, cap
     assert "1 image(s) missing on disk" in message and "1001_b.jpg" in message
     assert "1 image(s) unreadable" in message and "1002_c.jpg" in message
     assert "1 empty caption(s) dropped" in message
+    with pytest.raises(DataError, match="strict"):
+        load_karpathy_json(karpathy / "dataset_flickr8k.json", karpathy / "images", strict=True)
+
+
+def test_truncated_and_bomb_images_are_counted_when_the_data_set_is_loaded(karpathy, caplog):
+    write_truncated_jpeg(karpathy / "images" / "1003_d.jpg")
+    write_bomb_png(karpathy / "images" / "1004_e.jpg")
+    with caplog.at_level(logging.WARNING):
+        data = load_karpathy_json(karpathy / "dataset_flickr8k.json", karpathy / "images")
+    assert set(rows(data)) == {"1000_a", "1001_b", "1002_c"}
+    assert "2 image(s) unreadable" in caplog.text and "1003_d.jpg" in caplog.text and "1004_e.jpg" in caplog.text
     with pytest.raises(DataError, match="strict"):
         load_karpathy_json(karpathy / "dataset_flickr8k.json", karpathy / "images", strict=True)
 

@@ -8,10 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import HF_CAPTIONER
+from conftest import HF_CAPTIONER, write_truncated_jpeg
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
@@ -20,7 +21,7 @@ from hf_captioner.evaluation import grid_cell_to_image_point
 from hf_captioner.hub import load_without_package
 from hf_captioner.inference import word_attention
 from hf_captioner.model_card import TESTED_TRANSFORMERS, render_model_card
-from hf_captioner.visualize import DPI, PANEL_INCHES, plot_attention
+from hf_captioner.visualize import DPI, PANEL_INCHES, attention_overlay, plot_attention
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -66,16 +67,18 @@ def test_evaluate_writes_predictions_and_metrics_deterministically(evaluated):
         assert (first / name).read_bytes() == (second / name).read_bytes()
 
 
-def test_caption_script_draws_one_panel_per_word(trained_tiny_model, tmp_path):
+def test_caption_script_draws_one_panel_per_word_and_skips_a_bad_picture(trained_tiny_model, tmp_path):
     data = make_sample_dataset(0, 0, 2, seed=11, image_size=32)["test"]
-    paths = []
+    folder = tmp_path / "pictures"
+    folder.mkdir()
     for i, image in enumerate(data["image"]):
-        paths.append(tmp_path / f"pic{i}.png")
-        image.save(paths[-1])
-    result = run_command("caption", "--model", str(trained_tiny_model), *map(str, paths), "--attention",
-                        str(tmp_path / "figures"), "--num_beams", "2")  # fmt: skip
+        image.save(folder / f"pic{i}.png")
+    write_truncated_jpeg(folder / "pic0b.jpg")  # between the two good ones
+    result = run_command("caption", "--model", str(trained_tiny_model), str(folder), "--attention",
+                         str(tmp_path / "figures"), "--num_beams", "2")  # fmt: skip
     lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
     assert [Path(line[0]).name for line in lines] == ["pic0.png", "pic1.png"]
+    assert "pic0b.jpg" in result.stderr and "1 of 3 picture(s) could not be read" in result.stderr
     for _, caption, figure in lines:
         words = caption.split()
         columns, rows = min(len(words), 5), math.ceil(len(words) / 5)
@@ -119,6 +122,15 @@ def test_attention_figure_and_word_maps(trained_tiny_model):
     figure = plot_attention(image, [w.word for w in words], [w.attention for w in words])
     assert len(figure.axes) == len(words)
     assert [axes.get_title() for axes in figure.axes] == [w.word for w in words]
+
+
+@pytest.mark.parametrize("size", [(1, 1), (4000, 10)])
+def test_attention_figures_of_extreme_picture_shapes(size):
+    attention = np.full((2, 2), 0.25)
+    attention[0, 0] = 0.4
+    overlay = attention_overlay(Image.new("RGB", size, (9, 9, 9)), attention)
+    assert overlay.shape == (size[1], size[0]) and overlay.max() == pytest.approx(1.0)
+    assert len(plot_attention(Image.new("RGB", size), ["a", "dot"], [attention, attention]).axes) == 2
 
 
 def test_grid_cells_map_back_to_picture_coordinates():

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import sentencepiece as spm
 import torch
-from conftest import TINY_CAPTIONS
+from conftest import TINY_CAPTIONS, write_bomb_png, write_truncated_jpeg
 from PIL import Image
 
 from hf_captioner import CaptionerImageProcessor, CaptionerProcessor, train_tokenizer
@@ -116,6 +116,9 @@ def test_image_files_are_loaded_and_a_non_image_is_named(processor, tmp_path):
         processor(images=str(truncated))
     with pytest.raises(FileNotFoundError, match="missing.png"):
         processor(images=str(tmp_path / "missing.png"))
+    for broken in (write_truncated_jpeg(tmp_path / "half.jpg"), write_bomb_png(tmp_path / "bomb.png")):
+        with pytest.raises(ValueError, match=broken.name):
+            processor(images=str(broken))
 
 
 def test_bad_inputs_get_clear_errors(processor):

