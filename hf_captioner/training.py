@@ -106,6 +106,7 @@ class TrainingArguments:
     checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps (0: only at each epoch end)
     keep_checkpoints: int = 2  # the last K checkpoints are kept
     resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
+    overwrite_output_dir: bool = False  # start afresh in an output_dir that holds another run (its results go)
     # feature caching (frozen encoder only)
     cache_features: bool = False
     feature_cache_dir: str = "~/.cache/hf_captioner/features"
@@ -296,6 +297,33 @@ def resolve_checkpoint(output_dir: Path, requested: str) -> Path:
     return path
 
 
+TRACKER_PROJECT = "hf_captioner"  # the trackers' (TensorBoard's) folder under output_dir
+RUN_OUTPUTS = ("training_args.json", "metrics.json", "checkpoints", "best", "final", "processor", TRACKER_PROJECT)
+
+
+def claim_output_dir(args: TrainingArguments, remove: bool) -> None:
+    """A new run needs an output_dir of its own: another run's checkpoints would sort among (and prune) its own, and
+    `--resume_from_checkpoint latest` would later pick the wrong run. Refused unless the user asks to resume or to
+    overwrite; overwriting removes the old run's outputs first (where `remove`: the main process)."""
+    output_dir = Path(args.output_dir)
+    previous = [name for name in RUN_OUTPUTS if (output_dir / name).exists()]
+    if not previous or args.resume_from_checkpoint:
+        return
+    if not args.overwrite_output_dir:
+        raise FileExistsError(
+            f"output_dir {output_dir} holds another run ({', '.join(previous)}): pass --resume_from_checkpoint latest "
+            "to continue it, --overwrite_output_dir to replace it, or choose another output_dir"
+        )
+    if remove:
+        for name in previous:
+            path = output_dir / name
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        logger.info("Removed the previous run's outputs from %s (--overwrite_output_dir)", output_dir)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, keep: int) -> None:
     """Write to a temporary folder, then rename: a kill during the save never destroys the last good checkpoint."""
     folder = output_dir / "checkpoints"
@@ -359,6 +387,8 @@ def train(args: TrainingArguments) -> dict:
         project_dir=str(output_dir),
     )
     set_seed(args.seed)
+    claim_output_dir(args, remove=accelerator.is_main_process)  # every process checks before anything is written
+    accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
@@ -421,7 +451,7 @@ def train(args: TrainingArguments) -> dict:
     processes = accelerator.num_processes
     scheduler = get_scheduler(args.lr_scheduler, optimizer, args.warmup_steps * processes, total_steps * processes)
     scheduler = accelerator.prepare(scheduler)
-    accelerator.init_trackers("hf_captioner", config=_scalars(args))
+    accelerator.init_trackers(TRACKER_PROJECT, config=_scalars(args))
 
     state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_cider": None, "bad_epochs": 0, "history": [],
              "log_history": []}  # fmt: skip

@@ -66,6 +66,20 @@ def test_a_short_run_improves_validation_loss_and_saves_a_loadable_model(tmp_pat
     assert len(list((out / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
 
+def test_a_new_run_does_not_mix_with_another_runs_output_dir(tmp_path):
+    """Another run's checkpoints would sort among the new run's (and prune them), and `latest` would resume the
+    wrong run: the folder is refused, or, with overwrite_output_dir, cleared first."""
+    common = dict(sample_sizes=[24, 8, 4], checkpoint_every_steps=2, keep_checkpoints=2)
+    first = train(tiny_arguments(tmp_path / "run", num_epochs=2, **common))
+    with pytest.raises(FileExistsError, match="holds another run .*--overwrite_output_dir"):
+        train(tiny_arguments(tmp_path / "run", num_epochs=1, **common))
+    second = train(tiny_arguments(tmp_path / "run", num_epochs=1, overwrite_output_dir=True, **common))
+    assert second["steps"] < first["steps"]
+    kept = [int(p.name.split("-")[1]) for p in training.list_checkpoints(tmp_path / "run")]
+    assert kept and max(kept) == second["steps"]  # none of the first run's later checkpoints is left
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == second["steps"]
+
+
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     # about 9 steps per epoch: the kill after the step-12 checkpoint falls in the middle of the second epoch
     common = dict(sample_sizes=[24, 8, 4], num_epochs=2, checkpoint_every_steps=4, keep_checkpoints=10)

@@ -33,7 +33,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     started = time.perf_counter()
 
-    args = parse_arguments(["--config", options.config, "--data", options.data_dir, "--output_dir", options.output_dir])
+    args = parse_arguments(["--config", options.config, "--data", options.data_dir, "--output_dir", options.output_dir,
+                            "--overwrite_output_dir", "true"])  # the demo trains afresh every time  # fmt: skip
     if not (Path(options.data_dir) / "dataset_sample.json").is_file():
         write_sample_dataset(
             options.data_dir, *args.sample_sizes, seed=args.sample_seed, image_size=args.sample_image_size
