@@ -324,6 +324,33 @@ def claim_output_dir(args: TrainingArguments, remove: bool) -> None:
         logger.info("Removed the previous run's outputs from %s (--overwrite_output_dir)", output_dir)
 
 
+def owes_validation(state: dict) -> bool:
+    """Whether steps were trained since the last validation (a resumed run must not skip the final one)."""
+    return state["global_step"] > (state["history"][-1]["step"] if state["history"] else 0)
+
+
+def replace_folder(target: Path, write: typing.Callable[[Path], None]) -> None:
+    """Write a folder so that a kill at any moment leaves the old complete one or the new complete one: the new one
+    is written aside, then swapped in by renames; `recover_folder` finishes or undoes an interrupted swap."""
+    partial, old = target.with_name(f".partial-{target.name}"), target.with_name(f".old-{target.name}")
+    shutil.rmtree(partial, ignore_errors=True)
+    write(partial)
+    if target.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+    os.replace(partial, target)  # a kill just before this leaves `old`, which recover_folder puts back
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def recover_folder(target: Path) -> None:
+    """After a kill during `replace_folder`: put the old complete folder back (the resumed run redoes the write)."""
+    partial, old = target.with_name(f".partial-{target.name}"), target.with_name(f".old-{target.name}")
+    if not target.exists() and old.exists():
+        os.replace(old, target)
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, keep: int) -> None:
     """Write to a temporary folder, then rename: a kill during the save never destroys the last good checkpoint."""
     folder = output_dir / "checkpoints"
@@ -390,6 +417,8 @@ def train(args: TrainingArguments) -> dict:
     claim_output_dir(args, remove=accelerator.is_main_process)  # every process checks before anything is written
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
+        for folder in ("best", "final"):
+            recover_folder(output_dir / folder)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
     data = load_data(args)
@@ -464,12 +493,13 @@ def train(args: TrainingArguments) -> dict:
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="Training",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     started, stop = time.perf_counter(), False
-    while state["epoch"] < num_epochs and not stop and state["global_step"] < total_steps:
+    # a run killed after its last step's checkpoint but before that step's validation still owes the validation
+    while not stop and (state["epoch"] < num_epochs and state["global_step"] < total_steps or owes_validation(state)):
         model.train()
         skip = state["batches_in_epoch"]  # > 0 when resuming mid-epoch
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
         batches.set_epoch(state["epoch"])  # the sampler's permutation depends on the epoch only
-        for batch in batches:
+        for batch in batches if state["global_step"] < total_steps else ():
             with accelerator.accumulate(model):
                 loss, logs = objective(model, batch, accelerator.unwrap_model(model))
                 accelerator.backward(loss)
@@ -504,19 +534,23 @@ def train(args: TrainingArguments) -> dict:
 
     train_seconds = time.perf_counter() - started
     final = output_dir / "final"
-    if accelerator.is_main_process:
-        shutil.rmtree(final, ignore_errors=True)
-        shutil.copytree(output_dir / "best", final)
-        shutil.copy(output_dir / "training_args.json", final)  # the model card and evaluate.py read it
-    accelerator.wait_for_everyone()
     best = max(state["history"], key=lambda h: h["cider"])
     metrics = {"best": best, "history": state["history"], "log_history": state["log_history"],
                "steps": state["global_step"], "num_processes": accelerator.num_processes,
                "train_seconds_this_session": round(train_seconds, 1)}  # fmt: skip
+    if not (output_dir / "best" / "model.safetensors").is_file():  # every process stops, none waits for the others
+        raise RuntimeError(f"{output_dir / 'best'} holds no complete model: final/ was not written")
     if accelerator.is_main_process:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        shutil.copy(output_dir / "metrics.json", final / "training_metrics.json")  # travels with the model
+
+        def write_final(folder: Path) -> None:
+            shutil.copytree(output_dir / "best", folder)
+            shutil.copy(output_dir / "training_args.json", folder)  # the model card and evaluate.py read it
+            shutil.copy(output_dir / "metrics.json", folder / "training_metrics.json")  # travels with the model
+
+        replace_folder(final, write_final)
         logger.info("Best validation CIDEr %.3f at epoch %d; model saved to %s", best["cider"], best["epoch"], final)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     return metrics
 
@@ -549,10 +583,12 @@ def _validate(args, accelerator, model, processor, data, val_loader, val_feature
     if state["best_cider"] is None or record["cider"] > state["best_cider"]:
         state["best_cider"], state["bad_epochs"] = record["cider"], 0
         if accelerator.is_main_process:
-            best = output_dir / "best"
-            shutil.rmtree(best, ignore_errors=True)
-            accelerator.unwrap_model(model).save_pretrained(best)
-            processor.save_pretrained(best)
+
+            def write_best(folder: Path) -> None:
+                accelerator.unwrap_model(model).save_pretrained(folder)
+                processor.save_pretrained(folder)
+
+            replace_folder(output_dir / "best", write_best)
         accelerator.wait_for_everyone()
     else:
         state["bad_epochs"] += 1

@@ -66,6 +66,61 @@ def test_a_short_run_improves_validation_loss_and_saves_a_loadable_model(tmp_pat
     assert len(list((out / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
 
+def test_a_kill_after_the_last_steps_checkpoint_still_gets_its_final_validation(tmp_path, monkeypatch):
+    common = dict(sample_sizes=[24, 8, 4], num_epochs=2, checkpoint_every_steps=1, keep_checkpoints=3)
+    whole = train(tiny_arguments(tmp_path / "whole", **common))
+    real_save = training.save_checkpoint
+
+    def save_then_die(accelerator, output_dir, state, keep):
+        real_save(accelerator, output_dir, state, keep)
+        if state["global_step"] == whole["steps"] and training.owes_validation(state):
+            raise KeyboardInterrupt("simulated kill after the last step's checkpoint, before its validation")
+
+    monkeypatch.setattr(training, "save_checkpoint", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        train(tiny_arguments(tmp_path / "split", **common))
+    monkeypatch.setattr(training, "save_checkpoint", real_save)
+    resumed = train(tiny_arguments(tmp_path / "split", resume_from_checkpoint="latest", **common))
+    assert [h["step"] for h in resumed["history"]] == [h["step"] for h in whole["history"]]
+    assert resumed["history"][-1]["val_loss"] == pytest.approx(whole["history"][-1]["val_loss"])
+    finals = [load_file(tmp_path / run / "final" / "model.safetensors") for run in ("whole", "split")]
+    for key in finals[0]:
+        torch.testing.assert_close(finals[1][key], finals[0][key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_a_kill_while_a_model_folder_is_replaced_leaves_a_complete_one(tmp_path, monkeypatch):
+    target = tmp_path / "best"
+
+    def write(version: str):
+        return lambda folder: (folder.mkdir(), (folder / "model.safetensors").write_text(version))
+
+    training.replace_folder(target, write("old"))
+    with pytest.raises(KeyboardInterrupt):  # killed while writing: the old folder is untouched
+        training.replace_folder(target, lambda folder: (folder.mkdir(), _raise(KeyboardInterrupt())))
+    assert (target / "model.safetensors").read_text() == "old"
+    real_replace = os.replace
+
+    def die_before_the_second_rename(source, destination):
+        if Path(source).name == ".partial-best":
+            raise KeyboardInterrupt("simulated kill between the two renames")
+        real_replace(source, destination)
+
+    monkeypatch.setattr(os, "replace", die_before_the_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        training.replace_folder(target, write("new"))
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert not target.exists()  # the moment a resumed run must repair
+    training.recover_folder(target)
+    assert (target / "model.safetensors").read_text() == "old"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best"]
+    training.replace_folder(target, write("new"))
+    assert (target / "model.safetensors").read_text() == "new"
+
+
+def _raise(error: BaseException):
+    raise error
+
+
 def test_a_new_run_does_not_mix_with_another_runs_output_dir(tmp_path):
     """Another run's checkpoints would sort among the new run's (and prune them), and `latest` would resume the
     wrong run: the folder is refused, or, with overwrite_output_dir, cleared first."""
