@@ -14,6 +14,17 @@ def configure_logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number >= 1 (beam counts, batch sizes, lengths)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags of `hf_captioner.inference.speed_options`, for the commands that caption."""
     parser.add_argument(

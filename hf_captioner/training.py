@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_scheduler
+from transformers import SchedulerType, get_scheduler
 from transformers.image_utils import PILImageResampling
 
 from .backbones import image_settings, is_backbone_name
@@ -115,11 +115,24 @@ class TrainingArguments:
     report_to: str = "auto"  # "auto" (TensorBoard when installed), "none", or an Accelerate tracker name
 
     def __post_init__(self):
+        """Values that are wrong whatever the data: refused before any data is read or any picture encoded."""
         if self.objective not in OBJECTIVES:
             raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
+        for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_num_beams",
+                     "eval_max_new_tokens", "self_critical_samples", "log_every_steps"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}: expected a whole number >= 1, got {getattr(self, name)!r}")
+        if self.max_train_steps is not None and self.max_train_steps < 1:
+            raise ValueError(f"max_train_steps: expected >= 1 (or none), got {self.max_train_steps!r}")
+        for name in ("learning_rate", "encoder_learning_rate"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        if self.lr_scheduler not in SCHEDULER_NAMES:
+            raise ValueError(f"lr_scheduler: expected one of {SCHEDULER_NAMES}, got {self.lr_scheduler!r}")
 
 
 OBJECTIVES = ("cross_entropy", "self_critical")
+SCHEDULER_NAMES = tuple(kind.value for kind in SchedulerType)
 
 
 def _convert(value: str, hint) -> typing.Any:
@@ -190,7 +203,10 @@ def parse_arguments(argv: list[str] | None = None) -> TrainingArguments:
             values["model"] = model
         elif raw is not None:
             values[f.name] = _convert(raw, hints[f.name])
-    return TrainingArguments(**_check_numbers(values, hints, parser.error))
+    try:
+        return TrainingArguments(**_check_numbers(values, hints, parser.error))
+    except ValueError as err:  # a bad value is one line, before any data is read
+        parser.error(str(err))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -48,6 +48,17 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path, capsys):
     assert "num_epochs: expected int, got 'many'" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv,field", [
+    (["--lr_scheduler", "cosinus"], "lr_scheduler"), (["--num_epochs", "0"], "num_epochs"),
+    (["--learning_rate", "-1"], "learning_rate"), (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+    (["--max_train_steps", "0"], "max_train_steps"), (["--eval_num_beams", "0"], "eval_num_beams"),
+])  # fmt: skip
+def test_values_wrong_whatever_the_data_are_refused_in_one_line(argv, field, capsys):
+    with pytest.raises(SystemExit) as stop:
+        parse_arguments(argv)
+    assert stop.value.code == 2 and f": error: {field}: expected" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
 def test_a_short_run_improves_validation_loss_and_saves_a_loadable_model(tmp_path):
     args = tiny_arguments(tmp_path / "run", num_epochs=3)
     metrics = train(args)

@@ -12,7 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 import hf_captioner  # noqa: F401  (registers the Auto classes)
-from hf_captioner.cli import add_model_arguments, add_speed_arguments, load_captioner
+from hf_captioner.cli import add_model_arguments, add_speed_arguments, load_captioner, positive_int
 from hf_captioner.inference import caption_with_attention, speed_options
 from hf_captioner.processing_captioner import open_image, to_rgb
 from hf_captioner.visualize import plot_attention
@@ -60,9 +60,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or URLs")
     add_model_arguments(parser)
-    parser.add_argument("--num_beams", type=int, default=3)
-    parser.add_argument("--max_new_tokens", type=int, default=30)
-    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--num_beams", type=positive_int, default=3)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=30)
+    parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--attention", metavar="DIR", help="write one attention figure per picture here")
     add_speed_arguments(parser)
     args = parser.parse_args(argv)

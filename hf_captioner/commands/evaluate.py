@@ -10,7 +10,13 @@ import json
 from pathlib import Path
 
 import hf_captioner  # noqa: F401  (registers the Auto classes)
-from hf_captioner.cli import add_model_arguments, add_speed_arguments, configure_logging, load_captioner
+from hf_captioner.cli import (
+    add_model_arguments,
+    add_speed_arguments,
+    configure_logging,
+    load_captioner,
+    positive_int,
+)
 from hf_captioner.data import detect_and_load, make_sample_dataset
 from hf_captioner.evaluation import evaluate_split, format_table
 from hf_captioner.inference import speed_options
@@ -33,10 +39,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default="sample", help="'sample', a data folder/file in a known layout, or a Hub id")
     parser.add_argument("--images_dir", default=None)
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    parser.add_argument("--num_beams", type=int, default=3)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, default=30)
-    parser.add_argument("--max_images", type=int, default=None, help="score only the first N images")
+    parser.add_argument("--num_beams", type=positive_int, default=3)
+    parser.add_argument("--batch_size", type=positive_int, default=32)
+    parser.add_argument("--max_new_tokens", type=positive_int, default=30)
+    parser.add_argument("--max_images", type=positive_int, default=None, help="score only the first N images")
     parser.add_argument("--output_dir", default=None, help="default: <model>/eval-<split>-beam<N>")
     parser.add_argument("--strict", action="store_true")
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR even where Java is present")
