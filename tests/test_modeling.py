@@ -324,7 +324,9 @@ def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_atte
     assert grads["packed"].keys() == grads["reference"].keys()
     assert "decoder.cell.weight_ih" in grads["packed"] and "decoder.cross_attention.gate.weight" not in grads["packed"]
     for name in grads["packed"]:
-        torch.testing.assert_close(grads["packed"][name], grads["reference"][name], rtol=1e-4, atol=1e-9, msg=name)
+        # the score bias's exact gradient is 0 (softmax ignores a shift of all scores): what it gets is rounding
+        atol = 1e-7 if name.endswith("score.bias") else 1e-9
+        torch.testing.assert_close(grads["packed"][name], grads["reference"][name], rtol=1e-4, atol=atol, msg=name)
 
 
 @pytest.mark.parametrize("cross_attention", ["additive", "dot"])
