@@ -34,6 +34,20 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder step")
 
 
+def model_folder_problem(name: str | None, required: str = "config.json") -> str | None:
+    """What is wrong with `name` as a saved model (or, with required="tokenizer.json", processor) folder when it
+    names a local folder (a Hub id is left to the Hub); None when nothing is. One line instead of transformers'
+    'Repo id must be in the form...'."""
+    if not name:
+        return None
+    folder = Path(name).expanduser()
+    if folder.exists() or name.startswith((".", "/", "~")) or name.count("/") > 1:
+        if not (folder / required).is_file():
+            kind = "model" if required == "config.json" else "processor"
+            return f"{name}: not a saved {kind} folder (no {required})"
+    return None
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     """--model and --trust_remote_code, for the commands that load a saved captioner."""
     parser.add_argument("--model", required=True, help="saved model folder, or a Hub id")
@@ -49,10 +63,9 @@ def load_captioner(args: argparse.Namespace, parser: argparse.ArgumentParser):
     the folder's copied code runs only with --trust_remote_code. A bad folder or id is one line, not a traceback."""
     from transformers import AutoModel, AutoProcessor
 
-    folder = Path(args.model)
-    if folder.exists() or args.model.startswith((".", "/", "~")) or args.model.count("/") > 1:
-        if not (folder / "config.json").is_file():
-            parser.error(f"--model {args.model}: not a saved model folder (no config.json)")
+    problem = model_folder_problem(args.model)
+    if problem:
+        parser.error(f"--model {problem}")
     try:
         model = AutoModel.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
         processor = AutoProcessor.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)

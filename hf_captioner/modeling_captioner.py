@@ -433,10 +433,18 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         return model
 
     @classmethod
-    def from_pretrained(cls, *args, **kwargs) -> CaptionerForConditionalGeneration:
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs) -> CaptionerForConditionalGeneration:
         """As `PreTrainedModel.from_pretrained`; then re-applies the encoder freezing of the config, because loading
-        materialises fresh parameters (all trainable) after `__init__` froze them."""
-        model = super().from_pretrained(*args, **kwargs)
+        materialises fresh parameters (all trainable) after `__init__` froze them, and refuses weights that are not
+        finite (a corrupted file otherwise loads silently and captions nonsense)."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        broken = [name for name, tensor in model.state_dict().items()
+                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]  # fmt: skip
+        if broken:
+            raise ValueError(
+                f"{pretrained_model_name_or_path}: {len(broken)} weight tensor(s) hold NaN or infinite values "
+                f"(e.g. {', '.join(broken[:3])}): the weights file is corrupt"
+            )
         model.encoder.set_trainable_stages(model.config.encoder_trainable_stages)
         return model
 

@@ -28,7 +28,7 @@ from transformers import SchedulerType, get_scheduler
 from transformers.image_utils import PILImageResampling
 
 from .backbones import image_settings, is_backbone_name
-from .cli import configure_logging
+from .cli import configure_logging, model_folder_problem
 from .configuration_captioner import CaptionerConfig
 from .data.loaders import DataError, detect_and_load
 from .data.pairs import (
@@ -129,6 +129,13 @@ class TrainingArguments:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
         if self.lr_scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"lr_scheduler: expected one of {SCHEDULER_NAMES}, got {self.lr_scheduler!r}")
+        unknown = set(self.model) - {f.name for f in dataclasses.fields(CaptionerConfig)}
+        if unknown:
+            raise ValueError(f"model: {sorted(unknown)} are not CaptionerConfig fields")
+        for name, required in (("init_from", "config.json"), ("processor_path", "tokenizer.json")):
+            problem = model_folder_problem(getattr(self, name), required)
+            if problem:
+                raise ValueError(f"{name}: {problem}")
 
 
 OBJECTIVES = ("cross_entropy", "self_critical")
@@ -158,9 +165,16 @@ def _yaml_value(text: str) -> typing.Any:
 NUMBER_FIELDS = {int: int, float: float, int | None: int, float | None: float}
 
 
-def _check_numbers(values: dict, hints: dict, error) -> dict:
-    """Numbers from YAML files get the same reading; a field that wants a number and gets none is an error."""
+def _check_values(values: dict, hints: dict, error) -> dict:
+    """Numbers from YAML files get the same reading; a field that wants a number, a yes/no or a list of whole
+    numbers and gets something else is an error."""
     for name, value in values.items():
+        if hints.get(name) is bool and not isinstance(value, bool):
+            error(f"{name}: expected true or false, got {value!r}")
+        if hints.get(name) == list[int] and not (
+            isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
+        ):
+            error(f"{name}: expected a list of whole numbers such as [2000, 200, 200], got {value!r}")
         kind = NUMBER_FIELDS.get(hints.get(name))
         if kind is None or value is None or isinstance(value, bool):
             continue
@@ -188,6 +202,8 @@ def parse_arguments(argv: list[str] | None = None) -> TrainingArguments:
         if not config_path.is_file():
             parser.error(f"config file not found: {config_path}")
         values = yaml.safe_load(config_path.read_text()) or {}
+        if not isinstance(values, dict):
+            parser.error(f"{config_path}: expected a mapping of field: value, got a {type(values).__name__}")
         unknown = set(values) - {f.name for f in dataclasses.fields(TrainingArguments)}
         if unknown:
             parser.error(f"{config_path}: unknown field(s) {sorted(unknown)}")
@@ -204,7 +220,7 @@ def parse_arguments(argv: list[str] | None = None) -> TrainingArguments:
         elif raw is not None:
             values[f.name] = _convert(raw, hints[f.name])
     try:
-        return TrainingArguments(**_check_numbers(values, hints, parser.error))
+        return TrainingArguments(**_check_values(values, hints, parser.error))
     except ValueError as err:  # a bad value is one line, before any data is read
         parser.error(str(err))
 

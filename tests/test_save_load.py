@@ -14,6 +14,7 @@ import transformers
 from conftest import tiny_model
 from packaging.requirements import Requirement
 from PIL import Image
+from safetensors.torch import load_file, save_file
 from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, GenerationConfig
 
 from hf_captioner import CaptionerForConditionalGeneration, CaptionerImageProcessor, CaptionerProcessor
@@ -134,3 +135,12 @@ def test_a_loaded_model_keeps_the_encoder_freezing_of_its_config(tmp_path):
         assert loaded.encoder.is_frozen == (stages == 0)
     overridden = CaptionerForConditionalGeneration.from_pretrained(tmp_path / "0", encoder_trainable_stages=-1)
     assert all(p.requires_grad for p in overridden.encoder.parameters())
+
+
+def test_weights_that_are_not_finite_are_refused_when_loading(tmp_path):
+    tiny_model().save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    weights["decoder.cell.weight_hh"][3, 5] = float("nan")  # as a flipped exponent bit in the file would make it
+    save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="decoder.cell.weight_hh.*corrupt"):
+        CaptionerForConditionalGeneration.from_pretrained(tmp_path)

@@ -52,11 +52,21 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path, capsys):
     (["--lr_scheduler", "cosinus"], "lr_scheduler"), (["--num_epochs", "0"], "num_epochs"),
     (["--learning_rate", "-1"], "learning_rate"), (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
     (["--max_train_steps", "0"], "max_train_steps"), (["--eval_num_beams", "0"], "eval_num_beams"),
+    (["--strict", "maybe"], "strict"), (["--sample_sizes", "5"], "sample_sizes"), (["--model", "foo_bar=1"], "model"),
+    (["--init_from", "runs/nothing/final"], "init_from"), (["--processor_path", "./nothing"], "processor_path"),
 ])  # fmt: skip
 def test_values_wrong_whatever_the_data_are_refused_in_one_line(argv, field, capsys):
     with pytest.raises(SystemExit) as stop:
         parse_arguments(argv)
-    assert stop.value.code == 2 and f": error: {field}: expected" in capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and f": error: {field}: " in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+def test_a_config_file_must_be_a_mapping(tmp_path, capsys):
+    config = tmp_path / "bad.yaml"
+    config.write_text("just a sentence\n")
+    with pytest.raises(SystemExit):
+        parse_arguments(["--config", str(config)])
+    assert "expected a mapping of field: value, got a str" in capsys.readouterr().err
 
 
 def test_a_short_run_improves_validation_loss_and_saves_a_loadable_model(tmp_path):
