@@ -518,7 +518,11 @@ def train(args: TrainingArguments) -> dict:
              "log_history": []}  # fmt: skip
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+        before = torch.get_rng_state()
         accelerator.load_state(str(checkpoint))
+        if torch.equal(before, torch.get_rng_state()):  # Accelerate only logs this at INFO and goes on
+            logger.warning("%s: the random number state (random_states_*.pkl) could not be restored: the resumed "
+                           "run will not repeat the uninterrupted one exactly", checkpoint)  # fmt: skip
         state = {"log_history": []} | json.loads((checkpoint / STATE_FILE).read_text())  # older checkpoints lack it
         logger.info("Resumed from %s at step %d (epoch %d)", checkpoint, state["global_step"], state["epoch"])
 

@@ -1,6 +1,7 @@
 """Training: arguments, a short run that learns, exact resume, multi-process launch, cached features."""
 
 import json
+import logging
 import math
 import os
 import subprocess
@@ -140,6 +141,21 @@ def test_a_kill_while_a_model_folder_is_replaced_leaves_a_complete_one(tmp_path,
 
 def _raise(error: BaseException):
     raise error
+
+
+def test_a_resume_whose_random_state_cannot_be_restored_says_so(tmp_path, caplog):
+    args = tiny_arguments(tmp_path / "run", sample_sizes=[24, 8, 4], num_epochs=1)
+    train(args)
+    checkpoint = training.list_checkpoints(tmp_path / "run")[-1]
+    resume = tiny_arguments(tmp_path / "run", sample_sizes=[24, 8, 4], num_epochs=1, resume_from_checkpoint="latest")
+    with caplog.at_level(logging.WARNING):
+        train(resume)
+    assert "could not be restored" not in caplog.text
+    (checkpoint / "random_states_0.pkl").write_bytes(b"garbage")
+    with caplog.at_level(logging.WARNING):
+        train(resume)
+    assert "random number state (random_states_*.pkl) could not be restored" in caplog.text
+    assert checkpoint.name in caplog.text
 
 
 def test_a_new_run_does_not_mix_with_another_runs_output_dir(tmp_path):
