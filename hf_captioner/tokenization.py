@@ -51,6 +51,11 @@ def train_sentencepiece(
     lines = [line for line in lines if line]
     if not lines:
         raise ValueError("train_tokenizer needs at least one non-empty caption")
+    # every special token and (unigram) every character, the space's "▁" included, needs a piece of its own
+    needed = 4 + (1 if model_type == "word" else len(set("".join(lines)) | {" "}))
+    if vocab_size < needed:
+        raise ValueError(f"vocab_size {vocab_size} is too small for a {model_type} tokenizer of these captions: "
+                         f"it needs at least {needed} (the 4 special tokens and the pieces every caption needs)")  # fmt: skip
     corpus = model_prefix.with_suffix(".txt")
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     spm.SentencePieceTrainer.train(
@@ -69,6 +74,8 @@ def train_sentencepiece(
         eos_piece=EOS,
         unk_piece=UNK,
         normalization_rule_name="identity",  # captions are already normalised above
+        # SentencePiece silently leaves out lines longer than this (4192 bytes by default): none may be lost
+        max_sentence_length=max(4192, max(len(line.encode("utf-8")) for line in lines) + 1),
         num_threads=2,
         minloglevel=2,
     )

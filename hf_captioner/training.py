@@ -122,6 +122,8 @@ class TrainingArguments:
                      "eval_max_new_tokens", "self_critical_samples", "log_every_steps"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a whole number >= 1, got {getattr(self, name)!r}")
+        if self.vocab_size < 5:
+            raise ValueError(f"vocab_size: expected at least 5 (4 special tokens and a word), got {self.vocab_size!r}")
         if self.max_train_steps is not None and self.max_train_steps < 1:
             raise ValueError(f"max_train_steps: expected >= 1 (or none), got {self.max_train_steps!r}")
         for name in ("learning_rate", "encoder_learning_rate"):

@@ -55,6 +55,17 @@ def test_train_tokenizer_rejects_bad_input():
         train_tokenizer(["", "   "], vocab_size=50)
     with pytest.raises(ValueError, match="model_type"):
         train_tokenizer(TINY_CAPTIONS, model_type="bpe")
+    characters = len(set("".join(TINY_CAPTIONS)))  # the space included
+    with pytest.raises(ValueError, match=f"vocab_size {characters + 3} is too small .* at least {characters + 4}"):
+        train_tokenizer(TINY_CAPTIONS, vocab_size=characters + 3)
+    assert len(train_tokenizer(TINY_CAPTIONS, vocab_size=characters + 4)) >= characters + 4
+
+
+def test_a_very_long_caption_still_trains_the_tokenizer():
+    """SentencePiece leaves out lines over 4,192 bytes unless told otherwise: their words would become <unk>."""
+    long_caption = " ".join(["zebra"] * 1000)  # about 6,000 bytes; the only caption with this word
+    tokenizer = train_tokenizer([*TINY_CAPTIONS, long_caption], vocab_size=64, model_type="word")
+    assert tokenizer.unk_token_id not in tokenizer("a zebra")["input_ids"]
 
 
 def test_processor_gives_pixel_values_and_padded_labels(processor):
