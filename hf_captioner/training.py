@@ -570,8 +570,13 @@ def train(args: TrainingArguments) -> dict:
             save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
     progress.close()
 
-    train_seconds = time.perf_counter() - started
-    final = output_dir / "final"
+    metrics = finish_run(accelerator, output_dir, state, time.perf_counter() - started)
+    accelerator.end_training()
+    return metrics
+
+
+def finish_run(accelerator: Accelerator, output_dir: Path, state: dict, train_seconds: float) -> dict:
+    """Write metrics.json and final/ (the best model, its processor and the run's records); return the metrics."""
     best = max(state["history"], key=lambda h: h["cider"])
     metrics = {"best": best, "history": state["history"], "log_history": state["log_history"],
                "steps": state["global_step"], "num_processes": accelerator.num_processes,
@@ -586,10 +591,10 @@ def train(args: TrainingArguments) -> dict:
             shutil.copy(output_dir / "training_args.json", folder)  # the model card and evaluate.py read it
             shutil.copy(output_dir / "metrics.json", folder / "training_metrics.json")  # travels with the model
 
-        replace_folder(final, write_final)
-        logger.info("Best validation CIDEr %.3f at epoch %d; model saved to %s", best["cider"], best["epoch"], final)
+        replace_folder(output_dir / "final", write_final)
+        logger.info("Best validation CIDEr %.3f at epoch %d; model saved to %s", best["cider"], best["epoch"],
+                    output_dir / "final")  # fmt: skip
     accelerator.wait_for_everyone()
-    accelerator.end_training()
     return metrics
 
 
