@@ -171,16 +171,16 @@ def packed_teacher_forcing(
             context, cross, self_w = deferred_step(decoder, steps_input[:rows, t], regions[:rows], cache, linear)
         else:  # nothing to defer: the reference step, with torch's own cell (fewer kernel launches)
             context, cross, self_w = decoder.step(steps_input[:rows, t], regions[:rows], cache)
-        hiddens.append(_pad_rows(cache.hidden, batch))
-        contexts.append(_pad_rows(context, batch))
-        cross_weights.append(_pad_rows(cross, batch))
-        self_weights.append(None if self_w is None else _pad_rows(self_w, batch))
-    hidden = _pad_steps(torch.stack(hiddens, dim=1), length)  # (B, T, H)
-    context = _pad_steps(torch.stack(contexts, dim=1), length)  # (B, T, C)
-    cross = _pad_steps(torch.stack(cross_weights, dim=1), length)  # (B, T, k)
+        hiddens.append(_pad(cache.hidden, batch, 0))
+        contexts.append(_pad(context, batch, 0))
+        cross_weights.append(_pad(cross, batch, 0))
+        self_weights.append(None if self_w is None else _pad(self_w, batch, 0))
+    hidden = _pad(torch.stack(hiddens, dim=1), length, 1)  # (B, T, H)
+    context = _pad(torch.stack(contexts, dim=1), length, 1)  # (B, T, C)
+    cross = _pad(torch.stack(cross_weights, dim=1), length, 1)  # (B, T, k)
     self_attention = decoder.stack_self_attention(self_weights, length)  # (B, heads, steps run, T)
     if self_attention is not None:
-        self_attention = _pad_steps(self_attention.transpose(1, 2), length).transpose(1, 2)  # (B, heads, T, T)
+        self_attention = _pad(self_attention, length, 2)  # (B, heads, T, T)
     if order is not None:  # back to the caller's order
         inverse = order.argsort()
         hidden, context, cross = hidden[inverse], context[inverse], cross[inverse]
@@ -196,17 +196,12 @@ def keep_first_rows(cache: CaptionerCache, rows: int) -> None:
             setattr(cache, name, tensor[:rows])
 
 
-def _pad_steps(tensor: torch.Tensor, steps: int) -> torch.Tensor:
-    """Zero steps appended along dim 1 up to `steps` (the steps after every caption had ended)."""
-    missing = steps - tensor.shape[1]
-    return (
-        tensor
-        if missing == 0
-        else torch.cat([tensor, tensor.new_zeros(tensor.shape[0], missing, *tensor.shape[2:])], 1)
-    )
-
-
-def _pad_rows(tensor: torch.Tensor, rows: int) -> torch.Tensor:
-    """Zero rows appended up to `rows` (the captions that have already ended)."""
-    missing = rows - tensor.shape[0]
-    return tensor if missing == 0 else torch.cat([tensor, tensor.new_zeros(missing, *tensor.shape[1:])])
+def _pad(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:
+    """Zeros appended along `dim` up to `size`: the rows of captions that have ended (dim 0), the steps after every
+    caption has ended (dim 1)."""
+    missing = size - tensor.shape[dim]
+    if missing == 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = missing
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim)
