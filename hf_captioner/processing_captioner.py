@@ -37,8 +37,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
         return image
     if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):
         array = np.asarray(image, dtype=np.float64)
-        peak = array.max() if array.size and array.max() > 0 else 1.0
-        image = Image.fromarray((array / peak * 255.0).clip(0, 255).astype(np.uint8), mode="L")
+        if image.mode.startswith("I;16"):  # 16-bit files (PNG, TIFF): full scale is 65535, as 255 is in 8 bit
+            full_scale = 65535.0
+        else:  # 32-bit integer or float pixels have no fixed range: the picture's own peak is white
+            full_scale = array.max() if array.size and array.max() > 0 else 1.0
+        image = Image.fromarray((array / full_scale * 255.0).round().clip(0, 255).astype(np.uint8), mode="L")
     if image.mode == "P":
         image = image.convert("RGBA")
     if image.mode in ("RGBA", "LA", "PA", "RGBa", "La"):

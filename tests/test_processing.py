@@ -106,6 +106,17 @@ def test_every_image_mode_becomes_normalised_rgb(processor, image, expected_firs
             assert pixels[0, channel, 16, 16].item() == pytest.approx(value, abs=1e-3)
 
 
+def test_a_16_bit_picture_looks_like_its_8_bit_copy(processor, tmp_path):
+    """Full scale is 65535 in 16 bit: a dark 16-bit picture stays dark (it was stretched to its own maximum)."""
+    grey = np.random.default_rng(0).integers(0, 60, (40, 40), dtype=np.uint16)  # a dark picture
+    Image.fromarray(grey.astype(np.uint8), mode="L").save(tmp_path / "8bit.png")
+    Image.fromarray(grey * 257).save(tmp_path / "16bit.png")  # the same values at 16 bits
+    assert Image.open(tmp_path / "16bit.png").mode == "I;16"
+    eight, sixteen = (processor(images=str(tmp_path / name), return_tensors="pt")["pixel_values"]
+                      for name in ("8bit.png", "16bit.png"))  # fmt: skip
+    torch.testing.assert_close(sixteen, eight)
+
+
 def test_palette_images_are_expanded(processor):
     image = Image.new("P", (50, 50), 0)
     image.putpalette([255, 0, 0] + [0, 0, 0] * 255)
