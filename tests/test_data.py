@@ -146,6 +146,20 @@ def test_missing_and_corrupt_images_and_empty_captions_are_counted(karpathy, cap
         load_karpathy_json(karpathy / "dataset_flickr8k.json", karpathy / "images", strict=True)
 
 
+def test_strict_can_be_about_some_splits_only(karpathy):
+    """`hf-captioner evaluate --split test --strict` must not fail on a bad training picture."""
+    split_of = {
+        img["filename"]: img["split"] for img in json.loads((karpathy / "dataset_flickr8k.json").read_text())["images"]
+    }
+    broken = next(name for name, split in split_of.items() if split in ("train", "restval"))
+    write_truncated_jpeg(karpathy / "images" / broken)
+    data = load_karpathy_json(karpathy / "dataset_flickr8k.json", karpathy / "images", strict=["test"])
+    assert len(data["test"]) > 0
+    with pytest.raises(DataError, match="strict mode") as error:
+        load_karpathy_json(karpathy / "dataset_flickr8k.json", karpathy / "images", strict=["train"])
+    assert broken in str(error.value)
+
+
 def test_truncated_and_bomb_images_are_counted_when_the_data_set_is_loaded(karpathy, caplog):
     write_truncated_jpeg(karpathy / "images" / "1003_d.jpg")
     write_bomb_png(karpathy / "images" / "1004_e.jpg")

@@ -24,8 +24,8 @@ from hf_captioner.inference import speed_options
 
 def load_split(data: str, split: str, model_dir: str, images_dir: str | None, strict: bool):
     """The split to score; the sample data set is redrawn as the model's training run drew it (with its boxes)."""
-    if data != "sample":
-        return detect_and_load(data, images_dir=images_dir, strict=strict)[split]
+    if data != "sample":  # --strict is about the split being scored, not the others
+        return detect_and_load(data, images_dir=images_dir, strict=[split] if strict else False)[split]
     args_file = Path(model_dir) / "training_args.json"
     trained = json.loads(args_file.read_text()) if args_file.is_file() else {}
     sizes = trained.get("sample_sizes", [2000, 200, 200])

@@ -14,7 +14,7 @@ import logging
 import os
 import random
 from collections import defaultdict
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,9 +48,11 @@ class LoadReport:
     empty_captions: int = 0
     images_without_captions: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    splits_with_skips: set[str] = field(default_factory=set)  # the splits that lost an image
 
-    def finish(self, strict: bool) -> None:
-        """Warn once about every kind of skip, naming a few; under `strict`, any skipped image is an error."""
+    def finish(self, strict: bool | Collection[str]) -> None:
+        """Warn once about every kind of skip, naming a few. `strict`: True makes any skipped image an error; a
+        collection of split names, only those of these splits (e.g. the one split being evaluated)."""
         problems = []
         for label, names in (
             ("missing on disk", self.missing_images),
@@ -66,7 +68,8 @@ class LoadReport:
         if not problems:
             return
         message = f"{self.source}: skipped " + "; ".join(problems)
-        if strict and (self.missing_images or self.unreadable_images or self.images_without_captions):
+        strict_splits = set(SPLITS) if strict is True else set(strict or ())
+        if self.splits_with_skips & strict_splits:
             raise DataError(message + " (strict mode)")
         logger.warning(message)
 
@@ -84,7 +87,7 @@ def _readable(path: Path) -> bool:
 
 
 def build_dataset_dict(
-    rows: Iterable[tuple[str, str, Path | dict, list[str]]], report: LoadReport, strict: bool = False
+    rows: Iterable[tuple[str, str, Path | dict, list[str]]], report: LoadReport, strict: bool | Collection[str] = False
 ):
     """(split, image_id, image, raw captions) rows -> the normalised `DatasetDict`, skipping and counting.
 
@@ -99,13 +102,16 @@ def build_dataset_dict(
         cleaned = [c for c in cleaned if c]
         if not cleaned:
             report.images_without_captions.append(image_id)
+            report.splits_with_skips.add(split)
             continue
         if isinstance(image, Path):
             if not image.is_file():
                 report.missing_images.append(str(image))
+                report.splits_with_skips.add(split)
                 continue
             if not _readable(image):
                 report.unreadable_images.append(str(image))
+                report.splits_with_skips.add(split)
                 continue
             image = str(image)
         columns[split]["image"].append(image)
@@ -129,7 +135,9 @@ def _require_file(path: Path, what: str) -> Path:
     return path
 
 
-def load_karpathy_json(json_path: str | os.PathLike, images_dir: str | os.PathLike, strict: bool = False):
+def load_karpathy_json(
+    json_path: str | os.PathLike, images_dir: str | os.PathLike, strict: bool | Collection[str] = False
+):
     """Karpathy's `dataset_flickr8k.json` / `dataset_flickr30k.json` (or `dataset_coco.json`); restval -> train."""
     json_path, images_dir = _require_file(Path(json_path), "Karpathy split file"), Path(images_dir)
     try:
@@ -168,7 +176,9 @@ def read_flickr8k_token_file(token_path: Path, report: LoadReport) -> dict[str, 
     return captions
 
 
-def load_flickr8k_text(folder: str | os.PathLike, images_dir: str | os.PathLike | None = None, strict: bool = False):
+def load_flickr8k_text(
+    folder: str | os.PathLike, images_dir: str | os.PathLike | None = None, strict: bool | Collection[str] = False
+):
     """The original Flickr8k files: `Flickr8k.token.txt` and `Flickr_8k.{train,dev,test}Images.txt`."""
     folder = Path(folder)
     images_dir = Path(images_dir) if images_dir is not None else folder / "Flicker8k_Dataset"
@@ -197,7 +207,7 @@ def load_captions_csv(
     images_dir: str | os.PathLike | None = None,
     split_fractions: tuple[float, float] = (0.1, 0.1),
     seed: int = 0,
-    strict: bool = False,
+    strict: bool | Collection[str] = False,
 ):
     """The `captions.txt` layout: a CSV with `image,caption` rows and an `Images/` folder.
 
@@ -236,7 +246,7 @@ def load_hub_dataset(
     id_column: str | None = None,
     split_column: str | None = None,
     split_names: dict[str, str] | None = None,
-    strict: bool = False,
+    strict: bool | Collection[str] = False,
     **load_kwargs,
 ):
     """A data set from the Hub (or any `datasets.load_dataset` path), one row per image or one per caption.
@@ -272,9 +282,13 @@ def load_hub_dataset(
 
 
 def detect_and_load(
-    source: str | os.PathLike, images_dir: str | os.PathLike | None = None, strict: bool = False, **kwargs
+    source: str | os.PathLike,
+    images_dir: str | os.PathLike | None = None,
+    strict: bool | Collection[str] = False,
+    **kwargs,
 ):
-    """A folder or file in any supported layout, recognised by its files; anything else is a Hub data set name."""
+    """A folder or file in any supported layout, recognised by its files; anything else is a Hub data set name.
+    `strict`: True, or the names of the splits whose missing or unreadable images are errors (see `LoadReport`)."""
     path = Path(source)
     if path.is_file():
         if path.suffix == ".json":
