@@ -19,6 +19,10 @@ from transformers.processing_utils import ProcessorMixin
 ImageLike = Image.Image | np.ndarray | str | os.PathLike
 
 
+# what PIL raises for a file that is not a picture, a truncated one, or a decompression bomb
+UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+
+
 def open_image(path: str | os.PathLike) -> Image.Image:
     """Open an image file fully, turning "not an image" into a ValueError that names the file."""
     try:
@@ -27,7 +31,7 @@ def open_image(path: str | os.PathLike) -> Image.Image:
             return ImageOps.exif_transpose(image)
     except FileNotFoundError:
         raise FileNotFoundError(f"Image file not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as err:
+    except UNREADABLE_IMAGE_ERRORS as err:
         raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
 
 

@@ -18,8 +18,9 @@ from collections.abc import Collection, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from ..processing_captioner import UNREADABLE_IMAGE_ERRORS
 from ..tokenization import normalize_caption
 
 logger = logging.getLogger(__name__)
@@ -82,7 +83,7 @@ def _readable(path: Path) -> bool:
             image.draft(image.mode, (1, 1))
             image.load()
         return True
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+    except UNREADABLE_IMAGE_ERRORS:
         return False
 
 
