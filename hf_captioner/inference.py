@@ -13,6 +13,9 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from .data.feature_store import FeatureStore
+from .data.pairs import image_inputs, image_item
+
 
 def speed_options(model, bf16: bool = False, channels_last: bool = False, compile_step: bool = False):
     """Apply the inference speed options that `hf-captioner benchmark` measures, and return the context to caption in.
@@ -91,7 +94,7 @@ def generate_captions(
     processor,
     dataset,
     accelerator=None,
-    features: torch.Tensor | None = None,
+    features: FeatureStore | None = None,
     batch_size: int = 64,
     progress: bool = True,
     attention: bool = False,
@@ -112,11 +115,8 @@ def generate_captions(
     show = progress and (accelerator is None or accelerator.is_local_main_process)
     for start in tqdm(range(0, len(indices), batch_size), desc="Captioning", disable=not show, leave=False):
         chunk = indices[start : start + batch_size]
-        if features is not None:
-            inputs = {"encoder_outputs": features[chunk].to(device)}
-        else:
-            images = dataset.select(chunk)["image"]
-            inputs = {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"].to(device)}
+        items = [image_item(dataset, features, row) for row in chunk]
+        inputs = {name: tensor.to(device) for name, tensor in image_inputs(items, processor).items()}
         captions, maps = caption_batch(model, processor, inputs, attention, **generate_kwargs)
         results.extend(zip(chunk, captions, maps or [None] * len(chunk), strict=True))
     if accelerator is not None and accelerator.num_processes > 1:

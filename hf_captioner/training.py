@@ -30,6 +30,7 @@ from transformers.image_utils import PILImageResampling
 from .backbones import image_settings, is_backbone_name
 from .cli import configure_logging, model_folder_problem
 from .configuration_captioner import CaptionerConfig
+from .data.feature_store import STORE_DTYPES, encode_split
 from .data.loaders import DataError, detect_and_load
 from .data.pairs import (
     CaptionCollator,
@@ -37,7 +38,6 @@ from .data.pairs import (
     CaptionPairs,
     EpochShuffleSampler,
     ImageCollator,
-    encode_split,
 )
 from .data.sample import make_sample_dataset
 from .inference import generate_captions, validation_loss
@@ -110,6 +110,7 @@ class TrainingArguments:
     # feature caching (frozen encoder only)
     cache_features: bool = False
     feature_cache_dir: str = "~/.cache/hf_captioner/features"
+    feature_cache_dtype: str = "float32"  # float32 | bfloat16 | float16: how the store keeps features on disk
     # logging
     log_every_steps: int = 50
     report_to: str = "auto"  # "auto" (TensorBoard when installed), "none", or an Accelerate tracker name
@@ -129,6 +130,10 @@ class TrainingArguments:
         for name in ("learning_rate", "encoder_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        if self.feature_cache_dtype not in STORE_DTYPES:
+            raise ValueError(
+                f"feature_cache_dtype: expected one of {list(STORE_DTYPES)}, got {self.feature_cache_dtype!r}"
+            )
         if self.lr_scheduler not in SCHEDULER_NAMES:
             raise ValueError(f"lr_scheduler: expected one of {SCHEDULER_NAMES}, got {self.lr_scheduler!r}")
         unknown = set(self.model) - {f.name for f in dataclasses.fields(CaptionerConfig)}
@@ -482,10 +487,11 @@ def train(args: TrainingArguments) -> dict:
             raise ValueError("cache_features needs a frozen encoder (model.encoder_trainable_stages = 0)")
         with accelerator.main_process_first():
             model.to(accelerator.device)
-            train_features = encode_split(model, processor, data["train"], args.feature_cache_dir, args.eval_batch_size)
-            val_features = encode_split(
-                model, processor, data["validation"], args.feature_cache_dir, args.eval_batch_size
-            )
+            train_features, val_features = (
+                encode_split(model, processor, data[split], args.feature_cache_dir, args.eval_batch_size,
+                             args.feature_cache_dtype)
+                for split in ("train", "validation")
+            )  # fmt: skip
 
     collator = CaptionCollator(processor, args.max_caption_tokens)
     if args.objective == "self_critical":  # one example per image, rewarded against all its references
@@ -531,6 +537,7 @@ def train(args: TrainingArguments) -> dict:
     progress = tqdm(total=total_steps, initial=state["global_step"], desc="Training",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     started, stop = time.perf_counter(), False
+    last_log = (started, state["global_step"])  # (time, step) of the last log: the training rate between logs
     # a run killed after its last step's checkpoint but before that step's validation still owes the validation
     while not stop and (state["epoch"] < num_epochs and state["global_step"] < total_steps or owes_validation(state)):
         model.train()
@@ -553,6 +560,11 @@ def train(args: TrainingArguments) -> dict:
             progress.update(1)
             if state["global_step"] % args.log_every_steps == 0:
                 logs = {name: float(value) for name, value in logs.items()} | {"lr": scheduler.get_last_lr()[0]}
+                # all processes' captions (images, self-critical) per second since the last log
+                now, steps = time.perf_counter(), state["global_step"] - last_log[1]
+                examples = steps * train_loader.total_batch_size * args.gradient_accumulation_steps
+                logs["train/examples_per_second"] = examples / (now - last_log[0])
+                last_log = (now, state["global_step"])
                 progress.set_postfix(
                     {name.split("/")[-1]: f"{logs[name]:.3f}" for name in PROGRESS_LOGS if name in logs}
                 )

@@ -1,0 +1,240 @@
+"""Cached encoder features on disk: one split's region features in shards, written as they are computed and read
+row by row through memory maps.
+
+Why this shape: a run's own memory must not grow with the data set (Flickr30k or COCO features are tens of GB), and
+the processes of one `accelerate launch` should share the operating system's page cache instead of each loading a
+copy. Each shard is a plain safetensors file whose rows `safe_open` reads lazily from a memory map; a shard appears
+only by an atomic rename once it is complete, so a killed caching run resumes at its first missing shard and never
+reads a half-written one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+logger = logging.getLogger(__name__)
+
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+SAFETENSORS_DTYPES = {"float32": "F32", "bfloat16": "BF16", "float16": "F16"}
+LAYOUT_FILE = "layout.json"
+SHARD_BYTES = 256 * 2**20  # one shard is the most a caching run holds in memory and the most a kill loses
+TENSOR = "features"
+
+# image processor fields that say where the class lives, not how pixels are made (they change on save -> load)
+BOOKKEEPING = ("auto_map", "processor_class", "image_processor_type")
+
+
+def feature_cache_key(model, processor, dataset) -> str:
+    """A key that changes whenever the cached features would: backbone weights and shape, image processing,
+    grid size, and the split's content (its `datasets` fingerprint)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.encoder.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    description = {
+        "vision_config": model.config.vision_config.to_dict(),
+        "grid_size": model.config.grid_size,
+        "image_processor": {k: v for k, v in processor.image_processor.to_dict().items() if k not in BOOKKEEPING},
+        "data": dataset._fingerprint,
+    }
+    digest.update(json.dumps(description, sort_keys=True, default=str).encode())
+    return digest.hexdigest()[:24]
+
+
+def shard_path(folder: Path, index: int) -> Path:
+    return folder / f"shard-{index:05d}.safetensors"
+
+
+def read_layout(folder: Path) -> dict | None:
+    """The store's layout (images, shard size, feature shape, dtype), or None when it has none or an unreadable one."""
+    try:
+        return json.loads((folder / LAYOUT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def shard_rows(layout: dict, index: int) -> range:
+    start = index * layout["shard_size"]
+    return range(start, min(start + layout["shard_size"], layout["num_images"]))
+
+
+def shard_is_complete(folder: Path, layout: dict, index: int) -> bool:
+    """A shard counts only if its file opens and holds exactly its rows, in the store's shape and dtype."""
+    try:
+        with safe_open(shard_path(folder, index), framework="pt") as shard:
+            tensor = shard.get_slice(TENSOR)
+            shape, dtype = tensor.get_shape(), tensor.get_dtype()
+    except Exception:  # missing, truncated or not safetensors: safetensors raises several kinds
+        return False
+    expected = [len(shard_rows(layout, index)), *layout["feature_shape"]]
+    return shape == expected and dtype == SAFETENSORS_DTYPES[layout["dtype"]]
+
+
+class FeatureStore:
+    """A complete store, read lazily: `store[row]` is one image's features (k, C), `store[rows]` a stacked batch,
+    in the stored dtype. Pickles without its open files (DataLoader workers reopen them)."""
+
+    def __init__(self, folder: str | os.PathLike):
+        self.folder = Path(folder)
+        layout = read_layout(self.folder)
+        if layout is None:
+            raise FileNotFoundError(f"{self.folder} is not a feature store (no readable {LAYOUT_FILE})")
+        self.layout = layout
+        self.num_shards = math.ceil(layout["num_images"] / layout["shard_size"])
+        missing = [i for i in range(self.num_shards) if not shard_is_complete(self.folder, layout, i)]
+        if missing:
+            raise FileNotFoundError(f"{self.folder}: shards {missing[:5]} of {self.num_shards} are missing or "
+                                    "incomplete (a caching run was stopped; run it again to finish the store)")  # fmt: skip
+        self._shards = None
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return STORE_DTYPES[self.layout["dtype"]]
+
+    @property
+    def feature_shape(self) -> tuple[int, ...]:
+        return tuple(self.layout["feature_shape"])
+
+    def __len__(self) -> int:
+        return self.layout["num_images"]
+
+    def __getitem__(self, rows: int | Sequence[int]) -> torch.Tensor:
+        if isinstance(rows, int):
+            return self._row(rows)
+        return torch.stack([self._row(int(row)) for row in rows])
+
+    def _row(self, row: int) -> torch.Tensor:
+        if not 0 <= row < len(self):
+            raise IndexError(f"row {row} out of range for a feature store of {len(self)} images")
+        if self._shards is None:  # opened on first use, in the process that reads
+            self._shards = [safe_open(shard_path(self.folder, i), framework="pt").get_slice(TENSOR)
+                            for i in range(self.num_shards)]  # fmt: skip
+        shard, offset = divmod(row, self.layout["shard_size"])
+        return self._shards[shard][offset]
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_shards": None}
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.folder)!r}, images={len(self)}, shape={self.feature_shape}, dtype={self.dtype})"
+
+
+def store_folder(model, processor, dataset, cache_dir: str | os.PathLike, dtype: str) -> Path:
+    return Path(cache_dir).expanduser() / f"{feature_cache_key(model, processor, dataset)}-{dtype}"
+
+
+@torch.no_grad()
+def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_size: int = 64,
+                 dtype: str = "float32", shard_bytes: int = SHARD_BYTES) -> FeatureStore:  # fmt: skip
+    """The region features of every image of a split, computed once into an on-disk store that later runs (and the
+    other processes of this one) read lazily. A store left incomplete by a killed run is finished, not redone."""
+    if dtype not in STORE_DTYPES:
+        raise ValueError(f"feature store dtype: expected one of {list(STORE_DTYPES)}, got {dtype!r}")
+    if len(dataset) == 0:
+        raise ValueError("cannot cache the features of an empty split")
+    folder = store_folder(model, processor, dataset, cache_dir, dtype)
+    layout = read_layout(folder)
+    if layout is not None and layout["num_images"] != len(dataset):  # not this split's: never mix two
+        layout = None
+    if layout is not None and all(shard_is_complete(folder, layout, i) for i in range(_num_shards(layout))):
+        logger.info("Reusing cached encoder features %s", folder)
+        return FeatureStore(folder)
+
+    encoder = model.encoder.eval()
+    device = next(encoder.parameters()).device
+
+    def encode(rows: range):
+        """Batches of this many rows' features, in order, in the store's dtype, on the CPU."""
+        images = dataset.select(rows).select_columns(["image"])  # decoded lazily, batch by batch
+
+        def collate(items: list[dict]) -> torch.Tensor:
+            return processor.image_processor([item["image"] for item in items], return_tensors="pt")["pixel_values"]
+
+        # its own generator: iterating must not draw from the global RNG, or a cold cache would change the training run
+        loader = DataLoader(images, batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
+        for pixel_values in loader:
+            yield encoder(pixel_values.to(device)).last_hidden_state.to("cpu", STORE_DTYPES[dtype])
+
+    folder.mkdir(parents=True, exist_ok=True)
+    _remove_abandoned_partials(folder)
+    if layout is None:  # a new store: its shard size follows from one image's features
+        first = next(encode(range(min(batch_size, len(dataset)))))
+        image_bytes = first[0].numel() * first.element_size()
+        layout = {"num_images": len(dataset), "shard_size": max(1, shard_bytes // image_bytes),
+                  "feature_shape": list(first.shape[1:]), "dtype": dtype}  # fmt: skip
+        for stale in folder.glob("shard-*.safetensors"):  # from a store of another layout
+            stale.unlink()
+        _write_atomically(folder / LAYOUT_FILE, lambda path: path.write_text(json.dumps(layout, indent=2)))
+    todo = [i for i in range(_num_shards(layout)) if not shard_is_complete(folder, layout, i)]
+    _check_free_space(folder, layout, len(todo))
+
+    done = len(dataset) - sum(len(shard_rows(layout, i)) for i in todo)
+    if done:
+        logger.info("Resuming the feature store %s: %d of %d images already cached", folder, done, len(dataset))
+    with tqdm(total=len(dataset), initial=done, unit="img", desc="Caching encoder features") as progress:
+        for index in todo:
+            rows = shard_rows(layout, index)
+            shard = torch.empty(len(rows), *layout["feature_shape"], dtype=STORE_DTYPES[dtype])
+            filled = 0
+            for features in encode(rows):
+                shard[filled : filled + len(features)] = features
+                filled += len(features)
+                progress.update(len(features))
+            _write_atomically(shard_path(folder, index), lambda path, shard=shard: save_file({TENSOR: shard}, path))
+    store = FeatureStore(folder)
+    logger.info("Cached encoder features of %d images, %s %s, in %d shards at %s", len(store), store.feature_shape,
+                dtype, store.num_shards, folder)  # fmt: skip
+    return store
+
+
+def _num_shards(layout: dict) -> int:
+    return math.ceil(layout["num_images"] / layout["shard_size"])
+
+
+def _write_atomically(path: Path, write) -> None:
+    """Write to a partial file named by this process, then rename: the file exists only complete."""
+    partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
+    write(partial)
+    os.replace(partial, path)
+
+
+def _remove_abandoned_partials(folder: Path) -> None:
+    """Partial files of killed runs (their process is gone); a live caching run's own are left alone."""
+    for partial in folder.glob("*.partial"):
+        pid = partial.name.split(".")[-2]
+        if not (pid.isdigit() and _process_alive(int(pid))):
+            partial.unlink(missing_ok=True)
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def _check_free_space(folder: Path, layout: dict, shards_to_write: int) -> None:
+    """Refuse at once, naming the sizes, rather than fill the disk half-way through a long caching run."""
+    image_bytes = math.prod(layout["feature_shape"]) * STORE_DTYPES[layout["dtype"]].itemsize
+    needed = shards_to_write * layout["shard_size"] * image_bytes
+    free = shutil.disk_usage(folder).free
+    if needed > free:
+        raise OSError(f"the feature store at {folder} needs {needed / 1e9:.1f} GB more and the disk has "
+                      f"{free / 1e9:.1f} GB free: free space, set feature_cache_dir to another disk, or store "
+                      "bfloat16 features (feature_cache_dtype)")  # fmt: skip
