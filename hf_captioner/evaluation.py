@@ -35,16 +35,23 @@ def grid_cell_to_image_point(
     return x / scale, y / scale
 
 
-def pointing_accuracy(dataset, attentions: list[list[WordAttention]], grid_size: int, image_processor) -> dict:
+class PointingAccuracy:
     """How often the most-attended region, while a shape's noun is emitted, lies in that shape's box — and chance.
 
-    `attentions`: per image of `dataset`, its caption's words with their attention maps. Needs a data set with
-    `objects` (kind, colour, box), such as the sample data set. A noun is matched to the shape of its kind (and,
-    where two share the kind, of the colour named just before it); chance is the box's share of the picture,
+    Called as `on_attention(row, words)` by `generate_captions`, image by image, on a data set with `objects` (kind,
+    colour, box), such as the sample data set; `result()` gives the rates. A noun is matched to the shape of its kind
+    (and, where two share the kind, of the colour named just before it); chance is the box's share of the picture,
     averaged over the same nouns.
     """
-    hits, chance, nouns = 0, 0.0, 0
-    for words, image, objects in zip(attentions, dataset["image"], dataset["objects"], strict=True):
+
+    def __init__(self, dataset, grid_size: int, image_processor):
+        self.dataset = dataset.select_columns(["image", "objects"])  # one row decoded at a time
+        self.grid_size, self.image_processor = grid_size, image_processor
+        self.hits, self.chance, self.nouns = 0, 0.0, 0
+
+    def __call__(self, row: int, words: list[WordAttention]) -> None:
+        example = self.dataset[row]
+        image, objects = example["image"], example["objects"]
         for index, item in enumerate(words):
             candidates = [o for o in objects if o["kind"] == item.word]
             if len(candidates) > 1 and index > 0:
@@ -52,13 +59,17 @@ def pointing_accuracy(dataset, attentions: list[list[WordAttention]], grid_size:
             if len(candidates) != 1:
                 continue
             x0, y0, x1, y1 = candidates[0]["box"]
-            x, y = grid_cell_to_image_point(int(np.argmax(item.attention)), grid_size, image.size, image_processor)
-            hits += x0 <= x <= x1 + 1 and y0 <= y <= y1 + 1
-            chance += (x1 - x0 + 1) * (y1 - y0 + 1) / (image.size[0] * image.size[1])
-            nouns += 1
-    if nouns == 0:  # no caption named a shape: nothing to measure, and said so rather than a made-up rate
-        return {"pointing_accuracy": None, "pointing_chance": None, "pointing_nouns": 0}
-    return {"pointing_accuracy": hits / nouns, "pointing_chance": chance / nouns, "pointing_nouns": nouns}
+            cell = int(np.argmax(item.attention))
+            x, y = grid_cell_to_image_point(cell, self.grid_size, image.size, self.image_processor)
+            self.hits += x0 <= x <= x1 + 1 and y0 <= y <= y1 + 1
+            self.chance += (x1 - x0 + 1) * (y1 - y0 + 1) / (image.size[0] * image.size[1])
+            self.nouns += 1
+
+    def result(self) -> dict:
+        if self.nouns == 0:  # no caption named a shape: nothing to measure, and said so rather than a made-up rate
+            return {"pointing_accuracy": None, "pointing_chance": None, "pointing_nouns": 0}
+        return {"pointing_accuracy": self.hits / self.nouns, "pointing_chance": self.chance / self.nouns,
+                "pointing_nouns": self.nouns}  # fmt: skip
 
 
 def evaluate_split(
@@ -78,9 +89,11 @@ def evaluate_split(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
-    with_boxes = "objects" in dataset.column_names
-    captions, attentions = generate_captions(model, processor, dataset, batch_size=batch_size, attention=with_boxes,
-                                             num_beams=num_beams, max_new_tokens=max_new_tokens)  # fmt: skip
+    pointing = None
+    if "objects" in dataset.column_names:
+        pointing = PointingAccuracy(dataset, model.config.grid_size, processor.image_processor)
+    captions = generate_captions(model, processor, dataset, batch_size=batch_size, on_attention=pointing,
+                                 num_beams=num_beams, max_new_tokens=max_new_tokens)  # fmt: skip
     references = dataset["captions"]
     with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as handle:
         for image_id, caption, refs in zip(dataset["image_id"], captions, references, strict=True):
@@ -96,8 +109,8 @@ def evaluate_split(
         "metrics": scores,
         **(extra or {}),
     }
-    if with_boxes:
-        metrics["attention"] = pointing_accuracy(dataset, attentions, model.config.grid_size, processor.image_processor)
+    if pointing is not None:
+        metrics["attention"] = pointing.result()
     (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     return metrics
 

@@ -5,6 +5,7 @@ module; it imports nothing of theirs.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,12 +98,13 @@ def generate_captions(
     features: FeatureStore | None = None,
     batch_size: int = 64,
     progress: bool = True,
-    attention: bool = False,
+    on_attention: Callable[[int, list[WordAttention]], None] | None = None,
     **generate_kwargs,
-) -> tuple[list[str], list[list[WordAttention]] | None]:
-    """One caption per image of `dataset`, in its order, from its pictures or its cached `features`; with
-    `attention`, also each caption's words with their attention maps, from the same pass. With an accelerator the
-    images are shared out among processes and the results gathered, so every process gets the whole list."""
+) -> list[str]:
+    """One caption per image of `dataset`, in its order, from its pictures or its cached `features`. With an
+    accelerator the images are shared out among processes and the captions gathered, so every process gets the whole
+    list. `on_attention(row, words)`, if given, gets each caption's words with their attention maps from the same pass,
+    batch by batch (in each process for its own rows): the maps of a whole split are never held at once."""
     model = accelerator.unwrap_model(model) if accelerator is not None else model
     was_training = model.training
     model.eval()
@@ -117,14 +119,16 @@ def generate_captions(
         chunk = indices[start : start + batch_size]
         items = [image_item(dataset, features, row) for row in chunk]
         inputs = {name: tensor.to(device) for name, tensor in image_inputs(items, processor).items()}
-        captions, maps = caption_batch(model, processor, inputs, attention, **generate_kwargs)
-        results.extend(zip(chunk, captions, maps or [None] * len(chunk), strict=True))
+        captions, maps = caption_batch(model, processor, inputs, on_attention is not None, **generate_kwargs)
+        results.extend(zip(chunk, captions, strict=True))
+        if on_attention is not None:
+            for row, words in zip(chunk, maps, strict=True):
+                on_attention(row, words)
     if accelerator is not None and accelerator.num_processes > 1:
         results = gather_object(results)
     model.train(was_training)
-    by_index = {index: (caption, maps) for index, caption, maps in results}
-    ordered = [by_index[index] for index in range(len(dataset))]
-    return [caption for caption, _ in ordered], ([maps for _, maps in ordered] if attention else None)
+    by_index = dict(results)
+    return [by_index[index] for index in range(len(dataset))]
 
 
 def caption_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -624,7 +624,7 @@ PROGRESS_LOGS = ("train/token_loss", "train/reward")  # shown on the progress ba
 def _validate(args, accelerator, model, processor, data, val_loader, val_features, state, output_dir) -> bool:
     """Validation loss and caption scores; keep the best model; return whether to stop early."""
     validation = data["validation"]
-    captions, _ = generate_captions(
+    captions = generate_captions(
         model, processor, validation, accelerator, features=val_features, batch_size=args.eval_batch_size,
         num_beams=args.eval_num_beams, max_new_tokens=args.eval_max_new_tokens,
     )  # fmt: skip
