@@ -64,6 +64,15 @@ class CaptionerConfig(PreTrainedConfig):
     initializer_range: float = 0.02  # std of the normal init of the decoder's linear layers and embeddings
     is_encoder_decoder: bool = True
 
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        """A saved config must state its grid size: nothing in the weights does, so a missing one would silently
+        load as the default (14 x 14 regions) for a model trained on another grid."""
+        if "grid_size" not in config_dict and "grid_size" not in kwargs:
+            raise ValueError("CaptionerConfig: this config.json has no grid_size; nothing in the weights records it, "
+                             "so add the grid the model was trained with (e.g. \"grid_size\": 7)")  # fmt: skip
+        return super().from_dict(config_dict, **kwargs)
+
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
         self._validate()

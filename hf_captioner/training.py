@@ -139,6 +139,15 @@ class TrainingArguments:
         unknown = set(self.model) - {f.name for f in dataclasses.fields(CaptionerConfig)}
         if unknown:
             raise ValueError(f"model: {sorted(unknown)} are not CaptionerConfig fields")
+        from_tokenizer = sorted(set(self.model) & set(TOKENIZER_FIELDS))
+        if from_tokenizer:
+            raise ValueError(f"model: {from_tokenizer} come from the trained tokenizer (its size is vocab_size)")
+        # the model's own values, checked now rather than after the data is read and the tokenizer trained; the
+        # backbone fields are the pretrained network's when one is named
+        given = self.model
+        if self.init_from or self.vision_pretrained:
+            given = {k: v for k, v in self.model.items() if k not in ("vision_config", "encoder_trainable_stages")}
+        CaptionerConfig(vocab_size=self.vocab_size, **given)
         for name, required in (("init_from", "config.json"), ("processor_path", "tokenizer.json")):
             problem = model_folder_problem(getattr(self, name), required)
             if problem:
@@ -273,6 +282,10 @@ def build_processor(args: TrainingArguments, train_captions: list[list[str]]) ->
         resample=resample.get(settings["interpolation"], PILImageResampling.BICUBIC),
     )
     return CaptionerProcessor(image_processor, tokenizer)
+
+
+TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id",
+                    "decoder_start_token_id")  # fmt: skip
 
 
 def build_model(args: TrainingArguments, processor: CaptionerProcessor) -> CaptionerForConditionalGeneration:

@@ -146,6 +146,25 @@ def test_missing_and_corrupt_images_and_empty_captions_are_counted(karpathy, cap
         load_karpathy_json(karpathy / "dataset_flickr8k.json", karpathy / "images", strict=True)
 
 
+def test_duplicate_entries_and_evaluated_pictures_in_train_are_dropped_and_counted(karpathy, caplog):
+    """A picture listed twice in a split counts once; a training picture that is also in validation or test leaves
+    train (training on it would inflate the scores); both are said, and with strict they are errors."""
+    path = karpathy / "dataset_flickr8k.json"
+    listing = json.loads(path.read_text())
+    by_name = {image["filename"]: image for image in listing["images"]}
+    listing["images"].append(dict(by_name["1000_a.jpg"]))  # twice in train
+    listing["images"].append({**by_name["1004_e.jpg"], "split": "train"})  # a test picture in train too
+    path.write_text(json.dumps(listing))
+    with caplog.at_level(logging.WARNING):
+        data = load_karpathy_json(path, karpathy / "images")
+    assert data["train"]["image_id"].count("1000_a") == 1 and "1004_e" not in data["train"]["image_id"]
+    assert data["test"]["image_id"] == ["1004_e"]
+    assert "1 image(s) listed twice in one split" in caplog.text
+    assert "1 image(s) of train also in validation or test (dropped from train)" in caplog.text
+    with pytest.raises(DataError, match="strict"):
+        load_karpathy_json(path, karpathy / "images", strict=True)
+
+
 def test_strict_can_be_about_some_splits_only(karpathy):
     """`hf-captioner evaluate --split test --strict` must not fail on a bad training picture."""
     split_of = {

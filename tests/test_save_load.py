@@ -144,3 +144,14 @@ def test_weights_that_are_not_finite_are_refused_when_loading(tmp_path):
     save_file(weights, tmp_path / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match="decoder.cell.weight_hh.*corrupt"):
         CaptionerForConditionalGeneration.from_pretrained(tmp_path)
+
+
+def test_a_config_without_its_grid_size_is_refused_not_loaded_as_the_default(tmp_path):
+    """Nothing in the weights records the grid: a config.json that lost it must not load as 14 x 14 regions."""
+    tiny_model().save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config.pop("grid_size") != 14
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no grid_size"):
+        CaptionerForConditionalGeneration.from_pretrained(tmp_path)
+    assert CaptionerForConditionalGeneration.from_pretrained(tmp_path, grid_size=3).config.grid_size == 3

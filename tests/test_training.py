@@ -56,11 +56,14 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path, capsys):
     (["--max_train_steps", "0"], "max_train_steps"), (["--eval_num_beams", "0"], "eval_num_beams"),
     (["--strict", "maybe"], "strict"), (["--sample_sizes", "5"], "sample_sizes"), (["--model", "foo_bar=1"], "model"),
     (["--init_from", "runs/nothing/final"], "init_from"), (["--processor_path", "./nothing"], "processor_path"),
+    (["--model", "grid_size=0"], "CaptionerConfig.grid_size"), (["--model", "vocab_size=7"], "model"),
+    (["--model", "self_attention_heads=7"], "CaptionerConfig.self_attention_heads"),
+    (["--feature_cache_dtype", "int8"], "feature_cache_dtype"),
 ])  # fmt: skip
 def test_values_wrong_whatever_the_data_are_refused_in_one_line(argv, field, capsys):
     with pytest.raises(SystemExit) as stop:
         parse_arguments(argv)
-    assert stop.value.code == 2 and f": error: {field}: " in capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and f": error: {field}" in capsys.readouterr().err.strip().splitlines()[-1]
 
 
 def test_a_config_file_must_be_a_mapping(tmp_path, capsys):

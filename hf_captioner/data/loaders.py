@@ -48,6 +48,8 @@ class LoadReport:
     unreadable_images: list[str] = field(default_factory=list)
     empty_captions: int = 0
     images_without_captions: list[str] = field(default_factory=list)
+    duplicate_entries: list[str] = field(default_factory=list)  # an image listed twice in one split
+    train_images_also_evaluated: list[str] = field(default_factory=list)  # dropped from train: scores stay honest
     notes: list[str] = field(default_factory=list)
     splits_with_skips: set[str] = field(default_factory=set)  # the splits that lost an image
 
@@ -59,6 +61,8 @@ class LoadReport:
             ("missing on disk", self.missing_images),
             ("unreadable", self.unreadable_images),
             ("without any caption", self.images_without_captions),
+            ("listed twice in one split (later entries)", self.duplicate_entries),
+            ("of train also in validation or test (dropped from train)", self.train_images_also_evaluated),
         ):
             if names:
                 problems.append(f"{len(names)} image(s) {label} (e.g. {', '.join(names[:3])})")
@@ -96,8 +100,27 @@ def build_dataset_dict(
     """
     from datasets import Dataset, DatasetDict, Features, Image, Sequence, Value
 
+    rows = list(rows)
+
+    def identity(image_id: str, image) -> str:  # the file for pictures on disk (two ids may name one file)
+        return str(Path(image).resolve()) if isinstance(image, Path) else image_id
+
+    splits_of = defaultdict(set)
+    for split, image_id, image, _ in rows:
+        splits_of[identity(image_id, image)].add(split)
+    seen = set()
     columns = {split: {"image": [], "captions": [], "image_id": []} for split in SPLITS}
     for split, image_id, image, captions in rows:
+        key = identity(image_id, image)
+        if split == "train" and len(splits_of[key]) > 1:  # training on an evaluated picture inflates its scores
+            report.train_images_also_evaluated.append(image_id)
+            report.splits_with_skips.add(split)
+            continue
+        if (split, key) in seen:
+            report.duplicate_entries.append(image_id)
+            report.splits_with_skips.add(split)
+            continue
+        seen.add((split, key))
         cleaned = [normalize_caption(c) for c in captions if isinstance(c, str)]
         report.empty_captions += len(captions) - sum(1 for c in cleaned if c)
         cleaned = [c for c in cleaned if c]
