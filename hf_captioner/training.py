@@ -6,7 +6,6 @@ Run it as `hf-captioner train --config configs/X.yaml [--field value ...]`; on s
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import logging
@@ -19,18 +18,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-import yaml
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import SchedulerType, get_scheduler
+from transformers import get_scheduler
 from transformers.image_utils import PILImageResampling
 
+from .arguments import TrainingArguments, parse_arguments
 from .backbones import image_settings, is_backbone_name
-from .cli import configure_logging, model_folder_problem
+from .cli import configure_logging
 from .configuration_captioner import CaptionerConfig
-from .data.feature_store import STORE_DTYPES, encode_split
+from .data.feature_store import encode_split
 from .data.loaders import DataError, detect_and_load
 from .data.pairs import (
     CaptionCollator,
@@ -54,191 +53,23 @@ STATE_FILE = "trainer_state.json"
 
 
 @dataclass
-class TrainingArguments:
-    """Everything a run needs; set from a YAML file (`--config`) and then `--field value` on the command line."""
+class TrainerState:
+    """Where a run stands: saved with every checkpoint (as JSON) and restored on resume."""
 
-    # data
-    data: str = "sample"  # "sample" (drawn in memory), a folder/file in a known layout, or a Hub data set name
-    images_dir: str | None = None  # where the images are, when not in the layout's default place
-    strict: bool = False  # a missing/unreadable image is an error instead of a counted skip
-    sample_sizes: list[int] = field(default_factory=lambda: [2000, 200, 200])  # train/validation/test pictures
-    sample_seed: int = 0
-    sample_image_size: int = 64
-    max_train_images: int | None = None  # use only the first N train images (quick experiments)
-    max_eval_images: int | None = None  # validate on only the first N validation images
-    # tokenizer and image processing
-    processor_path: str | None = None  # reuse a saved processor instead of training a tokenizer
-    vocab_size: int = 10000  # upper bound of the SentencePiece vocabulary
-    tokenizer_model_type: str = "unigram"  # "unigram" sub-words, or "word" for a tiny closed vocabulary
-    image_size: int = 224  # side of the centre crop fed to the encoder
-    resize_size: int | None = None  # shorter side before cropping (default: image_size * 8 / 7, as 256 -> 224)
-    max_caption_tokens: int = 40  # longer training captions are truncated
-    # model
-    model: dict = field(default_factory=dict)  # CaptionerConfig fields, e.g. {rnn_type: gru, hidden_size: 256}
-    vision_pretrained: str | None = None  # start the encoder from this backbone, e.g. microsoft/resnet-101
-    vision_checkpoint: str | None = None  # ... with a local weights file (timm: checkpoint_path), e.g. offline
-    init_from: str | None = None  # start from a saved captioner (e.g. the frozen-encoder run, to fine-tune it)
-    # objective
-    objective: str = "cross_entropy"  # or "self_critical": CIDEr-D rewards of sampled captions (see README)
-    self_critical_samples: int = 5  # captions sampled per image by the self-critical objective
-    # optimisation
-    num_epochs: int = 10
-    max_train_steps: int | None = None  # stop after this many optimizer steps (overrides num_epochs)
-    batch_size: int = 32  # per process
-    eval_batch_size: int = 64
-    gradient_accumulation_steps: int = 1
-    learning_rate: float = 4e-4  # decoder
-    encoder_learning_rate: float = 1e-4  # fine-tuned encoder stages
-    weight_decay: float = 0.0
-    lr_scheduler: str = "cosine"  # any transformers scheduler name: linear, cosine, constant_with_warmup, ...
-    warmup_steps: int = 0
-    max_grad_norm: float = 5.0
-    mixed_precision: str = "no"  # no | fp16 | bf16 (autocast; see the README's speed section for what it gives)
-    channels_last: bool = False  # NHWC convolutions in the encoder (images through the encoder, feature caching)
-    seed: int = 42
-    num_workers: int = 0  # DataLoader workers per process
-    # validation and early stopping
-    eval_num_beams: int = 1
-    eval_max_new_tokens: int = 30
-    early_stopping_patience: int = 3  # epochs without a better validation CIDEr before stopping; 0: never
-    # checkpoints
-    output_dir: str = "runs/sample"
-    checkpoint_every_steps: int = 0  # also checkpoint every N optimizer steps (0: only at each epoch end)
-    keep_checkpoints: int = 2  # the last K checkpoints are kept
-    resume_from_checkpoint: str | None = None  # "latest" or a checkpoint folder
-    overwrite_output_dir: bool = False  # start afresh in an output_dir that holds another run (its results go)
-    # feature caching (frozen encoder only)
-    cache_features: bool = False
-    feature_cache_dir: str = "~/.cache/hf_captioner/features"
-    feature_cache_dtype: str = "float32"  # float32 | bfloat16 | float16: how the store keeps features on disk
-    # logging
-    log_every_steps: int = 50
-    report_to: str = "auto"  # "auto" (TensorBoard when installed), "none", or an Accelerate tracker name
+    global_step: int = 0  # optimizer steps taken
+    epoch: int = 0  # epochs completed
+    batches_in_epoch: int = 0  # batches of the current epoch already seen (> 0 when resuming mid-epoch)
+    best_cider: float | None = None  # best validation CIDEr-D so far
+    bad_epochs: int = 0  # validations since the best one (early stopping)
+    history: list[dict] = field(default_factory=list)  # one record per validation
+    log_history: list[dict] = field(default_factory=list)  # the logged training values, every log_every_steps
 
-    def __post_init__(self):
-        """Values that are wrong whatever the data: refused before any data is read or any picture encoded."""
-        if self.objective not in OBJECTIVES:
-            raise ValueError(f"objective: expected one of {OBJECTIVES}, got {self.objective!r}")
-        for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_num_beams",
-                     "eval_max_new_tokens", "self_critical_samples", "log_every_steps"):  # fmt: skip
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}: expected a whole number >= 1, got {getattr(self, name)!r}")
-        if self.vocab_size < 5:
-            raise ValueError(f"vocab_size: expected at least 5 (4 special tokens and a word), got {self.vocab_size!r}")
-        if self.max_train_steps is not None and self.max_train_steps < 1:
-            raise ValueError(f"max_train_steps: expected >= 1 (or none), got {self.max_train_steps!r}")
-        for name in ("learning_rate", "encoder_learning_rate"):
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
-        if self.feature_cache_dtype not in STORE_DTYPES:
-            raise ValueError(
-                f"feature_cache_dtype: expected one of {list(STORE_DTYPES)}, got {self.feature_cache_dtype!r}"
-            )
-        if self.lr_scheduler not in SCHEDULER_NAMES:
-            raise ValueError(f"lr_scheduler: expected one of {SCHEDULER_NAMES}, got {self.lr_scheduler!r}")
-        unknown = set(self.model) - {f.name for f in dataclasses.fields(CaptionerConfig)}
-        if unknown:
-            raise ValueError(f"model: {sorted(unknown)} are not CaptionerConfig fields")
-        from_tokenizer = sorted(set(self.model) & set(TOKENIZER_FIELDS))
-        if from_tokenizer:
-            raise ValueError(f"model: {from_tokenizer} come from the trained tokenizer (its size is vocab_size)")
-        # the model's own values, checked now rather than after the data is read and the tokenizer trained; the
-        # backbone fields are the pretrained network's when one is named
-        given = self.model
-        if self.init_from or self.vision_pretrained:
-            given = {k: v for k, v in self.model.items() if k not in ("vision_config", "encoder_trainable_stages")}
-        CaptionerConfig(vocab_size=self.vocab_size, **given)
-        for name, required in (("init_from", "config.json"), ("processor_path", "tokenizer.json")):
-            problem = model_folder_problem(getattr(self, name), required)
-            if problem:
-                raise ValueError(f"{name}: {problem}")
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), indent=2)
 
-
-OBJECTIVES = ("cross_entropy", "self_critical")
-SCHEDULER_NAMES = tuple(kind.value for kind in SchedulerType)
-
-
-def _convert(value: str, hint) -> typing.Any:
-    """A command-line string -> the field's type (YAML syntax for everything but plain strings)."""
-    if hint is str:
-        return value
-    if hint == (str | None):
-        return None if value.lower() in ("none", "null") else value
-    return _yaml_value(value)
-
-
-def _yaml_value(text: str) -> typing.Any:
-    """YAML, except that a number in exponent form without a dot (YAML 1.1 reads "2e-4" as a string) is a float."""
-    value = yaml.safe_load(text)
-    if isinstance(value, str):
-        try:
-            return float(value)
-        except ValueError:
-            return value
-    return value
-
-
-NUMBER_FIELDS = {int: int, float: float, int | None: int, float | None: float}
-
-
-def _check_values(values: dict, hints: dict, error) -> dict:
-    """Numbers from YAML files get the same reading; a field that wants a number, a yes/no or a list of whole
-    numbers and gets something else is an error."""
-    for name, value in values.items():
-        if hints.get(name) is bool and not isinstance(value, bool):
-            error(f"{name}: expected true or false, got {value!r}")
-        if hints.get(name) == list[int] and not (
-            isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)
-        ):
-            error(f"{name}: expected a list of whole numbers such as [2000, 200, 200], got {value!r}")
-        kind = NUMBER_FIELDS.get(hints.get(name))
-        if kind is None or value is None or isinstance(value, bool):
-            continue
-        number = _yaml_value(value) if isinstance(value, str) else value
-        if not isinstance(number, (int, float)) or (kind is int and number != int(number)):
-            error(f"{name}: expected {kind.__name__}, got {value!r}")
-        values[name] = kind(number)
-    return values
-
-
-def parse_arguments(argv: list[str] | None = None) -> TrainingArguments:
-    """`--config file.yaml` then `--field value` overrides; `--model key=value` sets one model config field."""
-    parser = argparse.ArgumentParser(description="Train the captioner (see TrainingArguments for every field).")
-    parser.add_argument("--config", help="YAML file with TrainingArguments fields")
-    hints = typing.get_type_hints(TrainingArguments)
-    for f in dataclasses.fields(TrainingArguments):
-        if f.name == "model":
-            parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE")
-        else:
-            parser.add_argument(f"--{f.name}", type=str, default=None, help=f"({hints[f.name]})")
-    namespace = parser.parse_args(argv)
-    values: dict = {}
-    if namespace.config:
-        config_path = Path(namespace.config)
-        if not config_path.is_file():
-            parser.error(f"config file not found: {config_path}")
-        values = yaml.safe_load(config_path.read_text()) or {}
-        if not isinstance(values, dict):
-            parser.error(f"{config_path}: expected a mapping of field: value, got a {type(values).__name__}")
-        unknown = set(values) - {f.name for f in dataclasses.fields(TrainingArguments)}
-        if unknown:
-            parser.error(f"{config_path}: unknown field(s) {sorted(unknown)}")
-    for f in dataclasses.fields(TrainingArguments):
-        raw = getattr(namespace, f.name)
-        if f.name == "model":
-            model = dict(values.get("model") or {})
-            for item in raw:
-                key, sep, value = item.partition("=")
-                if not sep:
-                    parser.error(f"--model expects KEY=VALUE, got {item!r}")
-                model[key] = _yaml_value(value)
-            values["model"] = model
-        elif raw is not None:
-            values[f.name] = _convert(raw, hints[f.name])
-    try:
-        return TrainingArguments(**_check_values(values, hints, parser.error))
-    except ValueError as err:  # a bad value is one line, before any data is read
-        parser.error(str(err))
+    @classmethod
+    def from_json(cls, text: str) -> TrainerState:
+        return cls(**json.loads(text))  # older checkpoints lack log_history: its default
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -282,10 +113,6 @@ def build_processor(args: TrainingArguments, train_captions: list[list[str]]) ->
         resample=resample.get(settings["interpolation"], PILImageResampling.BICUBIC),
     )
     return CaptionerProcessor(image_processor, tokenizer)
-
-
-TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id",
-                    "decoder_start_token_id")  # fmt: skip
 
 
 def build_model(args: TrainingArguments, processor: CaptionerProcessor) -> CaptionerForConditionalGeneration:
@@ -376,9 +203,9 @@ def claim_output_dir(args: TrainingArguments, remove: bool) -> None:
         logger.info("Removed the previous run's outputs from %s (--overwrite_output_dir)", output_dir)
 
 
-def owes_validation(state: dict) -> bool:
+def owes_validation(state: TrainerState) -> bool:
     """Whether steps were trained since the last validation (a resumed run must not skip the final one)."""
-    return state["global_step"] > (state["history"][-1]["step"] if state["history"] else 0)
+    return state.global_step > (state.history[-1]["step"] if state.history else 0)
 
 
 def replace_folder(target: Path, write: typing.Callable[[Path], None]) -> None:
@@ -403,17 +230,17 @@ def recover_folder(target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: dict, keep: int) -> None:
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, state: TrainerState, keep: int) -> None:
     """Write to a temporary folder, then rename: a kill during the save never destroys the last good checkpoint."""
     folder = output_dir / "checkpoints"
-    final = folder / f"{CHECKPOINT_PREFIX}{state['global_step']}"
-    partial = folder / f".partial-{CHECKPOINT_PREFIX}{state['global_step']}"
+    final = folder / f"{CHECKPOINT_PREFIX}{state.global_step}"
+    partial = folder / f".partial-{CHECKPOINT_PREFIX}{state.global_step}"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps(state, indent=2))
+        (partial / STATE_FILE).write_text(state.to_json())
         if final.exists():
             shutil.rmtree(final)
         os.replace(partial, final)
@@ -492,7 +319,7 @@ def train(args: TrainingArguments) -> dict:
     objective = cross_entropy
     if args.objective == "self_critical":  # built before any feature caching, so that a bad setting fails at once
         objective = SelfCriticalObjective(processor, data["train"]["captions"], args.self_critical_samples,
-                                          args.eval_max_new_tokens)  # fmt: skip
+                                          args.self_critical_max_new_tokens)  # fmt: skip
 
     train_features = val_features = None
     if args.cache_features:
@@ -535,8 +362,7 @@ def train(args: TrainingArguments) -> dict:
     scheduler = accelerator.prepare(scheduler)
     accelerator.init_trackers(TRACKER_PROJECT, config=_scalars(args))
 
-    state = {"global_step": 0, "epoch": 0, "batches_in_epoch": 0, "best_cider": None, "bad_epochs": 0, "history": [],
-             "log_history": []}  # fmt: skip
+    state = TrainerState()
     if args.resume_from_checkpoint:
         checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
         before = torch.get_rng_state()
@@ -544,20 +370,20 @@ def train(args: TrainingArguments) -> dict:
         if torch.equal(before, torch.get_rng_state()):  # Accelerate only logs this at INFO and goes on
             logger.warning("%s: the random number state (random_states_*.pkl) could not be restored: the resumed "
                            "run will not repeat the uninterrupted one exactly", checkpoint)  # fmt: skip
-        state = {"log_history": []} | json.loads((checkpoint / STATE_FILE).read_text())  # older checkpoints lack it
-        logger.info("Resumed from %s at step %d (epoch %d)", checkpoint, state["global_step"], state["epoch"])
+        state = TrainerState.from_json((checkpoint / STATE_FILE).read_text())
+        logger.info("Resumed from %s at step %d (epoch %d)", checkpoint, state.global_step, state.epoch)
 
-    progress = tqdm(total=total_steps, initial=state["global_step"], desc="Training",
+    progress = tqdm(total=total_steps, initial=state.global_step, desc="Training",
                     disable=not accelerator.is_local_main_process)  # fmt: skip
     started, stop = time.perf_counter(), False
-    last_log = (started, state["global_step"])  # (time, step) of the last log: the training rate between logs
+    last_log = (started, state.global_step)  # (time, step) of the last log: the training rate between logs
     # a run killed after its last step's checkpoint but before that step's validation still owes the validation
-    while not stop and (state["epoch"] < num_epochs and state["global_step"] < total_steps or owes_validation(state)):
+    while not stop and (state.epoch < num_epochs and state.global_step < total_steps or owes_validation(state)):
         model.train()
-        skip = state["batches_in_epoch"]  # > 0 when resuming mid-epoch
+        skip = state.batches_in_epoch  # > 0 when resuming mid-epoch
         batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        batches.set_epoch(state["epoch"])  # the sampler's permutation depends on the epoch only
-        for batch in batches if state["global_step"] < total_steps else ():
+        batches.set_epoch(state.epoch)  # the sampler's permutation depends on the epoch only
+        for batch in batches if state.global_step < total_steps else ():
             with accelerator.accumulate(model):
                 loss, logs = objective(model, batch, accelerator.unwrap_model(model))
                 accelerator.backward(loss)
@@ -566,31 +392,31 @@ def train(args: TrainingArguments) -> dict:
                 optimizer.step()
                 scheduler.step()
                 optimizer.zero_grad()
-            state["batches_in_epoch"] += 1
+            state.batches_in_epoch += 1
             if not accelerator.sync_gradients:
                 continue
-            state["global_step"] += 1
+            state.global_step += 1
             progress.update(1)
-            if state["global_step"] % args.log_every_steps == 0:
+            if state.global_step % args.log_every_steps == 0:
                 logs = {name: float(value) for name, value in logs.items()} | {"lr": scheduler.get_last_lr()[0]}
                 # all processes' captions (images, self-critical) per second since the last log
-                now, steps = time.perf_counter(), state["global_step"] - last_log[1]
+                now, steps = time.perf_counter(), state.global_step - last_log[1]
                 examples = steps * train_loader.total_batch_size * args.gradient_accumulation_steps
                 logs["train/examples_per_second"] = examples / (now - last_log[0])
-                last_log = (now, state["global_step"])
+                last_log = (now, state.global_step)
                 progress.set_postfix(
                     {name.split("/")[-1]: f"{logs[name]:.3f}" for name in PROGRESS_LOGS if name in logs}
                 )
-                accelerator.log(logs, step=state["global_step"])
-                state["log_history"].append({"step": state["global_step"], **logs})
-            if args.checkpoint_every_steps and state["global_step"] % args.checkpoint_every_steps == 0:
+                accelerator.log(logs, step=state.global_step)
+                state.log_history.append({"step": state.global_step, **logs})
+            if args.checkpoint_every_steps and state.global_step % args.checkpoint_every_steps == 0:
                 save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
-            if state["global_step"] >= total_steps:
+            if state.global_step >= total_steps:
                 break
-        if state["batches_in_epoch"] >= len(train_loader):  # the epoch ran to its end
-            state["epoch"] += 1
-            state["batches_in_epoch"] = 0
-        if state["batches_in_epoch"] == 0 or state["global_step"] >= total_steps:
+        if state.batches_in_epoch >= len(train_loader):  # the epoch ran to its end
+            state.epoch += 1
+            state.batches_in_epoch = 0
+        if state.batches_in_epoch == 0 or state.global_step >= total_steps:
             stop = _validate(args, accelerator, model, processor, data, val_loader, val_features, state, output_dir)
             save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
     progress.close()
@@ -600,11 +426,11 @@ def train(args: TrainingArguments) -> dict:
     return metrics
 
 
-def finish_run(accelerator: Accelerator, output_dir: Path, state: dict, train_seconds: float) -> dict:
+def finish_run(accelerator: Accelerator, output_dir: Path, state: TrainerState, train_seconds: float) -> dict:
     """Write metrics.json and final/ (the best model, its processor and the run's records); return the metrics."""
-    best = max(state["history"], key=lambda h: h["cider"])
-    metrics = {"best": best, "history": state["history"], "log_history": state["log_history"],
-               "steps": state["global_step"], "num_processes": accelerator.num_processes,
+    best = max(state.history, key=lambda h: h["cider"])
+    metrics = {"best": best, "history": state.history, "log_history": state.log_history,
+               "steps": state.global_step, "num_processes": accelerator.num_processes,
                "train_seconds_this_session": round(train_seconds, 1)}  # fmt: skip
     if not (output_dir / "best" / "model.safetensors").is_file():  # every process stops, none waits for the others
         raise RuntimeError(f"{output_dir / 'best'} holds no complete model: final/ was not written")
@@ -642,14 +468,14 @@ def _validate(args, accelerator, model, processor, data, val_loader, val_feature
         num_beams=args.eval_num_beams, max_new_tokens=args.eval_max_new_tokens,
     )  # fmt: skip
     scores = score_captions(captions, validation["captions"], meteor=False)  # METEOR (Java) is for final scores
-    record = {"epoch": state["epoch"], "step": state["global_step"], "val_loss": validation_loss(model, val_loader, accelerator),
+    record = {"epoch": state.epoch, "step": state.global_step, "val_loss": validation_loss(model, val_loader, accelerator),
               **scores}  # fmt: skip
-    state["history"].append(record)
-    accelerator.log({f"val/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=state["global_step"])
+    state.history.append(record)
+    accelerator.log({f"val/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=state.global_step)
     logger.info("epoch %d step %d: val loss %.4f, BLEU-4 %.4f, CIDEr %.4f", record["epoch"], record["step"],
                 record["val_loss"], record["bleu_4"], record["cider"])  # fmt: skip
-    if state["best_cider"] is None or record["cider"] > state["best_cider"]:
-        state["best_cider"], state["bad_epochs"] = record["cider"], 0
+    if state.best_cider is None or record["cider"] > state.best_cider:
+        state.best_cider, state.bad_epochs = record["cider"], 0
         if accelerator.is_main_process:
 
             def write_best(folder: Path) -> None:
@@ -659,8 +485,8 @@ def _validate(args, accelerator, model, processor, data, val_loader, val_feature
             replace_folder(output_dir / "best", write_best)
         accelerator.wait_for_everyone()
     else:
-        state["bad_epochs"] += 1
-    return bool(args.early_stopping_patience) and state["bad_epochs"] >= args.early_stopping_patience
+        state.bad_epochs += 1
+    return bool(args.early_stopping_patience) and state.bad_epochs >= args.early_stopping_patience
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -17,7 +17,8 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration, train_tokenizer  # noqa: E402
-from hf_captioner.training import TrainingArguments, train  # noqa: E402
+from hf_captioner.arguments import TrainingArguments  # noqa: E402
+from hf_captioner.training import train  # noqa: E402
 
 HF_CAPTIONER = str(Path(sys.executable).with_name("hf-captioner"))  # the console command, as users run it
 TINY_VISION = {
@@ -110,6 +111,7 @@ def tiny_arguments(output_dir, **overrides) -> TrainingArguments:
         report_to="none",
         output_dir=str(output_dir),
         eval_max_new_tokens=12,
+        self_critical_max_new_tokens=12,
         early_stopping_patience=0,
     )
     values.update(overrides)

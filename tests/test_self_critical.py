@@ -8,12 +8,13 @@ from conftest import tiny_arguments
 from pycocoevalcap.cider.cider import Cider
 from transformers import AutoModel
 
+from hf_captioner.arguments import TrainingArguments
 from hf_captioner.data.pairs import CaptionedImages, ImageCollator
 from hf_captioner.metrics.coco import tokenized_corpus
 from hf_captioner.model_card import render_model_card
 from hf_captioner.processing_captioner import CaptionerProcessor
 from hf_captioner.self_critical import CiderDReward, SelfCriticalObjective
-from hf_captioner.training import TrainingArguments, load_data, train
+from hf_captioner.training import load_data, train
 
 REFERENCES = [
     ["A dog runs across the grass.", "A brown dog is running on a lawn", "the dog plays in the green grass"],

@@ -16,9 +16,10 @@ from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
 from hf_captioner import training
+from hf_captioner.arguments import parse_arguments
 from hf_captioner.data.feature_store import encode_split, feature_cache_key
 from hf_captioner.data.pairs import CaptionCollator, CaptionPairs
-from hf_captioner.training import build_model, build_processor, load_data, parse_arguments, train
+from hf_captioner.training import build_model, build_processor, load_data, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -27,12 +28,12 @@ def test_arguments_come_from_yaml_then_the_command_line(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"batch_size": 8, "model": {"rnn_type": "gru", "hidden_size": 64}, "data": "x"}))
     args = parse_arguments(
-        ["--config", str(config), "--batch_size", "4", "--model", "hidden_size=32", "--sample_sizes", "[3, 2, 1]",
-         "--images_dir", "none", "--cache_features", "true"]
+        ["--config", str(config), "--batch_size", "4", "--model", "hidden_size=32", "--sample_sizes", "3", "2", "1",
+         "--images_dir", "none", "--cache_features", "--strict", "no"]
     )  # fmt: skip
     assert args.batch_size == 4 and args.data == "x" and args.sample_sizes == [3, 2, 1]
     assert args.model == {"rnn_type": "gru", "hidden_size": 32}
-    assert args.images_dir is None and args.cache_features is True
+    assert args.images_dir is None and args.cache_features is True and args.strict is False
     config.write_text(yaml.safe_dump({"batch_sise": 8}))
     with pytest.raises(SystemExit):
         parse_arguments(["--config", str(config)])
@@ -47,6 +48,10 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path, capsys):
     assert args.warmup_steps == 100 and isinstance(args.warmup_steps, int)
     with pytest.raises(SystemExit):
         parse_arguments(["--num_epochs", "many"])
+    assert "--num-epochs: invalid int value: 'many'" in capsys.readouterr().err
+    config.write_text("num_epochs: many\n")
+    with pytest.raises(SystemExit):
+        parse_arguments(["--config", str(config)])
     assert "num_epochs: expected int, got 'many'" in capsys.readouterr().err
 
 
@@ -58,12 +63,14 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path, capsys):
     (["--init_from", "runs/nothing/final"], "init_from"), (["--processor_path", "./nothing"], "processor_path"),
     (["--model", "grid_size=0"], "CaptionerConfig.grid_size"), (["--model", "vocab_size=7"], "model"),
     (["--model", "self_attention_heads=7"], "CaptionerConfig.self_attention_heads"),
-    (["--feature_cache_dtype", "int8"], "feature_cache_dtype"),
+    (["--feature_cache_dtype", "int8"], "feature_cache_dtype"), (["--mixed_precision", "fp4"], "mixed_precision"),
+    (["--warmup_steps", "-5"], "warmup_steps"), (["--self_critical_max_new_tokens", "0"], "self_critical_max_new"),
 ])  # fmt: skip
 def test_values_wrong_whatever_the_data_are_refused_in_one_line(argv, field, capsys):
     with pytest.raises(SystemExit) as stop:
         parse_arguments(argv)
-    assert stop.value.code == 2 and f": error: {field}" in capsys.readouterr().err.strip().splitlines()[-1]
+    last_line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert stop.value.code == 2 and ": error: " in last_line and field in last_line.split(": error: ")[1]
 
 
 def test_a_config_file_must_be_a_mapping(tmp_path, capsys):
@@ -99,7 +106,7 @@ def test_a_kill_after_the_last_steps_checkpoint_still_gets_its_final_validation(
 
     def save_then_die(accelerator, output_dir, state, keep):
         real_save(accelerator, output_dir, state, keep)
-        if state["global_step"] == whole["steps"] and training.owes_validation(state):
+        if state.global_step == whole["steps"] and training.owes_validation(state):
             raise KeyboardInterrupt("simulated kill after the last step's checkpoint, before its validation")
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)
@@ -185,7 +192,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
 
     def save_then_die(accelerator, output_dir, state, keep):
         real_save(accelerator, output_dir, state, keep)
-        if state["global_step"] == 12:
+        if state.global_step == 12:
             raise KeyboardInterrupt("simulated kill after the step-12 checkpoint")
 
     monkeypatch.setattr(training, "save_checkpoint", save_then_die)

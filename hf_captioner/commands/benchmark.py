@@ -27,8 +27,9 @@ import torch
 from transformers.modeling_outputs import BaseModelOutput
 
 from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration
+from hf_captioner.arguments import TrainingArguments
 from hf_captioner.inference import speed_options
-from hf_captioner.training import TrainingArguments, build_optimizer
+from hf_captioner.training import build_optimizer
 
 VOCAB, GRID, REGION_DIM, WIDTH = 10_000, 14, 2048, 512
 

@@ -13,11 +13,12 @@ from pathlib import Path
 
 from transformers import AutoModel, AutoProcessor
 
+from hf_captioner.arguments import parse_arguments
 from hf_captioner.cli import configure_logging
 from hf_captioner.data import make_sample_dataset, write_sample_dataset
 from hf_captioner.evaluation import evaluate_split, format_table
 from hf_captioner.inference import caption_with_attention
-from hf_captioner.training import parse_arguments, train
+from hf_captioner.training import train
 from hf_captioner.visualize import plot_attention
 
 logger = logging.getLogger("demo")
