@@ -276,9 +276,11 @@ def test_training_from_cached_features_saves_a_full_model(tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path):
     """Two processes of 16 captions each take the optimizer steps of one process of 32, at the same learning rates
-    (Accelerate steps a prepared scheduler once per process)."""
+    (Accelerate steps a prepared scheduler once per process); both read one feature store, cached once."""
     config = tmp_path / "tiny.yaml"
-    args = tiny_arguments(tmp_path / "ddp", num_epochs=2, warmup_steps=3, log_every_steps=1)
+    cached = dict(model={**tiny_arguments(tmp_path).model, "encoder_trainable_stages": 0}, cache_features=True,
+                  feature_cache_dir=str(tmp_path / "features"))  # fmt: skip
+    args = tiny_arguments(tmp_path / "ddp", num_epochs=2, warmup_steps=3, log_every_steps=1, **cached)
     config.write_text(yaml.safe_dump({k: v for k, v in vars(args).items()}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     accelerate_config = REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"
@@ -291,7 +293,9 @@ def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path)
     pairs = len(CaptionPairs(load_data(args)["train"]))
     assert metrics["steps"] == 2 * math.ceil(math.ceil(pairs / 16) / 2)  # each process takes every other batch
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
-    single = train(tiny_arguments(tmp_path / "single", num_epochs=2, warmup_steps=3, log_every_steps=1, batch_size=32))
+    assert len(list((tmp_path / "features").iterdir())) == 2  # train and validation, each on disk once
+    single = train(tiny_arguments(tmp_path / "single", num_epochs=2, warmup_steps=3, log_every_steps=1, batch_size=32,
+                                  **cached))  # fmt: skip
     assert single["steps"] == metrics["steps"]
     steps = [entry["step"] for entry in metrics["log_history"]]
     assert steps == [entry["step"] for entry in single["log_history"]] == list(range(1, metrics["steps"] + 1))
