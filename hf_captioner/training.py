@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -294,6 +295,8 @@ def train(args: TrainingArguments) -> dict:
     )
     set_seed(args.seed)
     claim_output_dir(args, remove=accelerator.is_main_process)  # every process checks before anything is written
+    if args.resume_from_checkpoint:  # a missing checkpoint is said now, not after the data and model are built
+        resolve_checkpoint(output_dir, args.resume_from_checkpoint)
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for folder in ("best", "final"):
@@ -491,7 +494,12 @@ def _validate(args, accelerator, model, processor, data, val_loader, val_feature
 
 def main(argv: list[str] | None = None) -> dict:
     configure_logging()
-    return train(parse_arguments(argv))
+    args = parse_arguments(argv)
+    try:
+        return train(args)
+    except (DataError, FileExistsError, FileNotFoundError) as err:  # the user's data, folders or checkpoints
+        logger.debug("The run stopped", exc_info=True)
+        sys.exit(f"hf-captioner train: error: {err}")
 
 
 __all__ = ["TrainingArguments", "main", "parse_arguments", "train"]

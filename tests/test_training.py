@@ -183,6 +183,21 @@ def test_a_new_run_does_not_mix_with_another_runs_output_dir(tmp_path):
     assert json.loads((tmp_path / "run" / "metrics.json").read_text())["steps"] == second["steps"]
 
 
+def test_the_train_command_says_a_missing_checkpoint_or_a_taken_output_dir_in_one_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(training, "load_data", lambda args: pytest.fail("data read before the check"))
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "metrics.json").write_text("{}")
+    for argv, message in (
+        (["--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", str(tmp_path / "nothing")],
+         "is not a complete checkpoint"),
+        (["--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", "latest"], "no checkpoint under"),
+        (["--output_dir", str(tmp_path / "taken")], "holds another run"),
+    ):  # fmt: skip
+        with pytest.raises(SystemExit) as stop:
+            training.main(["--report_to", "none", *argv])
+        assert str(stop.value.code).startswith("hf-captioner train: error: ") and message in str(stop.value.code)
+
+
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):
     # about 9 steps per epoch: the kill after the step-12 checkpoint falls in the middle of the second epoch
     common = dict(sample_sizes=[24, 8, 4], num_epochs=2, checkpoint_every_steps=4, keep_checkpoints=10)
