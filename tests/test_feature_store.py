@@ -1,6 +1,7 @@
 """The on-disk feature store: what it reads back, lazily, across processes, and how a killed caching run resumes."""
 
 import json
+import logging
 import subprocess
 import sys
 
@@ -69,6 +70,14 @@ def test_a_store_reads_back_what_the_encoder_computed_in_shards_and_dtypes(setup
     assert batch["encoder_outputs"].dtype == torch.float32
     with pytest.raises(ValueError, match="feature store dtype"):
         encode_split(model, processor, train, tmp_path, dtype="int8")
+
+
+def test_single_file_caches_of_older_versions_are_pointed_out(setup, tmp_path, caplog):
+    model, processor, train, _ = setup
+    save_file({"features": torch.zeros(2, 3)}, tmp_path / "0123456789abcdef01234567.safetensors")
+    with caplog.at_level(logging.WARNING):
+        encode_split(model, processor, train, tmp_path, batch_size=16)
+    assert "1 feature cache file(s) of an older hf-captioner that are no longer read" in caplog.text
 
 
 def test_a_killed_caching_run_resumes_at_its_first_missing_shard(setup, tmp_path, monkeypatch):

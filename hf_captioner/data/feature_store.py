@@ -146,6 +146,7 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
     if len(dataset) == 0:
         raise ValueError("cannot cache the features of an empty split")
     folder = store_folder(model, processor, dataset, cache_dir, dtype)
+    _mention_old_caches(folder.parent)
     layout = read_layout(folder)
     if layout is not None and layout["num_images"] != len(dataset):  # not this split's: never mix two
         layout = None
@@ -198,6 +199,15 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
     logger.info("Cached encoder features of %d images, %s %s, in %d shards at %s", len(store), store.feature_shape,
                 dtype, store.num_shards, folder)  # fmt: skip
     return store
+
+
+def _mention_old_caches(cache_dir: Path) -> None:
+    """Single-file caches of hf-captioner before the store (`<key>.safetensors`) are never read now: say so, once."""
+    old = sorted(cache_dir.glob("*.safetensors")) if cache_dir.is_dir() else []
+    if old:
+        size = sum(path.stat().st_size for path in old) / 1e9
+        logger.warning("%s holds %d feature cache file(s) of an older hf-captioner that are no longer read (%.1f GB, "
+                       "e.g. %s): delete them to free the space", cache_dir, len(old), size, old[0].name)  # fmt: skip
 
 
 def _num_shards(layout: dict) -> int:
