@@ -26,3 +26,21 @@ def test_quick_benchmark_reports_every_case(tmp_path):
     assert set(report["ratios"]) == {"beam3_batch8_vs_batch1_images_per_s", "cached_vs_frozen_end_to_end_per_caption",
                                      "training_fraction_of_matmul_rate"}  # fmt: skip
     assert "| training (batch) |" in result.stdout and "images/s" in result.stdout
+
+
+def test_scale_benchmark_runs_the_real_commands_and_cleans_up(tmp_path):
+    """A tiny run of `benchmark-scale`: every figure present, the store measured, nothing left on disk."""
+    out, work = tmp_path / "scale.json", tmp_path / "work"
+    command = [HF_CAPTIONER, "benchmark-scale", "--sizes", "48", "--channels", "64", "--steps", "4",
+               "--batch_size", "8", "--work_dir", str(work), "--out", str(out)]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["images"] == 48
+    assert row["store_gb"] * 1e9 >= 48 * 14 * 14 * 64 * 4  # float32 features of every image, on disk
+    for name in ("caching_peak_mb", "training_1p_peak_mb", "training_2p_peak_mb", "training_1p_captions_per_s",
+                 "training_2p_captions_per_s", "caching_mb_per_s"):  # fmt: skip
+        assert row[name] > 0
+    assert not work.exists()
+    assert "| 48 |" in result.stdout

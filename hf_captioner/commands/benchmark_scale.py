@@ -33,7 +33,8 @@ ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerat
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO [\w.]+: (.*)$")
 
 
-def run_config(data: Path, cache: Path, output_dir: Path, channels: int, dtype: str, steps: int, batch: int) -> dict:
+def run_config(data: Path, cache: Path, output_dir: Path, channels: int, dtype: str, steps: int, batch: int,
+               workers: int = 0) -> dict:  # fmt: skip
     """A training config: the stand-in encoder (frozen, features cached) and a Show-Attend-Tell-sized decoder."""
     return {
         "data": str(data),
@@ -60,6 +61,7 @@ def run_config(data: Path, cache: Path, output_dir: Path, channels: int, dtype: 
         "feature_cache_dir": str(cache),
         "feature_cache_dtype": dtype,
         "batch_size": batch,
+        "num_workers": workers,
         "eval_batch_size": 64,
         "eval_max_new_tokens": 12,
         "max_train_steps": steps,
@@ -125,7 +127,7 @@ def training_peak(peaks: dict[int, float], launcher: bool) -> float:
     return max(workers)
 
 
-def measure_size(size: int, work: Path, channels: int, dtype: str, steps: int, batch: int) -> dict:
+def measure_size(size: int, work: Path, channels: int, dtype: str, steps: int, batch: int, workers: int) -> dict:
     from hf_captioner.data import write_sample_dataset
     from hf_captioner.data.feature_store import FeatureStore
 
@@ -146,7 +148,7 @@ def measure_size(size: int, work: Path, channels: int, dtype: str, steps: int, b
     result["caching_peak_mb"] = training_peak(peaks, launcher=False)
 
     for processes in (1, 2):
-        config.write_text(yaml.safe_dump(run_config(data, cache, work / "run", channels, dtype, steps, batch)))
+        config.write_text(yaml.safe_dump(run_config(data, cache, work / "run", channels, dtype, steps, batch, workers)))
         if processes == 1:
             command = train
         else:
@@ -154,8 +156,8 @@ def measure_size(size: int, work: Path, channels: int, dtype: str, steps: int, b
             command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
                        "--main_process_port", "0", *train[1:]]  # fmt: skip
         peaks, lines, _ = run_and_watch(command, env)
-        rates = [entry["train/examples_per_second"]
-                 for entry in json.loads((work / "run" / "metrics.json").read_text())["log_history"]][1:]  # fmt: skip
+        log = json.loads((work / "run" / "metrics.json").read_text())["log_history"]
+        rates = [entry["train/examples_per_second"] for entry in log][1:] or [log[0]["train/examples_per_second"]]
         result[f"training_{processes}p_peak_mb"] = training_peak(peaks, launcher=processes > 1)
         result[f"training_{processes}p_captions_per_s"] = statistics.median(rates)
     shutil.rmtree(cache)
@@ -163,9 +165,10 @@ def measure_size(size: int, work: Path, channels: int, dtype: str, steps: int, b
     return result
 
 
-def table(rows: list[dict], channels: int, dtype: str) -> str:
+def table(rows: list[dict], channels: int, dtype: str, workers: int) -> str:
     lines = [
-        f"Feature store at 14 x 14 x {channels}, {dtype}; own memory = peak RssAnon of a process (MB)",
+        f"Feature store at 14 x 14 x {channels}, {dtype}; own memory = peak RssAnon of a process (MB); "
+        f"{workers} DataLoader worker(s) per process",
         "| images | store GB | caching MB/s | caching img/s | caching memory | training memory 1p / 2p (each) "
         "| captions/s 1p / 2p |",
         "|---|---|---|---|---|---|---|",
@@ -188,6 +191,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="how the store keeps features")  # fmt: skip
     parser.add_argument("--steps", type=positive_int, default=200, help="training steps per run")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="captions per step and process")
+    parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers per training process")
     parser.add_argument("--work_dir", default="benchmark-scale", help="data, stores and runs (deleted when done)")
     parser.add_argument("--out", help="also write the figures here as JSON")
     args = parser.parse_args(argv)
@@ -197,14 +201,15 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     try:
         for size in args.sizes:
-            rows.append(measure_size(size, work, args.channels, args.dtype, args.steps, args.batch_size))
+            rows.append(measure_size(size, work, args.channels, args.dtype, args.steps, args.batch_size,
+                                     args.num_workers))  # fmt: skip
             print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    print(table(rows, args.channels, args.dtype))
+    print(table(rows, args.channels, args.dtype, args.num_workers))
     if args.out:
         Path(args.out).write_text(json.dumps({"channels": args.channels, "dtype": args.dtype, "steps": args.steps,
-                                              "rows": rows}, indent=2))  # fmt: skip
+                                              "num_workers": args.num_workers, "rows": rows}, indent=2))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -71,6 +71,14 @@ def shard_rows(layout: dict, index: int) -> range:
     return range(start, min(start + layout["shard_size"], layout["num_images"]))
 
 
+def num_shards(layout: dict) -> int:
+    return math.ceil(layout["num_images"] / layout["shard_size"])
+
+
+def missing_shards(folder: Path, layout: dict) -> list[int]:
+    return [index for index in range(num_shards(layout)) if not shard_is_complete(folder, layout, index)]
+
+
 def shard_is_complete(folder: Path, layout: dict, index: int) -> bool:
     """A shard counts only if its file opens and holds exactly its rows, in the store's shape and dtype."""
     try:
@@ -93,8 +101,8 @@ class FeatureStore:
         if layout is None:
             raise FileNotFoundError(f"{self.folder} is not a feature store (no readable {LAYOUT_FILE})")
         self.layout = layout
-        self.num_shards = math.ceil(layout["num_images"] / layout["shard_size"])
-        missing = [i for i in range(self.num_shards) if not shard_is_complete(self.folder, layout, i)]
+        self.num_shards = num_shards(layout)
+        missing = missing_shards(self.folder, layout)
         if missing:
             raise FileNotFoundError(f"{self.folder}: shards {missing[:5]} of {self.num_shards} are missing or "
                                     "incomplete (a caching run was stopped; run it again to finish the store)")  # fmt: skip
@@ -150,7 +158,7 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
     layout = read_layout(folder)
     if layout is not None and layout["num_images"] != len(dataset):  # not this split's: never mix two
         layout = None
-    if layout is not None and all(shard_is_complete(folder, layout, i) for i in range(_num_shards(layout))):
+    if layout is not None and not missing_shards(folder, layout):
         logger.info("Reusing cached encoder features %s", folder)
         return FeatureStore(folder)
 
@@ -179,7 +187,7 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
         for stale in folder.glob("shard-*.safetensors"):  # from a store of another layout
             stale.unlink()
         _write_atomically(folder / LAYOUT_FILE, lambda path: path.write_text(json.dumps(layout, indent=2)))
-    todo = [i for i in range(_num_shards(layout)) if not shard_is_complete(folder, layout, i)]
+    todo = missing_shards(folder, layout)
     _check_free_space(folder, layout, len(todo))
 
     done = len(dataset) - sum(len(shard_rows(layout, i)) for i in todo)
@@ -196,7 +204,7 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
                 progress.update(len(features))
             _write_atomically(shard_path(folder, index), lambda path, shard=shard: save_file({TENSOR: shard}, path))
     store = FeatureStore(folder)
-    logger.info("Cached encoder features of %d images, %s %s, in %d shards at %s", len(store), store.feature_shape,
+    logger.info("Cached encoder features of %d images, %s %s, in %d shard(s) at %s", len(store), store.feature_shape,
                 dtype, store.num_shards, folder)  # fmt: skip
     return store
 
@@ -208,10 +216,6 @@ def _mention_old_caches(cache_dir: Path) -> None:
         size = sum(path.stat().st_size for path in old) / 1e9
         logger.warning("%s holds %d feature cache file(s) of an older hf-captioner that are no longer read (%.1f GB, "
                        "e.g. %s): delete them to free the space", cache_dir, len(old), size, old[0].name)  # fmt: skip
-
-
-def _num_shards(layout: dict) -> int:
-    return math.ceil(layout["num_images"] / layout["shard_size"])
 
 
 def _write_atomically(path: Path, write) -> None:
