@@ -22,7 +22,8 @@ class CaptionPairs(Dataset):
         counts = np.array([len(captions) for captions in self.captions], dtype=np.int64)
         # the pair index as two integer arrays (8 bytes a pair, not a tuple's ~70: COCO has 616k pairs)
         self.pair_rows = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
-        self.pair_captions = (np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)).astype(np.int32)
+        first_pair_of_row = np.repeat(np.cumsum(counts) - counts, counts)  # caption i of a row: its i-th pair
+        self.pair_captions = (np.arange(counts.sum()) - first_pair_of_row).astype(np.int32)
 
     def __len__(self) -> int:
         return len(self.pair_rows)
