@@ -35,6 +35,10 @@ def test_reward_is_the_coco_cider_d_of_each_caption_when_the_corpus_is_the_score
     assert reward("", 0) == 0.0
     # idf is fixed by the corpus given at construction: scoring one caption alone gives the same number
     assert reward(PREDICTIONS[1], 1) == mine[1]
+    # the reference vectors kept are bounded; those made again on demand give the same rewards
+    small = CiderDReward(REFERENCES, cached_images=2)
+    assert [small(caption, i) for _ in range(2) for i, caption in enumerate(PREDICTIONS)] == mine * 2
+    assert small._reference_vectors.cache_info().currsize == 2
 
 
 def test_sample_targets_stop_after_the_first_end_of_caption():
