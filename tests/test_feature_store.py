@@ -83,8 +83,8 @@ def test_single_file_caches_of_older_versions_are_pointed_out(setup, tmp_path, c
 def test_a_killed_caching_run_resumes_at_its_first_missing_shard(setup, tmp_path, monkeypatch):
     model, processor, train, expected = setup
     shard_bytes = shard_bytes_for(expected, 16)  # 3 shards of 2 batches of 8
-    # calls: 1 batch to lay the store out, then 2 per shard; killed at shard 1's start, then half-way into it
-    for calls_before_kill in (3, 4):
+    # calls: 2 per shard; killed at shard 1's start, then half-way into it
+    for calls_before_kill in (2, 3):
         cache = tmp_path / f"killed-{calls_before_kill}"
         monkeypatch.setattr(model.encoder, "forward", KilledAfter(model.encoder.forward, calls_before_kill))
         with pytest.raises(KeyboardInterrupt):

@@ -179,11 +179,10 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
 
     folder.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_partials(folder)
-    if layout is None:  # a new store: its shard size follows from one image's features
-        first = next(encode(range(min(batch_size, len(dataset)))))
-        image_bytes = first[0].numel() * first.element_size()
-        layout = {"num_images": len(dataset), "shard_size": max(1, shard_bytes // image_bytes),
-                  "feature_shape": list(first.shape[1:]), "dtype": dtype}  # fmt: skip
+    if layout is None:  # a new store: the encoder gives grid_size^2 regions of num_channels each
+        feature_shape = [model.config.grid_size**2, model.encoder.num_channels]
+        layout = {"num_images": len(dataset), "feature_shape": feature_shape, "dtype": dtype,
+                  "shard_size": max(1, shard_bytes // _image_bytes(feature_shape, dtype))}  # fmt: skip
         for stale in folder.glob("shard-*.safetensors"):  # from a store of another layout
             stale.unlink()
         _write_atomically(folder / LAYOUT_FILE, lambda path: path.write_text(json.dumps(layout, indent=2)))
@@ -243,10 +242,13 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
+def _image_bytes(feature_shape: list[int], dtype: str) -> int:
+    return math.prod(feature_shape) * STORE_DTYPES[dtype].itemsize
+
+
 def _check_free_space(folder: Path, layout: dict, shards_to_write: int) -> None:
     """Refuse at once, naming the sizes, rather than fill the disk half-way through a long caching run."""
-    image_bytes = math.prod(layout["feature_shape"]) * STORE_DTYPES[layout["dtype"]].itemsize
-    needed = shards_to_write * layout["shard_size"] * image_bytes
+    needed = shards_to_write * layout["shard_size"] * _image_bytes(layout["feature_shape"], layout["dtype"])
     free = shutil.disk_usage(folder).free
     if needed > free:
         raise OSError(f"the feature store at {folder} needs {needed / 1e9:.1f} GB more and the disk has "
