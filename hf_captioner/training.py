@@ -295,8 +295,8 @@ def train(args: TrainingArguments) -> dict:
     )
     set_seed(args.seed)
     claim_output_dir(args, remove=accelerator.is_main_process)  # every process checks before anything is written
-    if args.resume_from_checkpoint:  # a missing checkpoint is said now, not after the data and model are built
-        resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    # a missing checkpoint is said now, not after the data and model are built
+    checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         for folder in ("best", "final"):
@@ -366,8 +366,7 @@ def train(args: TrainingArguments) -> dict:
     accelerator.init_trackers(TRACKER_PROJECT, config=_scalars(args))
 
     state = TrainerState()
-    if args.resume_from_checkpoint:
-        checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint)
+    if checkpoint is not None:
         before = torch.get_rng_state()
         accelerator.load_state(str(checkpoint))
         if torch.equal(before, torch.get_rng_state()):  # Accelerate only logs this at INFO and goes on
