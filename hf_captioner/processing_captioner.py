@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from typing import BinaryIO
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -23,16 +24,18 @@ ImageLike = Image.Image | np.ndarray | str | os.PathLike
 UNREADABLE_IMAGE_ERRORS = (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError)
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file fully, turning "not an image" into a ValueError that names the file."""
+def open_image(path: str | os.PathLike | BinaryIO, name: str | None = None) -> Image.Image:
+    """Open an image file (or downloaded bytes, named by `name`) fully, upright by its EXIF orientation, turning "not
+    an image" into a ValueError that names it."""
+    name = name or str(path)
     try:
         with Image.open(path) as image:
             image.load()
             return ImageOps.exif_transpose(image)
     except FileNotFoundError:
-        raise FileNotFoundError(f"Image file not found: {path}") from None
+        raise FileNotFoundError(f"Image file not found: {name}") from None
     except UNREADABLE_IMAGE_ERRORS as err:
-        raise ValueError(f"{path} is not a readable image ({type(err).__name__}: {err})") from None
+        raise ValueError(f"{name} is not a readable image ({type(err).__name__}: {err})") from None
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

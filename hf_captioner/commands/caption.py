@@ -14,7 +14,7 @@ from PIL import Image
 import hf_captioner  # noqa: F401  (registers the Auto classes)
 from hf_captioner.cli import add_model_arguments, add_speed_arguments, load_captioner, positive_int
 from hf_captioner.inference import caption_with_attention, speed_options
-from hf_captioner.processing_captioner import UNREADABLE_IMAGE_ERRORS, open_image, to_rgb
+from hf_captioner.processing_captioner import open_image, to_rgb
 from hf_captioner.visualize import plot_attention
 
 logger = logging.getLogger("hf_captioner.caption")
@@ -28,12 +28,7 @@ def fetch(url: str, timeout: float = 15.0) -> Image.Image:
             data = response.read()
     except OSError as err:
         raise ValueError(f"Could not download {url} ({err}); is this machine offline?") from None
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            image.load()
-            return to_rgb(image)
-    except UNREADABLE_IMAGE_ERRORS as err:
-        raise ValueError(f"{url} did not return a readable image ({err})") from None
+    return to_rgb(open_image(io.BytesIO(data), name=url))
 
 
 def collect(inputs: list[str]) -> list[str]:
