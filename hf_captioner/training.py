@@ -212,7 +212,7 @@ def owes_validation(state: TrainerState) -> bool:
 def replace_folder(target: Path, write: typing.Callable[[Path], None]) -> None:
     """Write a folder so that a kill at any moment leaves the old complete one or the new complete one: the new one
     is written aside, then swapped in by renames; `recover_folder` finishes or undoes an interrupted swap."""
-    partial, old = target.with_name(f".partial-{target.name}"), target.with_name(f".old-{target.name}")
+    partial, old = _aside(target)
     shutil.rmtree(partial, ignore_errors=True)
     write(partial)
     if target.exists():
@@ -222,9 +222,14 @@ def replace_folder(target: Path, write: typing.Callable[[Path], None]) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+def _aside(target: Path) -> tuple[Path, Path]:
+    """Where `replace_folder` writes the new folder and parks the old one."""
+    return target.with_name(f".partial-{target.name}"), target.with_name(f".old-{target.name}")
+
+
 def recover_folder(target: Path) -> None:
     """After a kill during `replace_folder`: put the old complete folder back (the resumed run redoes the write)."""
-    partial, old = target.with_name(f".partial-{target.name}"), target.with_name(f".old-{target.name}")
+    partial, old = _aside(target)
     if not target.exists() and old.exists():
         os.replace(old, target)
     shutil.rmtree(partial, ignore_errors=True)

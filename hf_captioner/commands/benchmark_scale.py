@@ -93,10 +93,9 @@ def descendants(pid: int) -> list[int]:
     return children
 
 
-def run_and_watch(command: list[str], env: dict) -> tuple[dict[int, float], list[str], float]:
-    """Run a command; return the peak own memory of it and of each process it starts (sampled every 50 ms, MB), its
-    log lines and its wall time. Fails with the command's last output if it fails."""
-    started = time.perf_counter()
+def run_and_watch(command: list[str], env: dict) -> tuple[dict[int, float], list[str]]:
+    """Run a command; return the peak own memory of it and of each process it starts (sampled every 50 ms, MB) and
+    its log lines. Fails with the command's last output if it fails."""
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines, peaks = [], {}
     reader = threading.Thread(target=lambda: lines.extend(process.stdout), daemon=True)
@@ -110,7 +109,7 @@ def run_and_watch(command: list[str], env: dict) -> tuple[dict[int, float], list
     reader.join()
     if process.returncode != 0:
         raise RuntimeError(f"{' '.join(command)} failed:\n{''.join(lines[-40:])}")
-    return peaks, lines, time.perf_counter() - started
+    return peaks, lines
 
 
 def logged_at(lines: list[str], text: str) -> datetime:
@@ -139,7 +138,7 @@ def measure_size(size: int, work: Path, channels: int, dtype: str, steps: int, b
     result = {"images": size}
 
     config.write_text(yaml.safe_dump(run_config(data, cache, work / "run", channels, dtype, 1, batch)))
-    peaks, lines, _ = run_and_watch(train, env)
+    peaks, lines = run_and_watch(train, env)
     store = next(folder for folder in cache.iterdir() if len(FeatureStore(folder)) == size)  # not validation's
     result["store_gb"] = sum(path.stat().st_size for path in store.iterdir()) / 1e9
     seconds = (logged_at(lines, "Cached encoder features of") - logged_at(lines, "Model:")).total_seconds()
@@ -155,7 +154,7 @@ def measure_size(size: int, work: Path, channels: int, dtype: str, steps: int, b
             env["OMP_NUM_THREADS"] = "1"
             command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
                        "--main_process_port", "0", *train[1:]]  # fmt: skip
-        peaks, lines, _ = run_and_watch(command, env)
+        peaks, lines = run_and_watch(command, env)
         log = json.loads((work / "run" / "metrics.json").read_text())["log_history"]
         rates = [entry["train/examples_per_second"] for entry in log][1:] or [log[0]["train/examples_per_second"]]
         result[f"training_{processes}p_peak_mb"] = training_peak(peaks, launcher=processes > 1)
