@@ -51,7 +51,7 @@ class CaptionerConfig(PreTrainedConfig):
     self_attention: bool = True  # attend over the decoder's earlier states; False gives the classic SAT decoder
     self_attention_heads: int = 8  # heads of the self-attention (must divide hidden_size)
     dropout: float = 0.5  # dropout before the output layer (deep output)
-    decoder_implementation: str = "packed"  # teacher forcing: "packed" (fast, packed_decoding.py) | "reference"
+    decoder_implementation: str = "packed"  # "packed" (fast: packed_decoding.py) | "reference" (the paper's loop)
     attention_penalty: float = 1.0  # lambda of the doubly stochastic penalty sum_i (1 - sum_t alpha_ti)^2
     label_smoothing: float = 0.0  # label smoothing of the token cross-entropy
     tie_word_embeddings: bool = False  # share the embedding matrix with the output layer

@@ -32,7 +32,7 @@ from .backbones import (
     pretrained_source,
 )
 from .configuration_captioner import CaptionerConfig
-from .packed_decoding import packed_teacher_forcing
+from .packed_decoding import DecoderProducts, compute_dtype, fused_step, packed_teacher_forcing
 
 logger = logging.get_logger(__name__)
 
@@ -98,6 +98,7 @@ class CaptionerCache:
         self.rows_per_image = rows_per_image
         self.seen_tokens = seen_tokens
         self._scratch: torch.Tensor | None = None
+        self.products: DecoderProducts | None = None  # the fast path's fused weights, made once per generate() call
 
     def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A buffer reused from step to step for the attention's largest temporary (B, n, k, A) when no gradient is
@@ -184,6 +185,42 @@ class CaptionerGridEncoder(nn.Module):
         return BaseModelOutput(last_hidden_state=regions)
 
 
+class AdditiveScores(torch.autograd.Function):
+    """The additive scores v^T tanh(p_i + q) (B, n, k) of queries q (B, n, A) over projected regions p (B, k, A).
+
+    The same values and gradients as autograd through `tanh` and a linear layer (tests/test_modeling.py checks it), in
+    fewer passes over the (B, n, k, A) sum, the step's largest tensor: tanh(x) = 2 sigmoid(2x) - 1, so the forward is
+    one sum, one in-place sigmoid and one product, and the backward uses tanh'(x) = 4 s (1 - s) with s = sigmoid(2x),
+    the only tensor kept. (torch's tanh also runs about 4x slower than its sigmoid on AVX2 CPUs.)
+    """
+
+    @staticmethod
+    def forward(ctx, projected_regions, query, v, scratch=None):
+        shape = (query.shape[0], query.shape[1], *projected_regions.shape[1:])  # (B, n, k, A)
+        dtype = torch.promote_types(query.dtype, projected_regions.dtype)
+        out = scratch(shape, dtype) if scratch is not None else None
+        # s = sigmoid(2 (q + p)): 2q + 2p in one pass, then in place
+        s = torch.add(2 * query.unsqueeze(2), projected_regions.unsqueeze(1), alpha=2, out=out).sigmoid_()
+        v = v.to(dtype)
+        ctx.save_for_backward(s, v)
+        ctx.projected_shape = projected_regions.shape
+        return s @ (2 * v) - v.sum()  # v . (2s - 1)
+
+    @staticmethod
+    def backward(ctx, grad_scores):
+        s, v = ctx.saved_tensors
+        grad_scores = grad_scores.to(s.dtype)
+        grad_v = None
+        if ctx.needs_input_grad[2]:  # sum over rows and regions of grad_e * (2s - 1)
+            flat_s = s.flatten(0, 2)  # (B n k, A)
+            grad_v = 2 * (grad_scores.reshape(1, -1) @ flat_s).view(-1) - grad_scores.sum()
+        # d e / d x = 4 v s (1 - s) (s stays as it was: a graph kept with retain_graph may run backward again)
+        grad_sum = torch.addcmul(s, s, s, value=-1).mul_(4 * v).mul_(grad_scores.unsqueeze(-1))  # (B, n, k, A)
+        grad_query = grad_sum.sum(dim=2) if ctx.needs_input_grad[1] else None  # (B, n, A)
+        grad_regions = grad_sum.sum(dim=1) if ctx.needs_input_grad[0] else None  # (B, k, A)
+        return grad_regions, grad_query, grad_v, None
+
+
 class CaptionerCrossAttention(nn.Module):
     """Attention of the previous hidden state over the k regions, and the gated context (SAT eq. 4-6, beta gate).
 
@@ -207,13 +244,9 @@ class CaptionerCrossAttention(nn.Module):
         lend a reusable buffer for the additive scores' (B, n, k, A) sum, the largest tensor of a step (inference)."""
         if self.score is None:
             return (torch.bmm(query, projected_regions.transpose(1, 2)) * self.scale).softmax(dim=-1)
-        terms = projected_regions.unsqueeze(1), query.unsqueeze(2)  # (B, 1, k, A), (B, n, 1, A)
-        if scratch is None:
-            summed = torch.add(*terms)
-        else:
-            shape = (query.shape[0], query.shape[1], *projected_regions.shape[1:])
-            summed = torch.add(*terms, out=scratch(shape, torch.promote_types(query.dtype, projected_regions.dtype)))
-        return self.score(summed.tanh_()).squeeze(-1).softmax(dim=-1)  # (B, n, k)
+        scores = AdditiveScores.apply(projected_regions, query, self.score.weight.view(-1), scratch)  # (B, n, k)
+        return (scores + self.score.bias).softmax(dim=-1)
+
 
     def forward(
         self, hidden: torch.Tensor, regions: torch.Tensor, projected_regions: torch.Tensor, scratch=None
@@ -268,8 +301,8 @@ class CaptionerSelfAttention(nn.Module):
 class CaptionerDecoder(nn.Module):
     """The recurrent decoder: one word per step, from the embedding, the region context and the self-attention.
 
-    This is the reference implementation, which generation uses; `config.decoder_implementation = "packed"` trains
-    with the equivalent, faster runner of packed_decoding.py.
+    `step` is the reference implementation. `config.decoder_implementation = "packed"` trains with the equivalent,
+    faster runner of packed_decoding.py and generates with `fast_step`.
     """
 
     def __init__(self, config: CaptionerConfig, region_dim: int):
@@ -332,16 +365,29 @@ class CaptionerDecoder(nn.Module):
         deep = embedded + self.out_hidden(hidden) + self.out_context(context)  # (B, T, E)
         return self.lm_head(self.dropout(deep))
 
-    def forward(
-        self, input_ids: torch.LongTensor, regions: torch.Tensor, cache: CaptionerCache
+    def fast_step(
+        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Run the T input words through the recurrence from `cache` (teacher forcing, or steps of generation).
-        Returns logits (B, T, V), cross-attention (B, T, k), self-attention (B, heads, T, P + T) or None."""
+        """`step` computed by the fast path's fused products (packed_decoding.py), for inference."""
+        dtype = compute_dtype(regions)
+        if cache.products is None or cache.products.dtype != dtype:
+            cache.products = DecoderProducts(self, dtype, memory_in_hidden=False)
+        products = cache.products
+        step_input = products.embedding(embedded)
+        return fused_step(self, products, step_input, products.regions(regions), cache, scratch=cache.scratch)
+
+    def forward(
+        self, input_ids: torch.LongTensor, regions: torch.Tensor, cache: CaptionerCache, fast: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Run the T input words through the recurrence from `cache` (teacher forcing, or steps of generation), with
+        `step`, or with `fast_step` when `fast`. Returns logits (B, T, V), cross-attention (B, T, k), self-attention
+        (B, heads, T, P + T) or None."""
         past = cache.seen_tokens
         embedded = self.embed_tokens(input_ids)  # (B, T, E)
+        step = self.fast_step if fast else self.step
         hiddens, contexts, cross_weights, self_weights = [], [], [], []
         for t in range(input_ids.shape[1]):
-            context, cross, self_w = self.step(embedded[:, t], regions, cache)
+            context, cross, self_w = step(embedded[:, t], regions, cache)
             hiddens.append(cache.hidden)
             contexts.append(context)
             cross_weights.append(cross)
@@ -537,14 +583,16 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
             if cache is not None:
                 raise ValueError("Pass the decoding cache as `cache` or as `past_key_values`, not both")
             cache = past_key_values
-        if self.config.decoder_implementation == "packed" and cache is None and not use_cache and rows_per_image == 1:
+        fast = self.config.decoder_implementation == "packed"
+        if fast and cache is None and not use_cache and rows_per_image == 1:
             lengths = None if labels is None else (labels != -100).sum(dim=1)  # padding is on the right
             logits, cross_attentions, self_attentions = packed_teacher_forcing(
                 self.decoder, decoder_input_ids, regions, lengths
             )
         else:
             cache = cache if cache is not None else self.decoder.start(regions, rows_per_image)
-            logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache)
+            fast = fast and not torch.is_grad_enabled()  # the fused weights are detached: inference only
+            logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache, fast)
 
         loss = token_loss = attention_loss = None
         if labels is not None:

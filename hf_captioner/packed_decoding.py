@@ -1,10 +1,16 @@
-"""The fast teacher-forcing runner (`CaptionerConfig.decoder_implementation = "packed"`, the default for training).
+"""The fast decoder path (`CaptionerConfig.decoder_implementation = "packed"`, the default).
 
-It computes what `CaptionerDecoder.forward` computes from a fresh start, arranged for speed; the equivalence tests
-(tests/test_modeling.py) pin the two together in loss, logits, attention and gradients:
-- length packing: captions run longest first and each step runs only on those not yet ended;
-- deferred weight gradients: the per-step products multiply by detached weights, and each weight's gradient is
-  summed in one matrix product after the loop (`StepWeightGradients`), instead of one outer product per step.
+It computes what the reference decoder (`CaptionerDecoder.forward` / `step`) computes, arranged for speed; the
+equivalence tests (tests/test_modeling.py) pin the two together in loss, logits, attention, gradients and captions:
+- fused products: the layers of a step that read the same vector are one matrix product by their concatenated
+  weights (`FusedProduct`). h_{t-1} feeds the attention query, the beta gate, the self-attention query, the cell's
+  hidden product (and, in teacher forcing, the self-attention key/value of h_{t-1}); the embedding's share of the
+  self-attention query and of the cell's input product runs for all steps at once before the loop. The weights are
+  concatenated, and cast to autocast's dtype, once per forward (once per `generate()` call), not at every step;
+- length packing (teacher forcing): captions run longest first and each step runs only on those not yet ended;
+- deferred weight gradients (teacher forcing): the per-step products multiply by detached weights, and each fused
+  weight's gradient is summed in one matrix product after the loop (`DeferredWeightGradients`), instead of one outer
+  product per step.
 
 `save_pretrained` copies this file next to the weights with the model, so it imports nothing else from hf_captioner.
 """
@@ -20,81 +26,88 @@ from torch import nn
 if typing.TYPE_CHECKING:
     from .modeling_captioner import CaptionerCache, CaptionerDecoder
 
-
-class StepWeightGradients:
-    """Weight gradients of the per-step linear layers of teacher forcing, summed in one matrix product per weight.
-
-    Autograd would add a (out x in) outer product into each weight's gradient at every step: at a few dozen rows per
-    step that is memory-bound and was most of the training step's backward. Here each step multiplies by a detached
-    weight, keeps its input, and a hook keeps the gradient of its output; `attach` puts a node before the loop whose
-    backward (it runs last: every step depends on the state it passes on) returns grad_W = sum_t G_t^T X_t as the
-    weights' gradient, so optimisers, DDP and gradient accumulation see an ordinary gradient.
-    """
-
-    def __init__(self):
-        self.inputs: dict[nn.Parameter, list[torch.Tensor]] = {}
-        self.output_grads: dict[nn.Parameter, dict[int, torch.Tensor]] = {}
-
-    def attach(self, state: torch.Tensor, weights: list[nn.Parameter]) -> torch.Tensor:
-        """`state` (the recurrence's initial state) passed through the node that will receive the weight gradients."""
-        self.weights = weights
-        return _WeightGradientSink.apply(self, state, *weights)
-
-    def linear(self, inputs: torch.Tensor, weight: nn.Parameter, bias: torch.Tensor | None = None) -> torch.Tensor:
-        """`F.linear`, with the weight's gradient left to `weight_gradients` (the bias's is cheap: autograd's)."""
-        if not weight.requires_grad:
-            return F.linear(inputs, weight, bias)
-        outputs = F.linear(inputs, weight.detach(), bias)
-        kept = self.inputs.setdefault(weight, [])
-        grads = self.output_grads.setdefault(weight, {})
-        position = len(kept)
-        kept.append(inputs.detach())
-        outputs.register_hook(lambda grad: grads.__setitem__(position, grad))
-        return outputs
-
-    def weight_gradients(self) -> list[torch.Tensor | None]:
-        gradients = []
-        for weight in self.weights:
-            grads = self.output_grads.get(weight, {})
-            positions = sorted(grads)  # steps whose output reached the loss
-            if not positions:
-                gradients.append(None)
-                continue
-            # in the weight's dtype: under bf16 autocast the steps ran in bf16, the sum is kept in float32
-            output_grad = torch.cat([grads[i] for i in positions]).to(weight.dtype)  # (sum of rows, out)
-            inputs = torch.cat([self.inputs[weight][i] for i in positions]).to(weight.dtype)  # (sum of rows, in)
-            gradients.append(output_grad.transpose(0, 1) @ inputs)  # (out, in)
-        self.inputs.clear()
-        self.output_grads.clear()
-        return gradients
+Piece = tuple[nn.Parameter, slice]  # a weight and the columns of it that a fused product uses
+ALL = slice(None)
 
 
-class _WeightGradientSink(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, collector: StepWeightGradients, state: torch.Tensor, *weights: torch.Tensor) -> torch.Tensor:
-        ctx.collector = collector
-        return state.view_as(state)
-
-    @staticmethod
-    def backward(ctx, state_grad: torch.Tensor):
-        return None, state_grad, *ctx.collector.weight_gradients()
+def compute_dtype(reference: torch.Tensor) -> torch.dtype:
+    """The dtype the products run in: autocast's when it is on for the tensor's device, else the weights' own."""
+    device = reference.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else reference.dtype
 
 
-def step_weights(decoder: CaptionerDecoder) -> list[nn.Parameter]:
-    """The trainable weights every step multiplies by (their gradients are deferred)."""
-    layers = [decoder.cross_attention.query_proj, decoder.cross_attention.gate]
-    if decoder.self_attention is not None:
-        attention = decoder.self_attention
-        layers += [attention.query, attention.key_value, attention.out]
-    weights = [layer.weight for layer in layers] + [decoder.cell.weight_ih, decoder.cell.weight_hh]
-    return [weight for weight in weights if weight.requires_grad]
+class FusedProduct:
+    """Several linear layers that read the same input as one product y = x W^T + b, W their weights (or some of
+    their columns) stacked row-wise, made once in the compute dtype; `split` hands each layer its share of y."""
+
+    def __init__(self, pieces: list[Piece], biases: list[torch.Tensor | None], dtype: torch.dtype, deferred=True):
+        """deferred: the weight is detached (its gradient comes from `DeferredWeightGradients`); else autograd's."""
+        self.pieces = pieces
+        self.sizes = [weight.shape[0] for weight, _ in pieces]
+        weight = torch.cat([weight[:, columns] for weight, columns in pieces]).to(dtype)
+        self.weight = weight.detach() if deferred else weight
+        present = [b if b is not None else w.new_zeros(w.shape[0]) for (w, _), b in zip(pieces, biases)]
+        self.bias = torch.cat(present)  # float32, with autograd: the biases' gradients are cheap sums
+
+    def __call__(self, inputs: torch.Tensor, gradients: DeferredWeightGradients | None = None) -> torch.Tensor:
+        product = F.linear(inputs.to(self.weight.dtype), self.weight)
+        if gradients is not None:
+            gradients.record(self, inputs, product)
+        return product.to(self.bias.dtype) + self.bias
+
+    def split(self, outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        return outputs.split(self.sizes, dim=-1)
 
 
-def recur(cell: nn.LSTMCell | nn.GRUCell, cell_input: torch.Tensor, cache: CaptionerCache, linear) -> None:
-    """One LSTM/GRU update of the cache's state: the equations of `nn.LSTMCell` / `nn.GRUCell` (whose parameters it
-    uses), written out so that the weight products go through `linear`."""
-    input_gates = linear(cell_input, cell.weight_ih, cell.bias_ih)  # (B, 4H | 3H)
-    hidden_gates = linear(cache.hidden, cell.weight_hh, cell.bias_hh)  # (B, 4H | 3H)
+class DecoderProducts:
+    """The decoder's per-step layers as fused products, for teacher forcing (`memory_in_hidden`: the self-attention
+    key/value of h_{t-1} is computed by the step that first reads it) or for generation (after the cell, as the
+    reference does, so that the cache holds the memory of every state it has)."""
+
+    def __init__(self, decoder: CaptionerDecoder, dtype: torch.dtype, memory_in_hidden: bool):
+        attention, memory, cell = decoder.cross_attention, decoder.self_attention, decoder.cell
+        e = decoder.embed_tokens.embedding_dim
+        hidden: list[Piece] = [(attention.query_proj.weight, ALL), (attention.gate.weight, ALL)]
+        hidden_biases = [attention.query_proj.bias, attention.gate.bias]
+        embedding: list[Piece] = [(cell.weight_ih, slice(0, e))]
+        embedding_biases = [cell.bias_ih]
+        self.memory = self.out = None
+        if memory is not None:
+            hidden.append((memory.query.weight, slice(e, None)))
+            hidden_biases.append(None)  # the query's bias rides with its embedding share
+            embedding.insert(0, (memory.query.weight, slice(0, e)))
+            embedding_biases.insert(0, memory.query.bias)
+            self.out = FusedProduct([(memory.out.weight, ALL)], [memory.out.bias], dtype)
+            if not memory_in_hidden:
+                self.memory = FusedProduct([(memory.key_value.weight, ALL)], [memory.key_value.bias], dtype)
+        hidden.append((cell.weight_hh, ALL))
+        hidden_biases.append(cell.bias_hh)
+        if memory is not None and memory_in_hidden:
+            hidden.append((memory.key_value.weight, ALL))
+            hidden_biases.append(memory.key_value.bias)
+        self.dtype = dtype
+        self.hidden = FusedProduct(hidden, hidden_biases, dtype)
+        # one product over all steps of teacher forcing: autograd's gradient is already one outer product
+        self.embedding = FusedProduct(embedding, embedding_biases, dtype, deferred=False)
+        self.cell_input = FusedProduct([(cell.weight_ih, slice(e, None))], [None], dtype)  # [context, attended]
+        self._regions: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def per_step(self) -> list[FusedProduct]:
+        """The products each step makes (their weight gradients are deferred)."""
+        return [p for p in (self.hidden, self.cell_input, self.out, self.memory) if p is not None]
+
+    def regions(self, regions: torch.Tensor) -> torch.Tensor:
+        """The regions in the compute dtype, cast once for all the steps that read them."""
+        if regions.dtype == self.dtype:
+            return regions
+        if self._regions is None or self._regions[0] is not regions:
+            self._regions = regions, regions.to(self.dtype)
+        return self._regions[1]
+
+
+def update_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cache: CaptionerCache) -> None:
+    """One LSTM/GRU update of the cache's state from the gates' input and hidden products (biases included): the
+    equations of `nn.LSTMCell` / `nn.GRUCell`, written out because their products are fused with others."""
     if cache.cell is not None:
         i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=-1)
         cache.cell = torch.sigmoid(f) * cache.cell + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
@@ -107,29 +120,104 @@ def recur(cell: nn.LSTMCell | nn.GRUCell, cell_input: torch.Tensor, cache: Capti
         cache.hidden = (1 - update) * new + update * cache.hidden  # (B, H)
 
 
-def deferred_step(
-    decoder: CaptionerDecoder, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, linear
+def fused_step(
+    decoder: CaptionerDecoder,
+    products: DecoderProducts,
+    embedded: torch.Tensor,
+    regions: torch.Tensor,
+    cache: CaptionerCache,
+    gradients: DeferredWeightGradients | None = None,
+    scratch=None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`CaptionerDecoder.step` with every product by a per-step weight going through `linear`."""
-    attention = decoder.cross_attention
-    query = linear(cache.hidden, attention.query_proj.weight, attention.query_proj.bias)  # (B, A)
-    cross_weights = attention.weights(query.unsqueeze(1), cache.projected_regions).squeeze(1)  # (B, k)
-    gate = torch.sigmoid(linear(cache.hidden, attention.gate.weight, attention.gate.bias))  # (B, C)
-    context = gate * torch.bmm(cross_weights.unsqueeze(1), regions).squeeze(1)  # (B, C)
-    inputs = [embedded, context]
+    """`CaptionerDecoder.step` with fused products. `embedded` is the step's embedding product (B, [H +] G·H) (see
+    `DecoderProducts.embedding`), not the embedding itself."""
+    attention, memory = decoder.cross_attention, decoder.self_attention
+    query, gate, *rest = products.hidden.split(products.hidden(cache.hidden, gradients))
+    query = query.view(regions.shape[0], -1, query.shape[-1])  # (B images, n rows each, A)
+    cross_weights = attention.weights(query, cache.projected_regions, scratch)  # (B, n, k)
+    context = torch.sigmoid(gate) * torch.bmm(cross_weights.to(regions.dtype), regions).flatten(0, 1)  # (R, C)
+    cross_weights = cross_weights.flatten(0, 1)  # (R, k)
     self_weights = None
-    if decoder.self_attention is not None:
-        memory = decoder.self_attention
-        step_query = linear(torch.cat([embedded, cache.hidden], dim=-1), memory.query.weight, memory.query.bias)
-        attended, self_weights = memory.attend(step_query, cache.keys, cache.values)  # (B, H), (B, heads, M)
-        inputs.append(linear(attended, memory.out.weight, memory.out.bias))
-    recur(decoder.cell, torch.cat(inputs, dim=-1), cache, linear)  # input (B, E + C [+ H])
-    if decoder.self_attention is not None:
-        key, value = memory.split_memory(linear(cache.hidden, memory.key_value.weight, memory.key_value.bias))
+    if memory is None:
+        (hidden_gates,) = rest
+        input_gates = embedded + products.cell_input(context, gradients)
+    else:
+        memory_query, input_gates = products.embedding.split(embedded)
+        if products.memory is None:  # teacher forcing: the memory of h_{t-1} comes from this step's product
+            query_h, hidden_gates, key_value = rest
+            key, value = memory.split_memory(key_value)
+            cache.keys = key if cache.keys is None else torch.cat([cache.keys, key], dim=2)
+            cache.values = value if cache.values is None else torch.cat([cache.values, value], dim=2)
+        else:
+            query_h, hidden_gates = rest
+        attended, self_weights = memory.attend(memory_query + query_h, cache.keys, cache.values)
+        attended = products.out(attended, gradients)  # (B, H)
+        input_gates = input_gates + products.cell_input(torch.cat([context, attended], dim=-1), gradients)
+    update_cell(input_gates, hidden_gates, cache)
+    if products.memory is not None:
+        key, value = memory.split_memory(products.memory(cache.hidden))
         cache.keys = torch.cat([cache.keys, key], dim=2)  # (B, heads, M + 1, d)
-        cache.values = torch.cat([cache.values, value], dim=2)  # (B, heads, M + 1, d)
+        cache.values = torch.cat([cache.values, value], dim=2)
     cache.seen_tokens += 1
     return context, cross_weights, self_weights
+
+
+class DeferredWeightGradients:
+    """Weight gradients of the per-step fused products of teacher forcing, each summed in one matrix product.
+
+    Autograd would add an (out x in) outer product into each weight's gradient at every step: at a few dozen rows per
+    step that is memory-bound and was most of the training step's backward. Here each step multiplies by a detached
+    weight, keeps its input, and a hook keeps the gradient of its output; `attach` puts a node before the loop whose
+    backward (it runs last: every step depends on the state it passes on) returns grad_W = sum_t G_t^T X_t, split
+    back onto the layers' parameters, so optimisers, DDP and gradient accumulation see an ordinary gradient.
+    """
+
+    def __init__(self, products: list[FusedProduct]):
+        self.products = products
+        self.inputs: dict[int, list[torch.Tensor]] = {id(p): [] for p in products}
+        self.output_grads: dict[int, dict[int, torch.Tensor]] = {id(p): {} for p in products}
+        params = {id(w): w for p in products for w, _ in p.pieces if w.requires_grad}
+        self.parameters = list(params.values())
+
+    def attach(self, state: torch.Tensor) -> torch.Tensor:
+        """`state` (the recurrence's initial state) passed through the node that will receive the weight gradients."""
+        return _WeightGradientSink.apply(self, state, *self.parameters)
+
+    def record(self, product: FusedProduct, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+        kept, grads = self.inputs[id(product)], self.output_grads[id(product)]
+        position = len(kept)
+        kept.append(inputs.detach())
+        outputs.register_hook(lambda grad: grads.__setitem__(position, grad))
+
+    def weight_gradients(self) -> list[torch.Tensor | None]:
+        gradients: dict[int, torch.Tensor] = {}
+        for product in self.products:
+            grads = self.output_grads[id(product)]
+            positions = sorted(grads)  # steps whose output reached the loss
+            if not positions:
+                continue
+            # in float32 (the master weights' dtype) even when the steps ran in bf16
+            output_grad = torch.cat([grads[i] for i in positions]).float()  # (sum of rows, out)
+            inputs = torch.cat([self.inputs[id(product)][i] for i in positions]).float()  # (sum of rows, in)
+            full = output_grad.transpose(0, 1) @ inputs  # (out, in)
+            for (weight, columns), block in zip(product.pieces, full.split(product.sizes)):
+                if weight.requires_grad:
+                    gradient = gradients.setdefault(id(weight), torch.zeros_like(weight))
+                    gradient[:, columns] += block
+        self.inputs.clear()
+        self.output_grads.clear()
+        return [gradients.get(id(weight)) for weight in self.parameters]
+
+
+class _WeightGradientSink(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, collector: DeferredWeightGradients, state: torch.Tensor, *weights: torch.Tensor):
+        ctx.collector = collector
+        return state.view_as(state)
+
+    @staticmethod
+    def backward(ctx, state_grad: torch.Tensor):
+        return None, state_grad, *ctx.collector.weight_gradients()
 
 
 def packed_teacher_forcing(
@@ -144,6 +232,8 @@ def packed_teacher_forcing(
     batch, length = input_ids.shape
     embedded = decoder.embed_tokens(input_ids)  # (B, T, E)
     cache = decoder.start(regions)
+    if decoder.self_attention is not None:
+        cache.keys = cache.values = None  # each step adds the memory of the state it starts from
     order = active = None
     if lengths is not None and int(lengths.max()) > 0:
         order = lengths.argsort(descending=True, stable=True)  # (B,)
@@ -153,13 +243,18 @@ def packed_teacher_forcing(
         else:
             cache.reorder_cache(order)
             regions = regions.index_select(0, order)  # (B, k, C)
-    steps_input = embedded if order is None else embedded.index_select(0, order)  # (B, T, E)
-    weights = step_weights(decoder) if torch.is_grad_enabled() else []
-    linear = F.linear
-    if weights:
-        collector = StepWeightGradients()
-        cache.hidden = collector.attach(cache.hidden, weights)
-        linear = collector.linear
+    dtype = compute_dtype(regions)
+    products = DecoderProducts(decoder, dtype, memory_in_hidden=True)
+    steps_embedded = embedded if order is None else embedded.index_select(0, order)  # (B, T, E)
+    steps_input = products.embedding(steps_embedded)  # (B, T, [H +] G·H): the embedding's share, all steps at once
+    step_regions = products.regions(regions)  # cast once, not by autocast at every step
+    gradients = None
+    if torch.is_grad_enabled():
+        gradients = DeferredWeightGradients(products.per_step())
+        if gradients.parameters:
+            cache.hidden = gradients.attach(cache.hidden)
+        else:
+            gradients = None
     hiddens, contexts, cross_weights, self_weights = [], [], [], []
     for t in range(length):
         rows = batch if active is None else active[t]
@@ -167,10 +262,8 @@ def packed_teacher_forcing(
             break  # every caption has ended: the remaining steps are padding
         if rows < cache.hidden.shape[0]:
             keep_first_rows(cache, rows)  # captions that have ended drop out of the batch for good
-        if weights:
-            context, cross, self_w = deferred_step(decoder, steps_input[:rows, t], regions[:rows], cache, linear)
-        else:  # nothing to defer: the reference step, with torch's own cell (fewer kernel launches)
-            context, cross, self_w = decoder.step(steps_input[:rows, t], regions[:rows], cache)
+        context, cross, self_w = fused_step(decoder, products, steps_input[:rows, t], step_regions[:rows], cache,
+                                            gradients)  # fmt: skip
         hiddens.append(_pad(cache.hidden, batch, 0))
         contexts.append(_pad(context, batch, 0))
         cross_weights.append(_pad(cross, batch, 0))

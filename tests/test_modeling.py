@@ -2,6 +2,7 @@
 
 import copy
 import itertools
+import logging
 
 import pytest
 import torch
@@ -10,8 +11,10 @@ from conftest import tiny_config, tiny_model
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from hf_captioner import CaptionerCache, CaptionerConfig, CaptionerForConditionalGeneration
+from hf_captioner import inference
 from hf_captioner.inference import speed_options
-from hf_captioner.packed_decoding import recur
+from hf_captioner.modeling_captioner import AdditiveScores
+from hf_captioner.packed_decoding import update_cell
 
 DECODER_KINDS = list(itertools.product(["lstm", "gru"], [True, False], ["additive", "dot", "scaled_dot"]))
 
@@ -329,6 +332,30 @@ def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_atte
         torch.testing.assert_close(grads["packed"][name], grads["reference"][name], rtol=1e-4, atol=atol, msg=name)
 
 
+@pytest.mark.parametrize("rnn_type,self_attention,cross_attention", DECODER_KINDS)
+def test_fast_inference_step_equals_the_reference_step(rnn_type, self_attention, cross_attention):
+    """Inference runs the fused products (`fast_step`): the same logits and attention at every cached step and the
+    same beam-search captions as the reference step."""
+    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention,
+                       initializer_range=0.3)  # fmt: skip
+    pixel_values, inputs = images(), token_ids()
+    outputs, captions = {}, {}
+    with torch.no_grad():
+        for implementation in ("packed", "reference"):
+            model.config.decoder_implementation = implementation
+            outputs[implementation] = model(pixel_values=pixel_values, decoder_input_ids=inputs, use_cache=True,
+                                            output_attentions=True)  # fmt: skip
+            captions[implementation] = model.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=8)
+    fast, reference = outputs["packed"], outputs["reference"]
+    assert fast.cache.products is not None and reference.cache.products is None
+    torch.testing.assert_close(fast.logits, reference.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fast.cross_attentions, reference.cross_attentions, rtol=1e-5, atol=1e-6)
+    if self_attention:
+        torch.testing.assert_close(fast.self_attentions, reference.self_attentions, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(fast.cache.keys, reference.cache.keys, rtol=1e-5, atol=1e-6)
+    assert torch.equal(captions["packed"], captions["reference"])
+
+
 @pytest.mark.parametrize("cross_attention", ["additive", "dot"])
 def test_beam_scores_are_the_teacher_forced_log_likelihood_of_the_returned_captions(cross_attention):
     """The beams of an image share one copy of its regions; scoring the returned captions one row per caption
@@ -385,6 +412,22 @@ def test_beams_may_not_move_to_another_image():
         out.cache.reorder_cache(torch.tensor([0, 1, 3, 3, 4, 5]))
 
 
+def test_additive_scores_equal_autograd_through_tanh():
+    """The additive attention's own autograd function (tanh through a sigmoid, a hand-written backward) gives the
+    values and gradients of v^T tanh(p + q) written plainly, and passes torch's numerical gradient check."""
+    generator = torch.Generator().manual_seed(0)
+    regions, query, v = (torch.randn(*shape, dtype=torch.double, generator=generator, requires_grad=True)
+                         for shape in [(2, 5, 4), (2, 3, 4), (4,)])  # fmt: skip
+    ours = AdditiveScores.apply(regions, query, v)
+    plain = torch.tanh(regions.unsqueeze(1) + query.unsqueeze(2)) @ v  # (2, 3, 5)
+    torch.testing.assert_close(ours, plain)
+    upstream = torch.randn(plain.shape, dtype=torch.double, generator=generator)
+    for ours_grad, plain_grad in zip(torch.autograd.grad(ours, (regions, query, v), upstream),
+                                     torch.autograd.grad(plain, (regions, query, v), upstream)):  # fmt: skip
+        torch.testing.assert_close(ours_grad, plain_grad)
+    assert torch.autograd.gradcheck(AdditiveScores.apply, (regions, query, v))
+
+
 @pytest.mark.parametrize("rnn_type", ["lstm", "gru"])
 def test_written_out_recurrence_equals_the_torch_cell(rnn_type):
     decoder = tiny_model(rnn_type=rnn_type).decoder
@@ -392,7 +435,9 @@ def test_written_out_recurrence_equals_the_torch_cell(rnn_type):
     cell_input = torch.randn(5, decoder.cell.input_size, generator=generator)
     hidden, cell = torch.randn(2, 5, decoder.cell.hidden_size, generator=generator)
     cache = CaptionerCache(hidden, cell if rnn_type == "lstm" else None, None, None, torch.zeros(5, 1, 1))
-    recur(decoder.cell, cell_input, cache, F.linear)
+    cell_params = decoder.cell
+    update_cell(F.linear(cell_input, cell_params.weight_ih, cell_params.bias_ih),
+                F.linear(hidden, cell_params.weight_hh, cell_params.bias_hh), cache)  # fmt: skip
     expected = decoder.cell(cell_input, (hidden, cell) if rnn_type == "lstm" else hidden)
     if rnn_type == "lstm":
         torch.testing.assert_close(cache.cell, expected[1])
@@ -413,6 +458,15 @@ def test_bf16_autocast_trains_with_float32_gradients_close_to_float32_ones():
         grads.append(torch.cat([p.grad.flatten() for p in model.decoder.parameters() if p.grad is not None]))
     assert grads[0].dtype == torch.float32
     assert F.cosine_similarity(grads[0], grads[1], dim=0) > 0.99
+
+
+@pytest.mark.parametrize("has_instructions", [True, False])
+def test_bf16_is_warned_about_on_a_cpu_without_bf16_instructions(monkeypatch, caplog, has_instructions):
+    """Without AVX512-BF16/AMX torch's bf16 products are hundreds of times slower: asking for them says so."""
+    monkeypatch.setattr(inference, "cpu_multiplies_bf16_fast", lambda: has_instructions)
+    with caplog.at_level(logging.WARNING, logger="hf_captioner.inference"):
+        speed_options(tiny_model(), bf16=True)
+    assert ("no bfloat16 matrix instructions" in caplog.text) is not has_instructions
 
 
 def test_compiled_decoder_step_captions_as_the_eager_one():

@@ -5,8 +5,12 @@ captions of Flickr-like lengths):
 - training step (forward + backward + AdamW) of the decoder on cached region features, batch 32;
 - the same end to end through a ResNet-101-shaped encoder, frozen, and with its last two stages fine-tuned;
 - caption generation, greedy and 3 / 5 beams, one image at a time and in batches, encoder included and excluded;
-- the speed options (bf16 autocast, channels_last, torch.compile of the decoder step) on the cases they target;
-- the machine's own fp32 matrix-multiply rate, measured in the same run, and how much of it the training step uses.
+- training on cached features and captioning in float32 and, where the CPU multiplies bfloat16 in hardware
+  (AVX512-BF16 or AMX), under bf16 autocast; elsewhere the bf16 cases are skipped (torch's fallback is hundreds of
+  times slower) and the report says so;
+- the other speed options (channels_last, torch.compile of the decoder step) on the cases they target;
+- the machine's own float32 and bf16 matrix-multiply rates, measured in the same run, and how much of its
+  precision's rate the training step uses.
 Every case runs in a fresh process (forked before any computation), so its peak resident memory above the
 process's level after building the model and inputs is its own. `--quick` shrinks repetitions and batch sizes so
 the whole run takes about a minute; its figures are rougher.
@@ -28,7 +32,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration
 from hf_captioner.arguments import TrainingArguments
-from hf_captioner.inference import speed_options
+from hf_captioner.inference import cpu_multiplies_bf16_fast, speed_options
 from hf_captioner.training import build_optimizer
 
 VOCAB, GRID, REGION_DIM, WIDTH = 10_000, 14, 2048, 512
@@ -90,10 +94,10 @@ def _child(case: dict, sender) -> None:
         sender.send({"error": traceback.format_exc()})
 
 
-def matmul_gflops(size: int, repeats: int) -> dict:
-    a, b = torch.randn(size, size), torch.randn(size, size)
+def matmul_gflops(size: int, repeats: int, dtype: str = "float32") -> dict:
+    a, b = torch.randn(size, size).to(getattr(torch, dtype)), torch.randn(size, size).to(getattr(torch, dtype))
     seconds = timed(lambda: a @ b, repeats)
-    return {"gflops": 2 * size**3 / seconds / 1e9, "threads": torch.get_num_threads()}
+    return {"gflops": 2 * size**3 / seconds / 1e9, "threads": torch.get_num_threads(), "size": size}
 
 
 def caption_lengths(batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -188,7 +192,12 @@ RUNNERS = {"matmul": matmul_gflops, "train": train_case, "generate": generate_ca
 
 def run(quick: bool) -> dict:
     repeats = 2 if quick else 5
-    matmul = in_fresh_process({"kind": "matmul", "size": 1024 if quick else 2048, "repeats": repeats * 2})
+    size = 1024 if quick else 2048
+    fast_bf16 = cpu_multiplies_bf16_fast()
+    matmul = in_fresh_process({"kind": "matmul", "size": size, "repeats": repeats * 2})
+    # without bf16 instructions a 2048 product takes most of a minute: a small one tells the rate
+    bf16_matmul = in_fresh_process({"kind": "matmul", "size": size if fast_bf16 else 256, "repeats": 2,
+                                    "dtype": "bfloat16"})  # fmt: skip
     step_flops, start_flops = decoder_flops(sat_config(), REGION_DIM)
     report = {
         "mode": "quick" if quick else "full",
@@ -196,53 +205,65 @@ def run(quick: bool) -> dict:
             "cpu": platform.processor() or platform.machine(),
             "threads": matmul["threads"],
             "torch": torch.__version__,
+            "bf16_matrix_instructions": fast_bf16,
         },  # fmt: skip
-        "matmul_gflops": matmul["gflops"],
+        "matmul_gflops": {"float32": matmul["gflops"], "bfloat16": bf16_matmul["gflops"]},
         "decoder_gflop_per_token": step_flops / 1e9,
         "decoder_gflop_per_caption_start": start_flops / 1e9,
     }
+    precisions = ["float32", "bfloat16"] if fast_bf16 else ["float32"]
     train_batch, end_to_end_batch = 32, 4 if quick else 32
     end_to_end_repeats = 1 if quick else repeats
-    cached = in_fresh_process({"kind": "train", "batch": train_batch, "repeats": repeats, "inputs": "features"})
-    cached["fraction_of_matmul_rate"] = cached["decoder_gflops"] / report["matmul_gflops"]
+    cached = {}
+    for precision in precisions:
+        case = in_fresh_process({"kind": "train", "batch": train_batch, "repeats": repeats, "inputs": "features",
+                                 "variant": "bf16" if precision == "bfloat16" else ""})  # fmt: skip
+        case["fraction_of_matmul_rate"] = case["decoder_gflops"] / report["matmul_gflops"][precision]
+        cached[precision] = case
     frozen = {"kind": "train", "batch": end_to_end_batch, "repeats": end_to_end_repeats, "inputs": "images"}
     report["training"] = {
-        "cached_features": cached,
+        "cached_features": cached["float32"],
+        **({"cached_features_bf16": cached["bfloat16"]} if "bfloat16" in cached else {}),
         "frozen_encoder": in_fresh_process(frozen),
         "fine_tuned_encoder": in_fresh_process({**frozen, "trainable_stages": 2}),
     }
     batches = [1, 8] if quick else [1, 32, 64]
     cases = []
-    for beams in (1, 3) if quick else (1, 3, 5):
-        for batch in batches:
-            for encoder in (False,) if quick else (False, True):
-                cases.append(in_fresh_process({"kind": "generate", "batch": batch, "beams": beams,
-                                               "repeats": 1 if quick else 3, "encoder": encoder}))  # fmt: skip
+    for precision in precisions:
+        for beams in (1, 3) if quick else (1, 3, 5):
+            for batch in batches:
+                for encoder in (False,) if quick else (False, True):
+                    cases.append(in_fresh_process({"kind": "generate", "batch": batch, "beams": beams,
+                                                   "repeats": 1 if quick else 3, "encoder": encoder,
+                                                   "variant": "bf16" if precision == "bfloat16" else ""}))  # fmt: skip
     report["generation"] = cases
-    three_beams = {c["batch"]: c for c in cases if c["beams"] == 3 and not c["encoder"]}
+    three_beams = {c["batch"]: c for c in cases if c["beams"] == 3 and not c["encoder"] and not c["variant"]}
     largest = max(three_beams)
-    report["variants"] = [] if quick else measure_variants(report, repeats)
+    report["variants"] = [] if quick else measure_variants(report, repeats, fast_bf16)
     report["ratios"] = {
         f"beam3_batch{largest}_vs_batch1_images_per_s": three_beams[largest]["images_per_s"] / three_beams[1]["images_per_s"],
-        "cached_vs_frozen_end_to_end_per_caption": cached["captions_per_s"] / report["training"]["frozen_encoder"]["captions_per_s"],
-        "training_fraction_of_matmul_rate": cached["fraction_of_matmul_rate"],
+        "cached_vs_frozen_end_to_end_per_caption": cached["float32"]["captions_per_s"] / report["training"]["frozen_encoder"]["captions_per_s"],
+        "training_fraction_of_matmul_rate": cached["float32"]["fraction_of_matmul_rate"],
+        **({"training_bf16_fraction_of_bf16_matmul_rate": cached["bfloat16"]["fraction_of_matmul_rate"]}
+           if "bfloat16" in cached else {}),
     }  # fmt: skip
     return report
 
 
-def measure_variants(report: dict, repeats: int) -> list[dict]:
-    """Each speed option on the cases it targets, against the plain case of this run (same batch and settings)."""
+def measure_variants(report: dict, repeats: int, fast_bf16: bool) -> list[dict]:
+    """Each other speed option on the cases it targets, against the plain case of this run (same batch, settings)."""
     cached, frozen = report["training"]["cached_features"], report["training"]["frozen_encoder"]
-    plain_generation = {(c["batch"], c["beams"], c["encoder"]): c for c in report["generation"]}
+    plain_generation = {(c["batch"], c["beams"], c["encoder"]): c for c in report["generation"] if not c["variant"]}
+    end_to_end = ("channels_last", "bf16", "channels_last+bf16") if fast_bf16 else ("channels_last",)
     trials = []  # (label, plain case, spec of the case with the option, the figure compared)
-    for inputs, plain, variants in [("features", cached, ("bf16", "compile")),
-                                    ("images", frozen, ("channels_last", "bf16", "channels_last+bf16"))]:  # fmt: skip
+    for inputs, plain, variants in [("features", cached, ("compile",)), ("images", frozen, end_to_end)]:
         label = f"training, {'cached features' if inputs == 'features' else 'frozen encoder'} ({plain['batch']})"
         spec = {"kind": "train", "batch": plain["batch"], "repeats": repeats, "inputs": inputs}
         trials += [(label, plain, {**spec, "variant": variant}, "captions_per_s") for variant in variants]
-    for batch, encoder, variant in [(1, False, "bf16"), (32, False, "bf16"), (1, False, "compile"),
-                                    (32, False, "compile"), (32, False, "compile+bf16"),
-                                    (32, True, "channels_last+bf16")]:  # fmt: skip
+    generation = [(1, False, "compile"), (32, False, "compile")]
+    if fast_bf16:
+        generation += [(32, False, "compile+bf16"), (32, True, "channels_last+bf16")]
+    for batch, encoder, variant in generation:
         label = f"3 beams, batch {batch}, encoder {'in' if encoder else 'out'}"
         spec = {"kind": "generate", "batch": batch, "beams": 3, "repeats": 3, "encoder": encoder, "variant": variant}
         trials.append((label, plain_generation[(batch, 3, encoder)], spec, "images_per_s"))
@@ -255,16 +276,23 @@ def measure_variants(report: dict, repeats: int) -> list[dict]:
 
 
 def table(report: dict) -> str:
-    lines = [f"matrix multiply: {report['matmul_gflops']:.0f} GFLOP/s ({report['machine']['threads']} threads); "
+    rates = report["matmul_gflops"]
+    bf16_note = "" if report["machine"]["bf16_matrix_instructions"] else (
+        " (no AVX512-BF16/AMX on this CPU: the bf16 cases are skipped)")  # fmt: skip
+    lines = [f"matrix multiply ({report['machine']['threads']} threads): float32 {rates['float32']:.0f} GFLOP/s, "
+             f"bf16 {rates['bfloat16']:.1f} GFLOP/s{bf16_note}",
              f"decoder: {report['decoder_gflop_per_token'] * 1e3:.1f} MFLOP per token, "
              f"{report['decoder_gflop_per_caption_start'] * 1e3:.0f} MFLOP per caption start (forward)", "",
-             "| training (batch) | ms/step | captions/s | peak MiB |", "|---|---|---|---|"]  # fmt: skip
+             "| training (batch) | ms/step | captions/s | share of the matmul rate | peak MiB |",
+             "|---|---|---|---|---|"]  # fmt: skip
     for name, case in report["training"].items():
+        share = f"{case['fraction_of_matmul_rate']:.0%}" if "fraction_of_matmul_rate" in case else ""
         lines.append(f"| {name} ({case['batch']}) | {case['ms_per_step']:.0f} | {case['captions_per_s']:.1f} | "
-                     f"{case['peak_mib']:.0f} |")  # fmt: skip
+                     f"{share} | {case['peak_mib']:.0f} |")  # fmt: skip
     lines += ["", "| generation | batch | images/s | ms/image | peak MiB |", "|---|---|---|---|---|"]
     for case in report["generation"]:
         label = f"{'greedy' if case['beams'] == 1 else str(case['beams']) + ' beams'}, encoder {'in' if case['encoder'] else 'out'}"
+        label += ", bf16" if case["variant"] else ""
         lines.append(f"| {label} | {case['batch']} | {case['images_per_s']:.1f} | {case['ms_per_image']:.1f} | "
                      f"{case['peak_mib']:.0f} |")  # fmt: skip
     if report["variants"]:

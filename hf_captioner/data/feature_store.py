@@ -175,7 +175,8 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
         # its own generator: iterating must not draw from the global RNG, or a cold cache would change the training run
         loader = DataLoader(images, batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
         for pixel_values in loader:
-            yield encoder(pixel_values.to(device)).last_hidden_state.to("cpu", STORE_DTYPES[dtype])
+            pixel_values = pixel_values.to(device).contiguous(memory_format=torch.channels_last)
+            yield encoder(pixel_values).last_hidden_state.to("cpu", STORE_DTYPES[dtype])
 
     folder.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_partials(folder)
@@ -192,6 +193,12 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
     done = len(dataset) - sum(len(shard_rows(layout, i)) for i in todo)
     if done:
         logger.info("Resuming the feature store %s: %d of %d images already cached", folder, done, len(dataset))
+    # NHWC convolutions: Lite0 at 224 encodes 27.6 images/s instead of 16.3 on a 2-core AVX2 CPU, and the features
+    # differ by float rounding only (2e-5 at most), so the store key does not change with the layout
+    kernels = [p for p in encoder.parameters() if p.dim() == 4]
+    layout_before = torch.channels_last if kernels and kernels[0].is_contiguous(memory_format=torch.channels_last) \
+        else torch.contiguous_format  # fmt: skip
+    encoder.to(memory_format=torch.channels_last)
     with tqdm(total=len(dataset), initial=done, unit="img", desc="Caching encoder features") as progress:
         for index in todo:
             rows = shard_rows(layout, index)
@@ -202,6 +209,7 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
                 filled += len(features)
                 progress.update(len(features))
             _write_atomically(shard_path(folder, index), lambda path, shard=shard: save_file({TENSOR: shard}, path))
+    encoder.to(memory_format=layout_before)  # the model as it came (training may run the encoder)
     store = FeatureStore(folder)
     logger.info("Cached encoder features of %d images, %s %s, in %d shard(s) at %s", len(store), store.feature_shape,
                 dtype, store.num_shards, folder)  # fmt: skip
