@@ -46,7 +46,7 @@ class FusedProduct:
         self.sizes = [weight.shape[0] for weight, _ in pieces]
         weight = torch.cat([weight[:, columns] for weight, columns in pieces]).to(dtype)
         self.weight = weight.detach() if deferred else weight
-        present = [b if b is not None else w.new_zeros(w.shape[0]) for (w, _), b in zip(pieces, biases)]
+        present = [b if b is not None else w.new_zeros(w.shape[0]) for (w, _), b in zip(pieces, biases, strict=True)]
         self.bias = torch.cat(present)  # float32, with autograd: the biases' gradients are cheap sums
 
     def __call__(self, inputs: torch.Tensor, gradients: DeferredWeightGradients | None = None) -> torch.Tensor:
@@ -200,7 +200,7 @@ class DeferredWeightGradients:
             output_grad = torch.cat([grads[i] for i in positions]).float()  # (sum of rows, out)
             inputs = torch.cat([self.inputs[id(product)][i] for i in positions]).float()  # (sum of rows, in)
             full = output_grad.transpose(0, 1) @ inputs  # (out, in)
-            for (weight, columns), block in zip(product.pieces, full.split(product.sizes)):
+            for (weight, columns), block in zip(product.pieces, full.split(product.sizes), strict=True):
                 if weight.requires_grad:
                     gradient = gradients.setdefault(id(weight), torch.zeros_like(weight))
                     gradient[:, columns] += block

@@ -1,5 +1,7 @@
 """The caption metrics: agreement with pycocoevalcap, known values, bad input, and the tokenizer against Java."""
 
+import doctest
+import math
 import random
 
 import pytest
@@ -109,3 +111,57 @@ def test_tokenizer_gives_the_java_ptb_tokenizers_tokens():
     disagreements = [(c, java[str(i)][0], " ".join(ptb_tokenize(c))) for i, c in enumerate(captions)
                      if java[str(i)][0] != " ".join(ptb_tokenize(c))]  # fmt: skip
     assert not disagreements, disagreements[:5]
+
+
+@pytest.mark.parametrize("name", ["bleu", "cider", "rouge", "meteor"])
+def test_usage_examples_in_the_module_docs_run_as_written(name):
+    if name == "meteor" and not java_available():
+        pytest.skip("METEOR needs Java")
+    text = load(name).info.inputs_description
+    examples = doctest.DocTestParser().get_doctest(text, {}, name, None, 0)
+    assert examples.examples, f"{name} has no usage examples"
+    runner = doctest.DocTestRunner(optionflags=doctest.NORMALIZE_WHITESPACE)
+    runner.run(examples)
+    assert runner.summarize(verbose=False).failed == 0
+
+
+def test_a_single_reference_string_counts_as_a_list_of_one_in_any_position():
+    predictions = ["a dog runs on the grass", "a man is riding a bike", "two cats sit"]
+    as_lists = [["a dog runs on grass"], ["a man is riding a bicycle"], ["two cats are sitting"]]
+    mixed = [as_lists[0], as_lists[1][0], as_lists[2][0]]  # a list first, then strings
+    for name in ("bleu", "cider", "rouge"):
+        assert load(name).compute(predictions=predictions, references=mixed) == \
+            load(name).compute(predictions=predictions, references=as_lists)  # fmt: skip
+    metric = load("cider")
+    metric.add_batch(predictions=predictions[:1], references=as_lists[:1])
+    metric.add_batch(predictions=predictions[1:], references=[r[0] for r in as_lists[1:]])
+    assert metric.compute() == load("cider").compute(predictions=predictions, references=as_lists)
+
+
+def test_per_caption_scores_are_the_coco_scorers_per_image_scores():
+    predictions, references = random_corpus(3, size=12)
+    gts = {i: refs for i, refs in enumerate(references)}
+    res = {i: [p] for i, p in enumerate(predictions)}
+    expected = {"cider": Cider().compute_score(gts, res)[1], "rouge_l": Rouge().compute_score(gts, res)[1]}
+    bleu = Bleu(4).compute_score(gts, res, verbose=0)[1]
+    expected.update({f"bleu_{n}": bleu[n - 1] for n in range(1, 5)})
+    per_caption = {}
+    for name in ("bleu", "cider", "rouge"):
+        per_caption.update(load(name).compute(predictions=predictions, references=references, use_aggregator=False))
+    assert per_caption.keys() == expected.keys()
+    for key, values in expected.items():
+        assert per_caption[key] == pytest.approx(list(values), abs=1e-9), key
+
+
+def test_bleu_also_reports_evaluates_own_bleu_keys():
+    predictions, references = random_corpus(4, size=20)
+    references[0].append(predictions[0] + " too")  # so that every n-gram order has matches (the scorer smooths zeros)
+    scores = load("bleu").compute(predictions=predictions, references=references)
+    assert min(scores["precisions"]) > 0
+    assert scores["bleu"] == scores["bleu_4"]
+    assert len(scores["precisions"]) == 4 and all(0 <= p <= 1 for p in scores["precisions"])
+    assert scores["length_ratio"] == pytest.approx(scores["translation_length"] / scores["reference_length"])
+    # BLEU-n is the brevity penalty times the geometric mean of the first n precisions
+    for n in range(1, 5):
+        mean = math.prod(scores["precisions"][:n]) ** (1 / n)
+        assert scores[f"bleu_{n}"] == pytest.approx(scores["brevity_penalty"] * mean, rel=1e-6, abs=1e-9)

@@ -10,8 +10,7 @@ import torch.nn.functional as F
 from conftest import tiny_config, tiny_model
 from transformers import ResNetConfig, ResNetForImageClassification
 
-from hf_captioner import CaptionerCache, CaptionerConfig, CaptionerForConditionalGeneration
-from hf_captioner import inference
+from hf_captioner import CaptionerCache, CaptionerConfig, CaptionerForConditionalGeneration, inference
 from hf_captioner.inference import speed_options
 from hf_captioner.modeling_captioner import AdditiveScores
 from hf_captioner.packed_decoding import update_cell
@@ -423,7 +422,7 @@ def test_additive_scores_equal_autograd_through_tanh():
     torch.testing.assert_close(ours, plain)
     upstream = torch.randn(plain.shape, dtype=torch.double, generator=generator)
     for ours_grad, plain_grad in zip(torch.autograd.grad(ours, (regions, query, v), upstream),
-                                     torch.autograd.grad(plain, (regions, query, v), upstream)):  # fmt: skip
+                                     torch.autograd.grad(plain, (regions, query, v), upstream), strict=True):  # fmt: skip
         torch.testing.assert_close(ours_grad, plain_grad)
     assert torch.autograd.gradcheck(AdditiveScores.apply, (regions, query, v))
 
