@@ -137,9 +137,9 @@ def _results_text(evaluations: list[dict], name: str) -> str:
     for e in evaluations:
         if e.get("attention", {}).get("pointing_nouns"):
             a = e["attention"]
-            lines.append(f"\nAttention: while a shape's noun is emitted, the most-attended region lies inside that "
-                         f"shape in {100 * a['pointing_accuracy']:.1f}% of {a['pointing_nouns']} cases (chance "
-                         f"{100 * a['pointing_chance']:.1f}%), {e['split']} split, {e['num_beams']} beams.")  # fmt: skip
+            lines.append(f"\nAttention: while a word that names a boxed thing is emitted, the most-attended region "
+                         f"lies inside its box in {100 * a['pointing_accuracy']:.1f}% of {a['pointing_nouns']} cases "
+                         f"(chance {100 * a['pointing_chance']:.1f}%), {e['split']} split, {e['num_beams']} beams.")  # fmt: skip
             break
     return "\n".join(lines)
 

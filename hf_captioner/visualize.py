@@ -39,8 +39,10 @@ def plot_attention(
     attentions: Sequence[np.ndarray],
     path: str | os.PathLike | None = None,
     columns: int = COLUMNS,
+    boxes: Sequence[Sequence[tuple[float, float, float, float]] | None] | None = None,
 ):
     """One panel per word (attention over the picture, the word as its caption); saved as PNG when `path` is given.
+    `boxes`: per word, the boxes (x0, y0, x1, y1, inclusive picture pixels) of what it names, drawn on its panel.
 
     The figure is `min(len(words), columns)` panels wide and `ceil(len(words) / columns)` high, 240 pixels each.
     Returns the matplotlib figure.
@@ -49,9 +51,11 @@ def plot_attention(
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.patches import Rectangle
 
-    if len(words) != len(attentions):
-        raise ValueError(f"{len(words)} words but {len(attentions)} attention maps")
+    if len(words) != len(attentions) or (boxes is not None and len(boxes) != len(words)):
+        raise ValueError(f"{len(words)} words but {len(attentions)} attention maps"
+                         + (f" and {len(boxes)} box lists" if boxes is not None else ""))  # fmt: skip
     if not words:
         raise ValueError("No words to draw: the caption is empty")
     image = image.convert("RGB")
@@ -62,6 +66,9 @@ def plot_attention(
         axes = figure.add_subplot(rows, cols, index + 1)
         axes.imshow(image)
         axes.imshow(attention_overlay(image, attention), cmap="gray", alpha=0.6, vmin=0, vmax=1)
+        for x0, y0, x1, y1 in (boxes[index] or []) if boxes is not None else []:
+            axes.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor="yellow",
+                                     linewidth=1.5))  # fmt: skip
         axes.set_title(word, fontsize=12, y=-0.14)
         axes.set_axis_off()
     figure.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.1, wspace=0.05, hspace=0.2)

@@ -16,8 +16,8 @@ from conftest import HF_CAPTIONER, write_truncated_jpeg
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
+from hf_captioner.attention_measures import cell_centres
 from hf_captioner.data import make_sample_dataset
-from hf_captioner.evaluation import grid_cell_to_image_point
 from hf_captioner.hub import load_without_package
 from hf_captioner.inference import word_attention
 from hf_captioner.model_card import TESTED_TRANSFORMERS, render_model_card
@@ -62,7 +62,8 @@ def test_evaluate_writes_predictions_and_metrics_deterministically(evaluated):
     assert metrics["split"] == "test" and metrics["num_beams"] == 2 and metrics["images"] == 8
     assert {"bleu_1", "bleu_4", "rouge_l", "cider"} <= set(metrics["metrics"])
     assert "meteor" not in metrics["metrics"]
-    assert {"pointing_accuracy", "pointing_chance", "pointing_nouns"} <= set(metrics["attention"])
+    assert {"pointing_accuracy", "pointing_chance", "pointing_nouns", "attention_in_boxes", "normalised_entropy",
+            "peak_moves"} <= set(metrics["attention"])  # fmt: skip
     for name in ("predictions.jsonl", "metrics.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
 
@@ -138,8 +139,8 @@ def test_grid_cells_map_back_to_picture_coordinates():
 
     processor = CaptionerImageProcessor(size={"shortest_edge": 100}, crop_size={"height": 100, "width": 100})
     # a 200 x 400 picture: scaled by 1/2 to 100 x 200, then the middle 100 x 100 kept (rows 50..150 of 200)
-    assert grid_cell_to_image_point(0, 2, (200, 400), processor) == (50.0, 150.0)
-    assert grid_cell_to_image_point(3, 2, (200, 400), processor) == (150.0, 250.0)
+    assert cell_centres(2, (200, 400), processor).tolist() == [[50.0, 150.0], [150.0, 150.0], [50.0, 250.0],
+                                                                [150.0, 250.0]]  # fmt: skip
 
 
 def test_model_card_renders_real_values(trained_tiny_model, evaluated, tmp_path):

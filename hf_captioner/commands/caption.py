@@ -12,6 +12,7 @@ from pathlib import Path
 from PIL import Image
 
 import hf_captioner  # noqa: F401  (registers the Auto classes)
+from hf_captioner.attention_measures import load_flickr30k_entities, named_boxes, picture_regions
 from hf_captioner.cli import add_model_arguments, add_speed_arguments, load_captioner, positive_int
 from hf_captioner.inference import caption_with_attention, speed_options
 from hf_captioner.processing_captioner import open_image, to_rgb
@@ -59,10 +60,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_new_tokens", type=positive_int, default=30)
     parser.add_argument("--batch_size", type=positive_int, default=16)
     parser.add_argument("--attention", metavar="DIR", help="write one attention figure per picture here")
+    parser.add_argument("--entities", metavar="FILE",
+                        help="Flickr30k Entities boxes (JSON): on each word's panel, draw the reference boxes of what "
+                             "it names (pictures matched by file name)")  # fmt: skip
     add_speed_arguments(parser)
     args = parser.parse_args(argv)
 
     model, processor = load_captioner(args, parser)
+    try:
+        entities = load_flickr30k_entities(args.entities) if args.entities else {}
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     speed = speed_options(model, args.bf16, args.channels_last, args.compile)
     names = collect(args.inputs)
     if args.attention:
@@ -88,7 +96,10 @@ def main(argv: list[str] | None = None) -> None:
                 words = attentions[index]
                 stem = Path(name.rstrip("/").split("/")[-1]).stem or f"image{start + index}"
                 figure = Path(args.attention) / f"{start + index:04d}-{stem}.png"
-                plot_attention(image, [w.word for w in words], [w.attention for w in words], figure)
+                entry = entities.get(stem)
+                regions = picture_regions(entry, image.size) if entry is not None else []
+                boxes = [named_boxes(regions, words, i) for i in range(len(words))] if regions else None
+                plot_attention(image, [w.word for w in words], [w.attention for w in words], figure, boxes=boxes)
                 line += f"\t{figure}"
             print(line, flush=True)
     if skipped:

@@ -1,8 +1,9 @@
 """Evaluate a saved captioner on a split: `hf-captioner evaluate --model runs/sample/final --split test`.
 
 Writes predictions.jsonl (image id, caption, references) and metrics.json (BLEU-1..4, METEOR where Java is present,
-ROUGE-L, CIDEr-D, with beam size, split and counts; on the sample data also attention pointing accuracy) and prints
-a table. Deterministic for a fixed model and settings.
+ROUGE-L, CIDEr-D, with beam size, split and counts; where boxes of the named things exist (the sample data's
+shapes, or Flickr30k Entities: found as flickr30k_entities.json in the data folder, or --entities FILE) also where
+the attention goes) and prints a table. Deterministic for a fixed model and settings.
 """
 
 import argparse
@@ -10,6 +11,7 @@ import json
 from pathlib import Path
 
 import hf_captioner  # noqa: F401  (registers the Auto classes)
+from hf_captioner.attention_measures import ENTITIES_FILE, load_flickr30k_entities
 from hf_captioner.cli import (
     add_model_arguments,
     add_speed_arguments,
@@ -46,6 +48,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", default=None, help="default: <model>/eval-<split>-beam<N>")
     parser.add_argument("--strict", action="store_true")
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR even where Java is present")
+    parser.add_argument("--entities", default=None,
+                        help=f"Flickr30k Entities boxes (JSON) for the attention measures; default: {ENTITIES_FILE} "
+                             "in the --data folder when it is there")  # fmt: skip
     add_speed_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging()
@@ -56,12 +61,20 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"the {args.split} split of {args.data} has no images")
     if args.max_images:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
+    entities_file = args.entities
+    if entities_file is None and (Path(args.data) / ENTITIES_FILE).is_file():
+        entities_file = str(Path(args.data) / ENTITIES_FILE)
+    try:
+        entities = load_flickr30k_entities(entities_file) if entities_file else None
+    except (FileNotFoundError, ValueError) as error:
+        parser.error(str(error))
     output_dir = args.output_dir or str(Path(args.model) / f"eval-{args.split}-beam{args.num_beams}")
-    extra = {"model": args.model, "data": args.data, "bf16": args.bf16, "compile": args.compile}
+    extra = {"model": args.model, "data": args.data, "bf16": args.bf16, "compile": args.compile,
+             "entities": entities_file}  # fmt: skip
     with speed_options(model, args.bf16, args.channels_last, args.compile):
         metrics = evaluate_split(model, processor, dataset, output_dir, args.split, num_beams=args.num_beams,
                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                 meteor=not args.no_meteor, extra=extra)  # fmt: skip
+                                 meteor=not args.no_meteor, extra=extra, entities=entities)  # fmt: skip
     print(format_table(metrics))
     print(f"\nWrote {output_dir}/predictions.jsonl and metrics.json")
 
