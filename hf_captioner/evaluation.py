@@ -17,6 +17,20 @@ from .metrics import score_captions
 logger = logging.getLogger(__name__)
 
 
+def repetition_rates(captions: list[str]) -> dict:
+    """How much the captions stutter ("on a skateboard on a skateboard"): the share of captions in which some word
+    bigram, and some word trigram, occurs more than once."""
+
+    def repeats(words: list[str], n: int) -> bool:
+        grams = [tuple(words[i : i + n]) for i in range(len(words) - n + 1)]
+        return len(grams) != len(set(grams))
+
+    split = [caption.lower().split() for caption in captions]
+    count = max(len(split), 1)
+    return {f"repeated_{name}_rate": sum(repeats(words, n) for words in split) / count
+            for n, name in ((2, "bigram"), (3, "trigram"))}  # fmt: skip
+
+
 def evaluate_split(
     model,
     processor,
@@ -29,11 +43,13 @@ def evaluate_split(
     meteor: bool = True,
     extra: dict | None = None,
     entities: dict | None = None,
+    generate_kwargs: dict | None = None,
 ) -> dict:
     """Caption every image of `dataset`, score against its references, write predictions.jsonl and metrics.json.
     With boxes of what the captions name — the sample set's shapes (`objects`), or Flickr30k Entities annotations
     (`entities`, from `attention_measures.load_flickr30k_entities`) — the same captioning pass also measures where
-    the attention goes (see attention_measures.py)."""
+    the attention goes (see attention_measures.py). `generate_kwargs` go to `generate()` (e.g. no_repeat_ngram_size)
+    on top of the model's saved generation config."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     model.eval()
@@ -42,7 +58,7 @@ def evaluate_split(
         regions_of = shape_regions(dataset) if entities is None else entity_regions(entities, dataset)
         measures = AttentionMeasures(regions_of, model.config.grid_size, processor.image_processor)
     captions = generate_captions(model, processor, dataset, batch_size=batch_size, on_attention=measures,
-                                 num_beams=num_beams, max_new_tokens=max_new_tokens)  # fmt: skip
+                                 num_beams=num_beams, max_new_tokens=max_new_tokens, **(generate_kwargs or {}))  # fmt: skip
     references = dataset["captions"]
     with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as handle:
         for image_id, caption, refs in zip(dataset["image_id"], captions, references, strict=True):
@@ -55,7 +71,9 @@ def evaluate_split(
         "images": len(dataset),
         "references": sum(len(r) for r in references),
         "empty_captions": sum(1 for c in captions if not c),
+        **({"generate_kwargs": generate_kwargs} if generate_kwargs else {}),
         "metrics": scores,
+        "repetition": repetition_rates(captions),
         **(extra or {}),
     }
     if measures is not None:
@@ -77,6 +95,10 @@ def format_table(metrics: dict) -> str:
         + " |"
     )
     lines = [header, rule, values]
+    if "repetition" in metrics:
+        r = metrics["repetition"]
+        lines.append(f"\nCaptions repeating a word bigram: {100 * r['repeated_bigram_rate']:.1f}%, a trigram: "
+                     f"{100 * r['repeated_trigram_rate']:.1f}%")  # fmt: skip
     if metrics.get("attention", {}).get("pointing_nouns"):
         a = metrics["attention"]
         moves = "n/a" if a["peak_moves"] is None else f"{100 * a['peak_moves']:.1f}%"

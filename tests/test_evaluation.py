@@ -18,6 +18,7 @@ from transformers import AutoModel, AutoProcessor
 
 from hf_captioner.attention_measures import cell_centres
 from hf_captioner.data import make_sample_dataset
+from hf_captioner.evaluation import repetition_rates
 from hf_captioner.hub import load_without_package
 from hf_captioner.inference import word_attention
 from hf_captioner.model_card import TESTED_TRANSFORMERS, render_model_card
@@ -62,6 +63,7 @@ def test_evaluate_writes_predictions_and_metrics_deterministically(evaluated):
     assert metrics["split"] == "test" and metrics["num_beams"] == 2 and metrics["images"] == 8
     assert {"bleu_1", "bleu_4", "rouge_l", "cider"} <= set(metrics["metrics"])
     assert "meteor" not in metrics["metrics"]
+    assert set(metrics["repetition"]) == {"repeated_bigram_rate", "repeated_trigram_rate"}
     assert {"pointing_accuracy", "pointing_chance", "pointing_nouns", "attention_in_boxes", "normalised_entropy",
             "peak_moves"} <= set(metrics["attention"])  # fmt: skip
     for name in ("predictions.jsonl", "metrics.json"):
@@ -191,3 +193,17 @@ def test_publish_dry_run_writes_a_folder_that_loads_without_the_package(trained_
     pixel_values = processor(images=[Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         assert remote["ids"] == model.generate(pixel_values=pixel_values).tolist()
+
+
+def test_repetition_rates_count_the_captions_that_stutter():
+    rates = repetition_rates(["a boy on a skateboard on a skateboard", "a dog runs", "A dog and a dog"])
+    # bigrams repeat in the first ("on a", "a skateboard") and the third ("a dog"); a trigram in the first only
+    assert rates == {"repeated_bigram_rate": pytest.approx(2 / 3), "repeated_trigram_rate": pytest.approx(1 / 3)}
+
+
+def test_evaluate_passes_decoding_options_to_generate(trained_tiny_model, tmp_path):
+    run_command("evaluate", "--model", str(trained_tiny_model), "--data", "sample", "--split", "test",
+                "--max_images", "4", "--no_meteor", "--no_repeat_ngram_size", "2", "--output_dir", str(tmp_path))  # fmt: skip
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["generate_kwargs"] == {"no_repeat_ngram_size": 2}
+    assert metrics["repetition"]["repeated_bigram_rate"] == 0.0  # a repeated word bigram repeats a token bigram

@@ -48,6 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", default=None, help="default: <model>/eval-<split>-beam<N>")
     parser.add_argument("--strict", action="store_true")
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR even where Java is present")
+    parser.add_argument("--no_repeat_ngram_size", type=positive_int, default=None,
+                        help="forbid repeating any n-gram of this size (default: the model's generation config)")
+    parser.add_argument("--repetition_penalty", type=float, default=None,
+                        help="> 1 discourages tokens already generated (default: the model's generation config)")
+    parser.add_argument("--length_penalty", type=float, default=None,
+                        help="beam search: > 0 favours longer captions (default: the model's generation config)")
     parser.add_argument("--entities", default=None,
                         help=f"Flickr30k Entities boxes (JSON) for the attention measures; default: {ENTITIES_FILE} "
                              "in the --data folder when it is there")  # fmt: skip
@@ -68,13 +74,18 @@ def main(argv: list[str] | None = None) -> None:
         entities = load_flickr30k_entities(entities_file) if entities_file else None
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
+    decoding = {name: getattr(args, name) for name in ("no_repeat_ngram_size", "repetition_penalty", "length_penalty")
+                if getattr(args, name) is not None}  # fmt: skip
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        parser.error(f"argument --repetition_penalty: expected a number > 0, got {args.repetition_penalty}")
     output_dir = args.output_dir or str(Path(args.model) / f"eval-{args.split}-beam{args.num_beams}")
     extra = {"model": args.model, "data": args.data, "bf16": args.bf16, "compile": args.compile,
              "entities": entities_file}  # fmt: skip
     with speed_options(model, args.bf16, args.channels_last, args.compile):
         metrics = evaluate_split(model, processor, dataset, output_dir, args.split, num_beams=args.num_beams,
                                  batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                 meteor=not args.no_meteor, extra=extra, entities=entities)  # fmt: skip
+                                 meteor=not args.no_meteor, extra=extra, entities=entities,
+                                 generate_kwargs=decoding)  # fmt: skip
     print(format_table(metrics))
     print(f"\nWrote {output_dir}/predictions.jsonl and metrics.json")
 
