@@ -107,8 +107,18 @@ class CaptionerProcessor(ProcessorMixin):
     `processor.batch_decode(ids, skip_special_tokens=True)` gives clean lower-case captions.
     """
 
+    # loading options that transformers keeps among the tokenizer's init kwargs and would write into
+    # tokenizer_config.json: they describe one machine's load, not the tokenizer
+    LOAD_ONLY_KEYS = ("local_files_only", "is_local")
+
     def __init__(self, image_processor, tokenizer, **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """As `ProcessorMixin.save_pretrained`, without this machine's loading options in tokenizer_config.json."""
+        for key in self.LOAD_ONLY_KEYS:
+            self.tokenizer.init_kwargs.pop(key, None)
+        return super().save_pretrained(save_directory, *args, **kwargs)
 
     def __call__(
         self,

@@ -1,5 +1,7 @@
 """The tokenizer trained on captions and the processor: ids, decoding, image modes, bad inputs."""
 
+import json
+
 import numpy as np
 import pytest
 import sentencepiece as spm
@@ -152,3 +154,14 @@ def test_bad_inputs_get_clear_errors(processor):
         processor(images=[np.zeros((4, 4, 4, 4))])
     with pytest.raises(ValueError, match="Image 0"):
         processor(images=[{"not": "an image"}])
+
+
+def test_a_reloaded_processor_saves_no_loading_options(processor, tmp_path):
+    """transformers keeps `local_files_only` / `is_local` among a loaded tokenizer's init kwargs; they must not reach
+    a saved (and then published) tokenizer_config.json."""
+    processor.save_pretrained(tmp_path / "first")
+    reloaded = CaptionerProcessor.from_pretrained(tmp_path / "first", local_files_only=True)
+    reloaded.save_pretrained(tmp_path / "second")
+    saved = json.loads((tmp_path / "second" / "tokenizer_config.json").read_text())
+    assert not {"local_files_only", "is_local"} & set(saved)
+    assert saved["eos_token"] == "</s>"
