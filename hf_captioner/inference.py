@@ -28,10 +28,14 @@ def cpu_multiplies_bf16_fast() -> bool:
     return bool(capabilities.get("avx512_bf16") or capabilities.get("amx_bf16"))
 
 
-BF16_SLOW_WARNING = (
-    "bf16 was asked for, but this CPU has no bfloat16 matrix instructions (AVX512-BF16 or AMX): torch's bf16 "
-    "products will run hundreds of times slower than float32 here; leave bf16 off on this machine"
-)
+def warn_if_bf16_is_slow(device: torch.device) -> None:
+    """bf16 was asked for: warn where it will run hundreds of times slower than float32 (a CPU without
+    bfloat16 matrix instructions). Captioning (`speed_options`) and training both call it."""
+    if device.type == "cpu" and not cpu_multiplies_bf16_fast():
+        logger.warning(
+            "bf16 was asked for, but this CPU has no bfloat16 matrix instructions (AVX512-BF16 or AMX): torch's bf16 "
+            "products will run hundreds of times slower than float32 here; leave bf16 off on this machine"
+        )
 
 
 def speed_options(model, bf16: bool = False, channels_last: bool = False, compile_step: bool = False):
@@ -41,8 +45,8 @@ def speed_options(model, bf16: bool = False, channels_last: bool = False, compil
     change slightly: see the README; on a CPU, only worth it with AVX512-BF16 or AMX); compile_step: `torch.compile`
     the decoder step (dynamic shapes; slow first call).
     """
-    if bf16 and model.device.type == "cpu" and not cpu_multiplies_bf16_fast():
-        logger.warning(BF16_SLOW_WARNING)
+    if bf16:
+        warn_if_bf16_is_slow(model.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
     if compile_step:  # the step generation runs: the fused one of the fast path, or the reference one

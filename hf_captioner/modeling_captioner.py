@@ -203,7 +203,6 @@ class AdditiveScores(torch.autograd.Function):
         s = torch.add(2 * query.unsqueeze(2), projected_regions.unsqueeze(1), alpha=2, out=out).sigmoid_()
         v = v.to(dtype)
         ctx.save_for_backward(s, v)
-        ctx.projected_shape = projected_regions.shape
         return s @ (2 * v) - v.sum()  # v . (2s - 1)
 
     @staticmethod
@@ -246,7 +245,6 @@ class CaptionerCrossAttention(nn.Module):
             return (torch.bmm(query, projected_regions.transpose(1, 2)) * self.scale).softmax(dim=-1)
         scores = AdditiveScores.apply(projected_regions, query, self.score.weight.view(-1), scratch)  # (B, n, k)
         return (scores + self.score.bias).softmax(dim=-1)
-
 
     def forward(
         self, hidden: torch.Tensor, regions: torch.Tensor, projected_regions: torch.Tensor, scratch=None

@@ -40,7 +40,7 @@ from .data.pairs import (
     ImageCollator,
 )
 from .data.sample import make_sample_dataset
-from .inference import BF16_SLOW_WARNING, cpu_multiplies_bf16_fast, generate_captions, validation_loss
+from .inference import generate_captions, validation_loss, warn_if_bf16_is_slow
 from .metrics import score_captions
 from .modeling_captioner import CaptionerForConditionalGeneration
 from .processing_captioner import CaptionerImageProcessor, CaptionerProcessor
@@ -298,8 +298,8 @@ def train(args: TrainingArguments) -> dict:
         log_with=_trackers(args.report_to),
         project_dir=str(output_dir),
     )
-    if args.mixed_precision == "bf16" and accelerator.device.type == "cpu" and not cpu_multiplies_bf16_fast():
-        logger.warning(BF16_SLOW_WARNING)
+    if args.mixed_precision == "bf16":
+        warn_if_bf16_is_slow(accelerator.device)
     set_seed(args.seed)
     claim_output_dir(args, remove=accelerator.is_main_process)  # every process checks before anything is written
     # a missing checkpoint is said now, not after the data and model are built
