@@ -1,50 +1,41 @@
 """hf-captioner: an attention-based image captioner on transformers.
 
-Importing the package registers its classes with the Auto factories, so inside this environment
-`AutoModel.from_pretrained(folder)` and `AutoProcessor.from_pretrained(folder)` work without `trust_remote_code`.
+The classes are imported on first use, so `import hf_captioner` and every command's `--help` stay free of torch.
+Using any of them (`from hf_captioner import CaptionerForConditionalGeneration`) registers them all with the Auto
+factories, after which `AutoModel.from_pretrained(folder)` and `AutoProcessor.from_pretrained(folder)` work without
+`trust_remote_code` in this environment.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForImageTextToText,
-    AutoProcessor,
-)
-
-from .configuration_captioner import CaptionerConfig
-from .modeling_captioner import (
-    CaptionerCache,
-    CaptionerForConditionalGeneration,
-    CaptionerOutput,
-    CaptionerPreTrainedModel,
-)
-from .processing_captioner import CaptionerImageProcessor, CaptionerProcessor
-from .tokenization import train_tokenizer
+import importlib
 
 __version__ = "0.1.0"
 
-AutoConfig.register(CaptionerConfig.model_type, CaptionerConfig, exist_ok=True)
-AutoModel.register(CaptionerConfig, CaptionerForConditionalGeneration, exist_ok=True)
-AutoModelForImageTextToText.register(CaptionerConfig, CaptionerForConditionalGeneration, exist_ok=True)
-AutoImageProcessor.register(
-    CaptionerConfig, image_processor_classes={"torchvision": CaptionerImageProcessor}, exist_ok=True
-)
-AutoProcessor.register(CaptionerConfig, CaptionerProcessor, exist_ok=True)
+# public name -> the module that defines it
+_EXPORTS = {
+    "CaptionerCache": "modeling_captioner",
+    "CaptionerConfig": "configuration_captioner",
+    "CaptionerForConditionalGeneration": "modeling_captioner",
+    "CaptionerImageProcessor": "processing_captioner",
+    "CaptionerOutput": "modeling_captioner",
+    "CaptionerPreTrainedModel": "modeling_captioner",
+    "CaptionerProcessor": "processing_captioner",
+    "train_tokenizer": "tokenization",
+}
+_CLASS_MODULES = ("configuration_captioner", "modeling_captioner", "processing_captioner")  # each registers its own
 
-# `save_pretrained` then copies the code files and writes `auto_map`, for `trust_remote_code` loading elsewhere.
-CaptionerConfig.register_for_auto_class()
-CaptionerForConditionalGeneration.register_for_auto_class("AutoModel")  # + AutoModelForImageTextToText
-CaptionerImageProcessor.register_for_auto_class("AutoImageProcessor")
-CaptionerProcessor.register_for_auto_class("AutoProcessor")
 
-__all__ = [
-    "CaptionerCache",
-    "CaptionerConfig",
-    "CaptionerForConditionalGeneration",
-    "CaptionerImageProcessor",
-    "CaptionerOutput",
-    "CaptionerPreTrainedModel",
-    "CaptionerProcessor",
-    "train_tokenizer",
-]
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    for module in _CLASS_MODULES:
+        importlib.import_module(f".{module}", __name__)
+    value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
+
+__all__ = sorted(_EXPORTS)

@@ -13,14 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
-from transformers import HfArgumentParser, SchedulerType
+from transformers import HfArgumentParser  # torch-free, like this module: `hf-captioner train --help` stays quick
 
 from .cli import model_folder_problem
-from .configuration_captioner import CaptionerConfig
-from .data.feature_store import STORE_DTYPES
 
 OBJECTIVES = ("cross_entropy", "self_critical")
-SCHEDULER_NAMES = tuple(kind.value for kind in SchedulerType)
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # CaptionerConfig fields that the trained tokenizer decides (the run's vocab_size bounds its size)
 TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id",
@@ -119,7 +116,7 @@ class FeatureCacheArguments:
     _argument_group_name = "feature caching (frozen encoder only)"
     cache_features: bool = option(False, "run the encoder once over the data into an on-disk feature store")
     feature_cache_dir: str = option("~/.cache/hf_captioner/features", "where feature stores live")
-    feature_cache_dtype: str = option("float32", f"one of {list(STORE_DTYPES)}: how the store keeps features")
+    feature_cache_dtype: str = option("float32", "float32, bfloat16 or float16: how the store keeps features")
 
 
 @dataclass
@@ -141,7 +138,11 @@ class TrainingArguments(*reversed(GROUPS)):  # dataclass fields follow the bases
 
     def __post_init__(self):
         """Values that are wrong whatever the data: refused before any data is read or any picture encoded."""
-        for name, choices in (("objective", OBJECTIVES), ("lr_scheduler", SCHEDULER_NAMES),
+        from transformers import SchedulerType
+
+        from .data.feature_store import STORE_DTYPES
+
+        for name, choices in (("objective", OBJECTIVES), ("lr_scheduler", [kind.value for kind in SchedulerType]),
                               ("mixed_precision", MIXED_PRECISION), ("feature_cache_dtype", tuple(STORE_DTYPES))):  # fmt: skip
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: expected one of {list(choices)}, got {getattr(self, name)!r}")
@@ -171,6 +172,8 @@ class TrainingArguments(*reversed(GROUPS)):  # dataclass fields follow the bases
                 raise ValueError(f"{name}: {problem}")
 
     def _check_model(self) -> None:
+        from .configuration_captioner import CaptionerConfig
+
         unknown = set(self.model) - {f.name for f in dataclasses.fields(CaptionerConfig)}
         if unknown:
             raise ValueError(f"model: {sorted(unknown)} are not CaptionerConfig fields")

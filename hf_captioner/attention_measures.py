@@ -19,10 +19,12 @@ import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .inference import WordAttention
+if TYPE_CHECKING:
+    from .inference import WordAttention
 
 ENTITIES_FILE = "flickr30k_entities.json"  # the shared Flickr8k folder's name for its Flickr30k Entities boxes
 

@@ -63,6 +63,8 @@ def load_captioner(args: argparse.Namespace, parser: argparse.ArgumentParser):
     the folder's copied code runs only with --trust_remote_code. A bad folder or id is one line, not a traceback."""
     from transformers import AutoModel, AutoProcessor
 
+    from hf_captioner import CaptionerForConditionalGeneration  # noqa: F401  (registers the Auto classes)
+
     problem = model_folder_problem(args.model)
     if problem:
         parser.error(f"--model {problem}")

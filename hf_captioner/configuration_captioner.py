@@ -12,6 +12,13 @@ from .backbones import parse_backbone
 RNN_TYPES = ("lstm", "gru")
 CROSS_ATTENTION_KINDS = ("additive", "dot", "scaled_dot")
 DECODER_IMPLEMENTATIONS = ("packed", "reference")
+ATTENTION_PENALTY_FORMS = ("coverage", "doubly_stochastic")
+CHOICES = {
+    "rnn_type": RNN_TYPES,
+    "cross_attention": CROSS_ATTENTION_KINDS,
+    "decoder_implementation": DECODER_IMPLEMENTATIONS,
+    "attention_penalty_form": ATTENTION_PENALTY_FORMS,
+}
 
 # A ResNet-101 shaped backbone (random init unless started with `from_vision_pretrained`), last stage only.
 DEFAULT_VISION_CONFIG = {
@@ -52,7 +59,8 @@ class CaptionerConfig(PreTrainedConfig):
     self_attention_heads: int = 8  # heads of the self-attention (must divide hidden_size)
     dropout: float = 0.5  # dropout before the output layer (deep output)
     decoder_implementation: str = "packed"  # "packed" (fast: packed_decoding.py) | "reference" (the paper's loop)
-    attention_penalty: float = 1.0  # lambda of the doubly stochastic penalty sum_i (1 - sum_t alpha_ti)^2
+    attention_penalty: float = 1.0  # lambda of the attention penalty below (0 turns it off)
+    attention_penalty_form: str = "coverage"  # "coverage" (grid-independent) | "doubly_stochastic" (the paper's)
     label_smoothing: float = 0.0  # label smoothing of the token cross-entropy
     tie_word_embeddings: bool = False  # share the embedding matrix with the output layer
     vocab_size: int = 10000  # size of the SentencePiece vocabulary (special tokens included)
@@ -79,17 +87,9 @@ class CaptionerConfig(PreTrainedConfig):
 
     def _validate(self) -> None:
         """Reject bad values here, with the field named, rather than deep inside `forward`."""
-        if self.rnn_type not in RNN_TYPES:
-            raise ValueError(f"CaptionerConfig.rnn_type must be one of {RNN_TYPES}, got {self.rnn_type!r}")
-        if self.cross_attention not in CROSS_ATTENTION_KINDS:
-            raise ValueError(
-                f"CaptionerConfig.cross_attention must be one of {CROSS_ATTENTION_KINDS}, got {self.cross_attention!r}"
-            )
-        if self.decoder_implementation not in DECODER_IMPLEMENTATIONS:
-            raise ValueError(
-                f"CaptionerConfig.decoder_implementation must be one of {DECODER_IMPLEMENTATIONS}, "
-                f"got {self.decoder_implementation!r}"
-            )
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                raise ValueError(f"CaptionerConfig.{name} must be one of {choices}, got {getattr(self, name)!r}")
         for name in ("grid_size", "embed_dim", "hidden_size", "attention_dim", "vocab_size", "self_attention_heads"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
@@ -137,5 +137,12 @@ class CaptionerConfig(PreTrainedConfig):
                 f"{self.vision_config.model_type} backbone has only {len(stages)} stages"
             )
 
+
+# Every saved folder carries this code and an `auto_map`, so it loads anywhere with `trust_remote_code`; inside this
+# package the Auto factories also know the class directly (not when this file runs as a saved folder's copy, which
+# would replace the package's class for the rest of the process).
+CaptionerConfig.register_for_auto_class()
+if __name__.startswith("hf_captioner."):
+    AutoConfig.register(CaptionerConfig.model_type, CaptionerConfig, exist_ok=True)
 
 __all__ = ["CaptionerConfig"]

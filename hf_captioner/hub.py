@@ -90,13 +90,14 @@ def load_without_package(
 def stage_for_hub(model_dir: str | Path, stage_dir: str | Path, repo_id: str) -> Path:
     """Write exactly what gets uploaded: weights, config, generation config, processor, code files, the records
     of training and evaluation, and the filled model card as README.md."""
-    from transformers import AutoModel, AutoProcessor
+    from .modeling_captioner import CaptionerForConditionalGeneration
+    from .processing_captioner import CaptionerProcessor
 
     model_dir, stage_dir = Path(model_dir), Path(stage_dir)
     if stage_dir.exists() and any(stage_dir.iterdir()):
         raise FileExistsError(f"{stage_dir} is not empty; choose a new folder for the staged upload")
-    model = AutoModel.from_pretrained(model_dir)
-    processor = AutoProcessor.from_pretrained(model_dir)
+    model = CaptionerForConditionalGeneration.from_pretrained(model_dir)
+    processor = CaptionerProcessor.from_pretrained(model_dir)
     model.save_pretrained(stage_dir)  # re-saving copies the code files and writes auto_map
     processor.save_pretrained(stage_dir)
     for name in RECORDS:

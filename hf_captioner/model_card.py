@@ -67,8 +67,9 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
         + (f"{config['self_attention_heads']}-head self-attention over its earlier states" if config["self_attention"]
            else "no self-attention (the classic Show, Attend and Tell decoder)")
         + f", deep output layer, dropout {config['dropout']}.",
-        f"- Loss: token cross-entropy (label smoothing {config['label_smoothing']}) + doubly stochastic attention "
-        f"penalty (lambda = {config['attention_penalty']}).",
+        f"- Loss: token cross-entropy (label smoothing {config['label_smoothing']}) + "
+        f"{config.get('attention_penalty_form', 'doubly_stochastic').replace('_', ' ')} attention penalty "
+        f"(lambda = {config['attention_penalty']}).",
         f"- Vocabulary: {config['vocab_size']} SentencePiece pieces trained on the training captions.",
     ])  # fmt: skip
     if args:

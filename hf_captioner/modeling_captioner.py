@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoBackbone, AutoConfig, GenerationMixin, PreTrainedModel
+from transformers import (
+    AutoBackbone,
+    AutoConfig,
+    AutoModel,
+    AutoModelForImageTextToText,
+    GenerationMixin,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutput, Seq2SeqLMOutput
 from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
@@ -56,7 +63,7 @@ class CaptionerOutput(Seq2SeqLMOutput):
     cross_attentions: (B, T, k) attention over the k regions at each step (when `output_attentions`).
     encoder_last_hidden_state: (B, k, C) the region features.
     token_loss: the (label-smoothed) token cross-entropy, padding ignored.
-    attention_loss: the weighted doubly stochastic penalty lambda * sum_i (1 - sum_t alpha_ti)^2, batch mean.
+    attention_loss: lambda times the attention penalty (`attention_penalty_form`), batch mean.
     """
 
     token_loss: torch.FloatTensor | None = None
@@ -616,11 +623,27 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         return output if return_dict else output.to_tuple()
 
     def attention_penalty(self, cross_attentions: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
-        """Doubly stochastic regularisation: lambda * sum_i (1 - sum_t alpha_ti)^2 over real steps, batch mean."""
-        attention_per_region = (cross_attentions * target_mask.unsqueeze(-1)).sum(dim=1)  # (B, k)
-        penalty = ((1.0 - attention_per_region) ** 2).sum(dim=-1).mean()
-        return self.config.attention_penalty * penalty
+        """lambda times how unevenly a caption's attention covers the image, over real steps, batch mean.
 
+        "coverage": the chi-square divergence from uniform of the caption's mean attention map c (c_i = sum_t
+        alpha_ti / T over its T words and k regions), k sum_i c_i^2 - 1. It is 0 when every region gets the same
+        total and does not change when each region is split into equal parts sharing its mass, so lambda weighs the
+        same attention on a 7 x 7 and a 14 x 14 grid alike. "doubly_stochastic" (Show, Attend and Tell):
+        sum_i (1 - sum_t alpha_ti)^2 = k - 2T + (T^2 / k) (chi-square + 1), the same pull scaled by T^2 / k: it
+        grows with the square of the caption's length and shrinks on finer grids.
+        """
+        attention_per_region = (cross_attentions * target_mask.unsqueeze(-1)).sum(dim=1)  # (B, k)
+        if self.config.attention_penalty_form == "doubly_stochastic":
+            penalty = ((1.0 - attention_per_region) ** 2).sum(dim=-1)
+        else:
+            mean_map = attention_per_region / target_mask.sum(dim=1, keepdim=True).clamp(min=1)
+            penalty = (mean_map.shape[-1] * (mean_map**2).sum(dim=-1) - 1.0).clamp(min=0)
+        return self.config.attention_penalty * penalty.mean()
+
+CaptionerForConditionalGeneration.register_for_auto_class("AutoModel")  # saved: auto_map (see the config's file)
+if __name__.startswith("hf_captioner."):
+    AutoModel.register(CaptionerConfig, CaptionerForConditionalGeneration, exist_ok=True)
+    AutoModelForImageTextToText.register(CaptionerConfig, CaptionerForConditionalGeneration, exist_ok=True)
 
 __all__ = [
     "CaptionerCache",

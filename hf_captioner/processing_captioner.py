@@ -159,4 +159,16 @@ class CaptionerProcessor(ProcessorMixin):
         return ["pixel_values", "labels"]
 
 
+CaptionerImageProcessor.register_for_auto_class("AutoImageProcessor")  # saved: auto_map (see the config's file)
+CaptionerProcessor.register_for_auto_class("AutoProcessor")
+if __name__.startswith("hf_captioner."):
+    from transformers import AutoImageProcessor, AutoProcessor
+
+    from .configuration_captioner import CaptionerConfig
+
+    AutoImageProcessor.register(
+        CaptionerConfig, image_processor_classes={"torchvision": CaptionerImageProcessor}, exist_ok=True
+    )
+    AutoProcessor.register(CaptionerConfig, CaptionerProcessor, exist_ok=True)
+
 __all__ = ["CaptionerImageProcessor", "CaptionerProcessor", "open_image", "to_rgb"]

@@ -12,7 +12,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import time
 import typing
 from dataclasses import dataclass, field
@@ -28,7 +27,6 @@ from transformers.image_utils import PILImageResampling
 
 from .arguments import TrainingArguments, parse_arguments
 from .backbones import image_settings, is_backbone_name
-from .cli import configure_logging
 from .configuration_captioner import CaptionerConfig
 from .data.feature_store import encode_split
 from .data.loaders import DataError, detect_and_load
@@ -498,14 +496,4 @@ def _validate(args, accelerator, model, processor, data, val_loader, val_feature
     return bool(args.early_stopping_patience) and state.bad_epochs >= args.early_stopping_patience
 
 
-def main(argv: list[str] | None = None) -> dict:
-    configure_logging()
-    args = parse_arguments(argv)
-    try:
-        return train(args)
-    except (DataError, FileExistsError, FileNotFoundError) as err:  # the user's data, folders or checkpoints
-        logger.debug("The run stopped", exc_info=True)
-        sys.exit(f"hf-captioner train: error: {err}")
-
-
-__all__ = ["TrainingArguments", "main", "parse_arguments", "train"]
+__all__ = ["TrainingArguments", "parse_arguments", "train"]

@@ -173,8 +173,14 @@ def test_loss_is_cross_entropy_plus_the_reported_attention_penalty():
     labels[0, 4:] = -100  # padding
     out = model(pixel_values=images(), labels=labels)
     torch.testing.assert_close(out.loss, out.token_loss + out.attention_loss)
-    expected_penalty = ((1 - out_cross(model, labels).masked_fill((labels == -100)[..., None], 0).sum(1)) ** 2).sum(-1)
-    torch.testing.assert_close(out.attention_loss, model.config.attention_penalty * expected_penalty.mean())
+    real = (labels != -100)[..., None]
+    attention = out_cross(model, labels).masked_fill(~real, 0)
+    mean_map = attention.sum(1) / real.sum(1)  # each caption's mean attention over its own words
+    regions = mean_map.shape[-1]
+    chi_square = (regions * (mean_map - 1 / regions) ** 2).sum(-1)
+    torch.testing.assert_close(out.attention_loss, model.config.attention_penalty * chi_square.mean())
+    paper = tiny_model(attention_penalty_form="doubly_stochastic")(pixel_values=images(), labels=labels)
+    torch.testing.assert_close(paper.attention_loss, ((1 - attention.sum(1)) ** 2).sum(-1).mean())
     # padding is ignored: the padded caption alone gives the loss of its unpadded prefix
     alone = model(pixel_values=images()[:1], labels=labels[:1, :4])
     padded = model(pixel_values=images()[:1], labels=labels[:1])
@@ -184,6 +190,23 @@ def test_loss_is_cross_entropy_plus_the_reported_attention_penalty():
     assert no_penalty.attention_loss.item() == 0.0
     smoothed = tiny_model(label_smoothing=0.2)(pixel_values=images(), labels=labels)
     assert not torch.isclose(smoothed.token_loss, out.token_loss)
+
+
+def test_the_coverage_penalty_weighs_the_same_attention_alike_on_any_grid():
+    """Uniform coverage costs nothing, and splitting every region of a 2 x 2 grid into a 4 x 4 one (each quarter
+    getting a quarter of the mass) leaves the penalty unchanged, so lambda does not need retuning per grid."""
+    model = tiny_model(attention_penalty=1.0)
+    words = torch.ones(1, 3, dtype=torch.bool)
+    uniform = torch.full((1, 3, 4), 0.25)
+    assert model.attention_penalty(uniform, words).item() == pytest.approx(0.0, abs=1e-6)
+    coarse = torch.softmax(torch.randn(1, 3, 4, generator=torch.Generator().manual_seed(0)), dim=-1)
+    fine = (coarse.view(1, 3, 2, 1, 2, 1) / 4).expand(1, 3, 2, 2, 2, 2).reshape(1, 3, 16)
+    torch.testing.assert_close(model.attention_penalty(fine, words), model.attention_penalty(coarse, words))
+    one_region = torch.zeros(1, 3, 4)
+    one_region[..., 0] = 1.0
+    assert model.attention_penalty(one_region, words).item() == pytest.approx(3.0)  # k - 1: every word on one region
+    paper = tiny_model(attention_penalty_form="doubly_stochastic")
+    assert paper.attention_penalty(fine, words) != pytest.approx(paper.attention_penalty(coarse, words).item())
 
 
 def out_cross(model, labels):
@@ -269,6 +292,7 @@ def test_tied_embeddings_share_one_matrix_through_save_and_load(tmp_path):
         ("dropout", 1.5),
         ("label_smoothing", -0.1),
         ("attention_penalty", -1.0),
+        ("attention_penalty_form", "l2"),
         ("encoder_trainable_stages", 7),
         ("pad_token_id", 40),
         ("grid_size", 2.5),

@@ -17,6 +17,7 @@ from transformers import AutoModel, AutoProcessor
 
 from hf_captioner import training
 from hf_captioner.arguments import parse_arguments
+from hf_captioner.commands import train as train_command
 from hf_captioner.data.feature_store import encode_split, feature_cache_key
 from hf_captioner.data.pairs import CaptionCollator, CaptionPairs
 from hf_captioner.training import build_model, build_processor, load_data, train
@@ -194,7 +195,7 @@ def test_the_train_command_says_a_missing_checkpoint_or_a_taken_output_dir_in_on
         (["--output_dir", str(tmp_path / "taken")], "holds another run"),
     ):  # fmt: skip
         with pytest.raises(SystemExit) as stop:
-            training.main(["--report_to", "none", *argv])
+            train_command.main(["--report_to", "none", *argv])
         assert str(stop.value.code).startswith("hf-captioner train: error: ") and message in str(stop.value.code)
 
 

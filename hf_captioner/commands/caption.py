@@ -11,12 +11,8 @@ from pathlib import Path
 
 from PIL import Image
 
-import hf_captioner  # noqa: F401  (registers the Auto classes)
 from hf_captioner.attention_measures import load_flickr30k_entities, named_boxes, picture_regions
 from hf_captioner.cli import add_model_arguments, add_speed_arguments, load_captioner, positive_int
-from hf_captioner.inference import caption_with_attention, speed_options
-from hf_captioner.processing_captioner import open_image, to_rgb
-from hf_captioner.visualize import plot_attention
 
 logger = logging.getLogger("hf_captioner.caption")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -24,6 +20,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".ti
 
 def fetch(url: str, timeout: float = 15.0) -> Image.Image:
     """Download a picture; without network access this fails at once with a message that says so."""
+    from hf_captioner.processing_captioner import open_image, to_rgb
+
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:
             data = response.read()
@@ -49,6 +47,8 @@ def collect(inputs: list[str]) -> list[str]:
 
 def load_picture(name: str) -> Image.Image:
     """The picture at a path or URL, in RGB; a ValueError naming it when it cannot be read."""
+    from hf_captioner.processing_captioner import open_image, to_rgb
+
     return fetch(name) if name.startswith(("http://", "https://")) else to_rgb(open_image(name))
 
 
@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> None:
                              "it names (pictures matched by file name)")  # fmt: skip
     add_speed_arguments(parser)
     args = parser.parse_args(argv)
+    from hf_captioner.inference import caption_with_attention, speed_options  # torch: only once there is work
+    from hf_captioner.visualize import plot_attention
 
     model, processor = load_captioner(args, parser)
     try:

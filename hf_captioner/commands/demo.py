@@ -11,15 +11,8 @@ import logging
 import time
 from pathlib import Path
 
-from transformers import AutoModel, AutoProcessor
-
 from hf_captioner.arguments import parse_arguments
 from hf_captioner.cli import configure_logging
-from hf_captioner.data import make_sample_dataset, write_sample_dataset
-from hf_captioner.evaluation import evaluate_split, format_table
-from hf_captioner.inference import caption_with_attention
-from hf_captioner.training import train
-from hf_captioner.visualize import plot_attention
 
 logger = logging.getLogger("demo")
 
@@ -32,6 +25,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num_beams", type=int, default=3)
     options = parser.parse_args(argv)
     configure_logging()
+    from transformers import AutoModel, AutoProcessor  # torch: only once there is work
+
+    from hf_captioner import CaptionerForConditionalGeneration  # noqa: F401  (registers the Auto classes)
+    from hf_captioner.data import make_sample_dataset, write_sample_dataset
+    from hf_captioner.evaluation import evaluate_split, format_table
+    from hf_captioner.inference import caption_with_attention
+    from hf_captioner.training import train
+    from hf_captioner.visualize import plot_attention
     started = time.perf_counter()
 
     args = parse_arguments(["--config", options.config, "--data", options.data_dir, "--output_dir", options.output_dir,

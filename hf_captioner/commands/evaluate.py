@@ -10,7 +10,6 @@ import argparse
 import json
 from pathlib import Path
 
-import hf_captioner  # noqa: F401  (registers the Auto classes)
 from hf_captioner.attention_measures import ENTITIES_FILE, load_flickr30k_entities
 from hf_captioner.cli import (
     add_model_arguments,
@@ -19,13 +18,12 @@ from hf_captioner.cli import (
     load_captioner,
     positive_int,
 )
-from hf_captioner.data import detect_and_load, make_sample_dataset
-from hf_captioner.evaluation import evaluate_split, format_table
-from hf_captioner.inference import speed_options
 
 
 def load_split(data: str, split: str, model_dir: str, images_dir: str | None, strict: bool):
     """The split to score; the sample data set is redrawn as the model's training run drew it (with its boxes)."""
+    from hf_captioner.data import detect_and_load, make_sample_dataset
+
     if data != "sample":  # --strict is about the split being scored, not the others
         return detect_and_load(data, images_dir=images_dir, strict=[split] if strict else False)[split]
     args_file = Path(model_dir) / "training_args.json"
@@ -60,6 +58,8 @@ def main(argv: list[str] | None = None) -> None:
     add_speed_arguments(parser)
     args = parser.parse_args(argv)
     configure_logging()
+    from hf_captioner.evaluation import evaluate_split, format_table  # torch: only once there is work
+    from hf_captioner.inference import speed_options
 
     model, processor = load_captioner(args, parser)
     dataset = load_split(args.data, args.split, args.model, args.images_dir, args.strict)

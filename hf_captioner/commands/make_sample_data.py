@@ -3,8 +3,6 @@
 import argparse
 import logging
 
-from hf_captioner.data import write_sample_dataset
-
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__)
@@ -14,6 +12,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image_size", type=int, default=64)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from hf_captioner.data import write_sample_dataset  # torch: only once there is work
+
     path = write_sample_dataset(args.out, *args.sizes, seed=args.seed, image_size=args.image_size)
     logging.info("Wrote %s", path)
 

@@ -11,19 +11,18 @@ import sys
 import tempfile
 from pathlib import Path
 
-import torch
 from PIL import Image
-from transformers import AutoModel, AutoProcessor
-
-import hf_captioner  # noqa: F401  (registers the Auto classes)
-from hf_captioner.hub import load_without_package, probe_images, stage_for_hub
 
 logger = logging.getLogger("publish")
 
 
 def original_captions(model_dir: str, images: list[Path]) -> list[list[int]]:
-    model = AutoModel.from_pretrained(model_dir).eval()
-    processor = AutoProcessor.from_pretrained(model_dir)
+    import torch
+
+    from hf_captioner import CaptionerForConditionalGeneration, CaptionerProcessor
+
+    model = CaptionerForConditionalGeneration.from_pretrained(model_dir).eval()
+    processor = CaptionerProcessor.from_pretrained(model_dir)
     inputs = processor(images=[Image.open(p) for p in images], return_tensors="pt")
     with torch.no_grad():
         return model.generate(pixel_values=inputs["pixel_values"]).tolist()
@@ -40,6 +39,7 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (Path(args.model) / "config.json").is_file():
         parser.error(f"{args.model} is not a saved model folder (no config.json)")
+    from hf_captioner.hub import load_without_package, probe_images, stage_for_hub  # torch: only once there is work
 
     with tempfile.TemporaryDirectory() as scratch:
         stage = Path(args.dry_run) if args.dry_run else Path(scratch) / "stage"

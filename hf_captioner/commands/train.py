@@ -5,7 +5,27 @@ Every field of `hf_captioner.arguments.TrainingArguments` can be set in the YAML
 `--model key=value` sets one field of the model configuration.
 """
 
-from hf_captioner.training import main
+import logging
+import sys
+
+from hf_captioner.arguments import parse_arguments
+from hf_captioner.cli import configure_logging
+
+logger = logging.getLogger("hf_captioner.training")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    configure_logging()
+    args = parse_arguments(argv)  # --help and every bad value stop here, before torch is imported
+    from hf_captioner.data import DataError
+    from hf_captioner.training import train
+
+    try:
+        return train(args)
+    except (DataError, FileExistsError, FileNotFoundError) as err:  # the user's data, folders or checkpoints
+        logger.debug("The run stopped", exc_info=True)
+        sys.exit(f"hf-captioner train: error: {err}")
+
 
 if __name__ == "__main__":
     main()

@@ -1,0 +1,286 @@
+"""Speed and memory measurements behind `hf-captioner benchmark` (its --help lists the cases)."""
+
+from __future__ import annotations
+
+import multiprocessing
+import platform
+import threading
+import time
+
+import psutil
+import torch
+from transformers.modeling_outputs import BaseModelOutput
+
+from .arguments import TrainingArguments
+from .configuration_captioner import CaptionerConfig
+from .inference import cpu_multiplies_bf16_fast, speed_options
+from .modeling_captioner import CaptionerForConditionalGeneration
+from .training import build_optimizer
+
+VOCAB, GRID, REGION_DIM, WIDTH = 10_000, 14, 2048, 512
+
+
+class PeakMemory:
+    """Peak resident memory (MiB) above the level at entry, sampled every few milliseconds."""
+
+    def __enter__(self):
+        self.process = psutil.Process()
+        self.baseline = self.peak = self.process.memory_info().rss
+        self.running = True
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+        self.thread.start()
+        return self
+
+    def _sample(self):
+        while self.running:
+            self.peak = max(self.peak, self.process.memory_info().rss)
+            time.sleep(0.005)
+
+    def __exit__(self, *exc):
+        self.running = False
+        self.thread.join()
+        self.mib = (self.peak - self.baseline) / 2**20
+
+
+def timed(function, repeats: int, warmup: int = 1) -> float:
+    """Median seconds of `function()` over `repeats` runs, after `warmup` runs."""
+    for _ in range(warmup):
+        function()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        function()
+        times.append(time.perf_counter() - start)
+    return sorted(times)[len(times) // 2]
+
+
+def in_fresh_process(case: dict) -> dict:
+    """Run one case in a forked child (the parent has computed nothing, so no thread pool is inherited)."""
+    receiver, sender = multiprocessing.get_context("fork").Pipe(duplex=False)
+    child = multiprocessing.get_context("fork").Process(target=_child, args=(case, sender))
+    child.start()
+    sender.close()
+    result = receiver.recv()
+    child.join()
+    if "error" in result:
+        raise RuntimeError(f"benchmark case {case} failed:\n{result['error']}")
+    return result
+
+
+def _child(case: dict, sender) -> None:
+    try:
+        sender.send(RUNNERS[case["kind"]](**{k: v for k, v in case.items() if k != "kind"}))
+    except Exception:  # the parent reports it with the case that failed
+        import traceback
+
+        sender.send({"error": traceback.format_exc()})
+
+
+def matmul_gflops(size: int, repeats: int, dtype: str = "float32") -> dict:
+    a, b = torch.randn(size, size).to(getattr(torch, dtype)), torch.randn(size, size).to(getattr(torch, dtype))
+    seconds = timed(lambda: a @ b, repeats)
+    return {"gflops": 2 * size**3 / seconds / 1e9, "threads": torch.get_num_threads(), "size": size}
+
+
+def caption_lengths(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Flickr8k-like caption lengths in tokens (mean about 12 words, 5..30), plus </s>."""
+    return (torch.randn(batch, generator=generator) * 3.5 + 12).round().clamp(5, 30).long() + 1
+
+
+def make_labels(batch: int, generator: torch.Generator) -> torch.Tensor:
+    """Random captions, longest first (as `CaptionCollator` batches them)."""
+    lengths = caption_lengths(batch, generator).sort(descending=True).values
+    labels = torch.randint(4, VOCAB, (batch, int(lengths.max())), generator=generator)
+    labels[torch.arange(labels.shape[1])[None] >= lengths[:, None]] = -100
+    labels[torch.arange(batch), lengths - 1] = 2
+    return labels
+
+
+def sat_config(trainable_stages: int = 0) -> CaptionerConfig:
+    return CaptionerConfig(vocab_size=VOCAB, grid_size=GRID, embed_dim=WIDTH, hidden_size=WIDTH, attention_dim=WIDTH,
+                           encoder_trainable_stages=trainable_stages, dropout=0.5)  # fmt: skip
+
+
+def sat_model(trainable_stages: int = 0) -> CaptionerForConditionalGeneration:
+    torch.manual_seed(0)
+    return CaptionerForConditionalGeneration(sat_config(trainable_stages))
+
+
+def decoder_flops(config: CaptionerConfig, region_dim: int) -> tuple[float, float]:
+    """FLOPs (2 x multiply-adds, forward) of one decoder step for one caption, and of starting one caption (the
+    region projection and the initial state, once per caption); backward is about twice the forward."""
+    e, h, a, k, v = config.embed_dim, config.hidden_size, config.attention_dim, config.grid_size**2, config.vocab_size
+    cell_input = e + region_dim + (h if config.self_attention else 0)
+    gates = 4 if config.rnn_type == "lstm" else 3
+    macs = gates * h * (cell_input + h)  # recurrent cell
+    macs += h * a + k * a + k * region_dim + h * region_dim  # query, scores (tanh . v), context, beta gate
+    if config.self_attention:
+        macs += (e + h) * h + 2 * h * h + h * h + 2 * 20 * h  # query, key/value of the new state, out, ~20 states
+    macs += h * e + region_dim * e + e * v  # deep output and vocabulary projection
+    start_macs = k * region_dim * a + (2 if config.rnn_type == "lstm" else 1) * region_dim * h
+    return 2.0 * macs, 2.0 * start_macs
+
+
+def train_case(batch: int, repeats: int, inputs: str, trainable_stages: int = 0, variant: str = "") -> dict:
+    generator = torch.Generator().manual_seed(0)
+    model = sat_model(trainable_stages).train()
+    labels = make_labels(batch, generator)
+    optimizer = build_optimizer(model, TrainingArguments(learning_rate=1e-4))
+    if inputs == "features":
+        batch_inputs = {"encoder_outputs": torch.randn(batch, GRID * GRID, REGION_DIM, generator=generator)}
+    else:
+        batch_inputs = {"pixel_values": torch.randn(batch, 3, 224, 224, generator=generator)}
+    autocast = speed_options(model, "bf16" in variant, "channels_last" in variant, "compile" in variant)
+
+    def step():
+        with autocast:
+            loss = model(**batch_inputs, labels=labels).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    with PeakMemory() as memory:
+        seconds = timed(step, repeats)
+    tokens = int((labels != -100).sum())
+    step_flops, start_flops = decoder_flops(model.config, REGION_DIM)
+    # backward ~ 2x forward: 3x in all for the steps; 2x for the start (the regions need no gradient)
+    gflops = (3 * step_flops * tokens + 2 * start_flops * batch) / seconds / 1e9
+    return {"batch": batch, "ms_per_step": 1e3 * seconds, "captions_per_s": batch / seconds, "tokens_per_step": tokens,
+            "decoder_gflops": gflops, "peak_mib": memory.mib}  # fmt: skip
+
+
+@torch.no_grad()
+def generate_case(batch: int, beams: int, repeats: int, encoder: bool, variant: str = "") -> dict:
+    generator = torch.Generator().manual_seed(0)
+    model = sat_model().eval()
+    new_tokens = 13  # a Flickr-length caption; min = max so every case decodes the same number of steps
+    pixel_values = torch.randn(batch, 3, 224, 224, generator=generator)
+    regions = torch.randn(batch, GRID * GRID, REGION_DIM, generator=generator)
+    autocast = speed_options(model, "bf16" in variant, "channels_last" in variant, "compile" in variant)
+
+    def run():
+        inputs = {"pixel_values": pixel_values} if encoder else {"encoder_outputs": BaseModelOutput(regions)}
+        with autocast:
+            model.generate(**inputs, num_beams=beams, max_new_tokens=new_tokens, min_new_tokens=new_tokens)
+
+    with PeakMemory() as memory:
+        seconds = timed(run, repeats)
+    return {"batch": batch, "beams": beams, "encoder": encoder, "variant": variant, "images_per_s": batch / seconds,
+            "ms_per_image": 1e3 * seconds / batch, "peak_mib": memory.mib}  # fmt: skip
+
+
+RUNNERS = {"matmul": matmul_gflops, "train": train_case, "generate": generate_case}
+
+
+def run(quick: bool) -> dict:
+    repeats = 2 if quick else 5
+    size = 1024 if quick else 2048
+    fast_bf16 = cpu_multiplies_bf16_fast()
+    matmul = in_fresh_process({"kind": "matmul", "size": size, "repeats": repeats * 2})
+    # without bf16 instructions a 2048 product takes most of a minute: a small one tells the rate
+    bf16_matmul = in_fresh_process({"kind": "matmul", "size": size if fast_bf16 else 256, "repeats": 2,
+                                    "dtype": "bfloat16"})  # fmt: skip
+    step_flops, start_flops = decoder_flops(sat_config(), REGION_DIM)
+    report = {
+        "mode": "quick" if quick else "full",
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": matmul["threads"],
+            "torch": torch.__version__,
+            "bf16_matrix_instructions": fast_bf16,
+        },  # fmt: skip
+        "matmul_gflops": {"float32": matmul["gflops"], "bfloat16": bf16_matmul["gflops"]},
+        "decoder_gflop_per_token": step_flops / 1e9,
+        "decoder_gflop_per_caption_start": start_flops / 1e9,
+    }
+    precisions = ["float32", "bfloat16"] if fast_bf16 else ["float32"]
+    train_batch, end_to_end_batch = 32, 4 if quick else 32
+    end_to_end_repeats = 1 if quick else repeats
+    cached = {}
+    for precision in precisions:
+        case = in_fresh_process({"kind": "train", "batch": train_batch, "repeats": repeats, "inputs": "features",
+                                 "variant": "bf16" if precision == "bfloat16" else ""})  # fmt: skip
+        case["fraction_of_matmul_rate"] = case["decoder_gflops"] / report["matmul_gflops"][precision]
+        cached[precision] = case
+    frozen = {"kind": "train", "batch": end_to_end_batch, "repeats": end_to_end_repeats, "inputs": "images"}
+    report["training"] = {
+        "cached_features": cached["float32"],
+        **({"cached_features_bf16": cached["bfloat16"]} if "bfloat16" in cached else {}),
+        "frozen_encoder": in_fresh_process(frozen),
+        "fine_tuned_encoder": in_fresh_process({**frozen, "trainable_stages": 2}),
+    }
+    batches = [1, 8] if quick else [1, 32, 64]
+    cases = []
+    for precision in precisions:
+        for beams in (1, 3) if quick else (1, 3, 5):
+            for batch in batches:
+                for encoder in (False,) if quick else (False, True):
+                    cases.append(in_fresh_process({"kind": "generate", "batch": batch, "beams": beams,
+                                                   "repeats": 1 if quick else 3, "encoder": encoder,
+                                                   "variant": "bf16" if precision == "bfloat16" else ""}))  # fmt: skip
+    report["generation"] = cases
+    three_beams = {c["batch"]: c for c in cases if c["beams"] == 3 and not c["encoder"] and not c["variant"]}
+    largest = max(three_beams)
+    report["variants"] = [] if quick else measure_variants(report, repeats, fast_bf16)
+    report["ratios"] = {
+        f"beam3_batch{largest}_vs_batch1_images_per_s": three_beams[largest]["images_per_s"] / three_beams[1]["images_per_s"],
+        "cached_vs_frozen_end_to_end_per_caption": cached["float32"]["captions_per_s"] / report["training"]["frozen_encoder"]["captions_per_s"],
+        "training_fraction_of_matmul_rate": cached["float32"]["fraction_of_matmul_rate"],
+        **({"training_bf16_fraction_of_bf16_matmul_rate": cached["bfloat16"]["fraction_of_matmul_rate"]}
+           if "bfloat16" in cached else {}),
+    }  # fmt: skip
+    return report
+
+
+def measure_variants(report: dict, repeats: int, fast_bf16: bool) -> list[dict]:
+    """Each other speed option on the cases it targets, against the plain case of this run (same batch, settings)."""
+    cached, frozen = report["training"]["cached_features"], report["training"]["frozen_encoder"]
+    plain_generation = {(c["batch"], c["beams"], c["encoder"]): c for c in report["generation"] if not c["variant"]}
+    end_to_end = ("channels_last", "bf16", "channels_last+bf16") if fast_bf16 else ("channels_last",)
+    trials = []  # (label, plain case, spec of the case with the option, the figure compared)
+    for inputs, plain, variants in [("features", cached, ("compile",)), ("images", frozen, end_to_end)]:
+        label = f"training, {'cached features' if inputs == 'features' else 'frozen encoder'} ({plain['batch']})"
+        spec = {"kind": "train", "batch": plain["batch"], "repeats": repeats, "inputs": inputs}
+        trials += [(label, plain, {**spec, "variant": variant}, "captions_per_s") for variant in variants]
+    generation = [(1, False, "compile"), (32, False, "compile")]
+    if fast_bf16:
+        generation += [(32, False, "compile+bf16"), (32, True, "channels_last+bf16")]
+    for batch, encoder, variant in generation:
+        label = f"3 beams, batch {batch}, encoder {'in' if encoder else 'out'}"
+        spec = {"kind": "generate", "batch": batch, "beams": 3, "repeats": 3, "encoder": encoder, "variant": variant}
+        trials.append((label, plain_generation[(batch, 3, encoder)], spec, "images_per_s"))
+    results = []
+    for label, plain, spec, figure in trials:
+        case = in_fresh_process(spec)
+        results.append({"case": label, "variant": spec["variant"], "unit": figure.replace("_per_s", "/s"),
+                        "value": case[figure], "plain": plain[figure], "peak_mib": case["peak_mib"]})  # fmt: skip
+    return results
+
+
+def table(report: dict) -> str:
+    rates = report["matmul_gflops"]
+    bf16_note = "" if report["machine"]["bf16_matrix_instructions"] else (
+        " (no AVX512-BF16/AMX on this CPU: the bf16 cases are skipped)")  # fmt: skip
+    lines = [f"matrix multiply ({report['machine']['threads']} threads): float32 {rates['float32']:.0f} GFLOP/s, "
+             f"bf16 {rates['bfloat16']:.1f} GFLOP/s{bf16_note}",
+             f"decoder: {report['decoder_gflop_per_token'] * 1e3:.1f} MFLOP per token, "
+             f"{report['decoder_gflop_per_caption_start'] * 1e3:.0f} MFLOP per caption start (forward)", "",
+             "| training (batch) | ms/step | captions/s | share of the matmul rate | peak MiB |",
+             "|---|---|---|---|---|"]  # fmt: skip
+    for name, case in report["training"].items():
+        share = f"{case['fraction_of_matmul_rate']:.0%}" if "fraction_of_matmul_rate" in case else ""
+        lines.append(f"| {name} ({case['batch']}) | {case['ms_per_step']:.0f} | {case['captions_per_s']:.1f} | "
+                     f"{share} | {case['peak_mib']:.0f} |")  # fmt: skip
+    lines += ["", "| generation | batch | images/s | ms/image | peak MiB |", "|---|---|---|---|---|"]
+    for case in report["generation"]:
+        label = f"{'greedy' if case['beams'] == 1 else str(case['beams']) + ' beams'}, encoder {'in' if case['encoder'] else 'out'}"
+        label += ", bf16" if case["variant"] else ""
+        lines.append(f"| {label} | {case['batch']} | {case['images_per_s']:.1f} | {case['ms_per_image']:.1f} | "
+                     f"{case['peak_mib']:.0f} |")  # fmt: skip
+    if report["variants"]:
+        lines += ["", "| option | case | plain | with option | speed-up | peak MiB |", "|---|---|---|---|---|---|"]
+        for v in report["variants"]:
+            lines.append(f"| {v['variant']} | {v['case']} | {v['plain']:.1f} {v['unit']} | {v['value']:.1f} | "
+                         f"{v['value'] / v['plain']:.2f}x | {v['peak_mib']:.0f} |")  # fmt: skip
+    lines += ["", *(f"{name}: {value:.2f}" for name, value in report["ratios"].items())]
+    return "\n".join(lines)
