@@ -99,6 +99,8 @@ class EvaluationArguments:
     eval_num_beams: int = option(1, "beams of the validation captions")
     eval_max_new_tokens: int = option(30, "the longest validation caption, in tokens")
     early_stopping_patience: int = option(3, "validations without a better CIDEr-D before stopping (0: never)")
+    no_repeat_ngram_size: int = option(0, "saved in generation_config.json, so every caption of the model (validation "
+                                       "included) never repeats an n-gram of this size; 0: off")  # fmt: skip
 
 
 @dataclass
@@ -151,7 +153,7 @@ class TrainingArguments(*reversed(GROUPS)):  # dataclass fields follow the bases
                      "log_every_steps", "image_size", "max_caption_tokens", "sample_image_size"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a whole number >= 1, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "num_workers", "checkpoint_every_steps", "keep_checkpoints",
+        for name in ("warmup_steps", "num_workers", "no_repeat_ngram_size", "checkpoint_every_steps", "keep_checkpoints",
                      "early_stopping_patience", "weight_decay", "max_grad_norm"):  # fmt: skip
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")

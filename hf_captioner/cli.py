@@ -14,15 +14,23 @@ def configure_logging() -> None:
     logging.getLogger("accelerate").setLevel(logging.WARNING)
 
 
-def positive_int(text: str) -> int:
-    """An argparse type: a whole number >= 1 (beam counts, batch sizes, lengths)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
+def whole_number(minimum: int):
+    """An argparse type: a whole number >= `minimum`, refused in one line naming the bad text."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            value = None
+        if value is None or value < minimum:
+            raise argparse.ArgumentTypeError(f"expected a whole number >= {minimum}, got {text!r}")
+        return value
+
+    return parse
+
+
+positive_int = whole_number(1)  # beam counts, batch sizes, lengths
+non_negative_int = whole_number(0)  # sizes where 0 means "off"
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:

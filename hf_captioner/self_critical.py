@@ -20,6 +20,9 @@ from .metrics.tokenizer import ptb_tokenize
 
 NGRAM_ORDER = 4
 SIGMA = 6.0
+# samples come from the model's own distribution: REINFORCE weighs them by its log-probabilities, so the saved
+# generation config's filters (top-k, repeat bans, penalties) must not reshape it
+PURE_SAMPLING = dict(top_k=0, top_p=1.0, temperature=1.0, no_repeat_ngram_size=0, repetition_penalty=1.0)
 
 
 def _ngram_counts(words: list[str]) -> Counter:
@@ -100,7 +103,7 @@ class SelfCriticalObjective:
             regions = unwrapped.encoder(pixel_values=batch["pixel_values"]).last_hidden_state  # (B, k, C)
         with torch.no_grad():
             samples = unwrapped.generate(encoder_outputs=regions.detach(), do_sample=True, num_beams=1,
-                                         num_return_sequences=self.num_samples, top_k=0, top_p=1.0, temperature=1.0,
+                                         num_return_sequences=self.num_samples, **PURE_SAMPLING,
                                          max_new_tokens=self.max_new_tokens)  # fmt: skip
         captions = self.processor.batch_decode(samples)
         images = batch["rows"].repeat_interleave(self.num_samples).tolist()

@@ -115,6 +115,13 @@ def build_processor(args: TrainingArguments, train_captions: list[list[str]]) ->
 
 
 def build_model(args: TrainingArguments, processor: CaptionerProcessor) -> CaptionerForConditionalGeneration:
+    model = _build_model(args, processor)
+    if args.no_repeat_ngram_size:
+        model.generation_config.no_repeat_ngram_size = args.no_repeat_ngram_size
+    return model
+
+
+def _build_model(args: TrainingArguments, processor: CaptionerProcessor) -> CaptionerForConditionalGeneration:
     tokenizer = processor.tokenizer
     special = dict(
         vocab_size=len(tokenizer),

@@ -281,10 +281,11 @@ def test_cached_features_give_the_first_batch_loss_of_a_frozen_end_to_end_model(
 def test_training_from_cached_features_saves_a_full_model(tmp_path):
     model_config = {**tiny_arguments(tmp_path).model, "encoder_trainable_stages": 0}
     args = tiny_arguments(tmp_path / "run", model=model_config, cache_features=True,
-                          feature_cache_dir=str(tmp_path / "cache"), num_epochs=1)  # fmt: skip
+                          feature_cache_dir=str(tmp_path / "cache"), num_epochs=1, no_repeat_ngram_size=2)  # fmt: skip
     train(args)
     model = AutoModel.from_pretrained(tmp_path / "run" / "final")
     assert model.encoder.num_channels == TINY_VISION["hidden_sizes"][-1]
+    assert model.generation_config.no_repeat_ngram_size == 2  # the run's decoding default travels with the model
     with pytest.raises(ValueError, match="frozen encoder"):
         train(tiny_arguments(tmp_path / "bad", cache_features=True, feature_cache_dir=str(tmp_path / "cache")))
 

@@ -16,6 +16,7 @@ from hf_captioner.cli import (
     add_speed_arguments,
     configure_logging,
     load_captioner,
+    non_negative_int,
     positive_int,
 )
 
@@ -46,8 +47,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--output_dir", default=None, help="default: <model>/eval-<split>-beam<N>")
     parser.add_argument("--strict", action="store_true")
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR even where Java is present")
-    parser.add_argument("--no_repeat_ngram_size", type=positive_int, default=None,
-                        help="forbid repeating any n-gram of this size (default: the model's generation config)")
+    parser.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=None,
+                        help="forbid repeating any n-gram of this size, 0: allow (default: the model's generation "
+                             "config)")  # fmt: skip
     parser.add_argument("--repetition_penalty", type=float, default=None,
                         help="> 1 discourages tokens already generated (default: the model's generation config)")
     parser.add_argument("--length_penalty", type=float, default=None,
