@@ -31,7 +31,7 @@ REMOTE_CHECK = textwrap.dedent(
     import torch
     import transformers
     from PIL import Image
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModel, AutoModelForImageTextToText, AutoProcessor, pipeline
     folder, images = sys.argv[1], sys.argv[2:]
     model = AutoModel.from_pretrained(folder, trust_remote_code=True).eval()
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -44,7 +44,12 @@ REMOTE_CHECK = textwrap.dedent(
     sampled = model.generate(pixel_values=pixel_values, num_beams=1, do_sample=True)
     with torch.no_grad():
         logits = model(pixel_values=pixel_values, decoder_input_ids=ids).logits
+    image_text = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+    captioner = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+    piped = captioner([Image.open(p) for p in images], text=[""] * len(images))
     print(json.dumps({"module": type(model).__module__, "transformers": transformers.__version__,
+                      "image_text_ids": image_text.generate(pixel_values=pixel_values).tolist(),
+                      "pipeline": [record["generated_text"] for record in piped],
                       "ids": ids.tolist(), "captions": processor.batch_decode(ids), "logits": logits.tolist(),
                       "greedy": greedy.sequences.tolist(), "greedy_cache": type(cache).__name__,
                       "uncached": uncached.tolist(), "sampled": sampled.tolist()}))
@@ -68,7 +73,8 @@ def load_without_package(
     folder: str | Path, images: list[Path], timeout: int = 600, transformers_dir: str | Path | None = None
 ) -> dict:
     """Load `folder` with trust_remote_code in a fresh Python that cannot import hf_captioner; caption `images` with
-    the saved generation defaults. Returns the model's module, the transformers version, token ids, captions, the
+    the saved generation defaults. Returns the model's module, the transformers version, token ids (also through
+    AutoModelForImageTextToText), captions (also through the image-text-to-text pipeline), the
     logits of the captions fed back (teacher forcing), greedy ids with and without the cache (and the type of the cache
     generate returned), and sampled ids (seed 0). `transformers_dir`, a
     folder holding another transformers release, goes first on the child's path: users load saved folders under

@@ -145,12 +145,16 @@ def _results_text(evaluations: list[dict], name: str) -> str:
     return "\n".join(lines)
 
 
+# the pipeline task that captions with this model (transformers 5 sends "image-to-text" to it as well)
+PIPELINE_TASK = "image-text-to-text"
+
+
 def _yaml_header(config: dict, evaluations: list[dict], name: str, data: str) -> dict:
     header = {
         "language": ["en"],
         "license": "apache-2.0",
         "library_name": "transformers",
-        "pipeline_tag": "image-to-text",
+        "pipeline_tag": PIPELINE_TASK,
         "tags": ["image-captioning", "show-attend-and-tell", "attention", "custom_code", "hf-captioner"],
         "metrics": ["bleu", "meteor", "rouge", "cider"],
     }
@@ -163,7 +167,7 @@ def _yaml_header(config: dict, evaluations: list[dict], name: str, data: str) ->
             metrics = [{"type": HUB_METRIC_TYPES[k], "name": f"{METRIC_NAMES[k]} ({e['num_beams']} beams)",
                         "value": round(100 * e["metrics"][k], 2)} for k in HUB_METRIC_TYPES if k in e["metrics"]]  # fmt: skip
             results.append({
-                "task": {"type": "image-to-text", "name": "Image captioning"},
+                "task": {"type": PIPELINE_TASK, "name": "Image captioning"},
                 "dataset": {"type": hub_dataset or "custom", "name": name, "split": e["split"]},
                 "metrics": metrics,
             })  # fmt: skip

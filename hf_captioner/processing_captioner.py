@@ -103,7 +103,9 @@ class CaptionerImageProcessor(TorchvisionBackend):
 class CaptionerProcessor(ProcessorMixin):
     r"""The captioner's image processor and caption tokenizer in one object.
 
-    `processor(images=..., text=...)` gives `pixel_values` and `labels` (caption ids + `</s>`, padding as -100);
+    As BLIP's and GIT's: `images=` gives `pixel_values`; `text=` is a prompt, the forced start of the caption
+    (`decoder_input_ids`: `<s>` + its tokens; `""` is no prompt), for `generate()` and the image-text-to-text
+    pipeline; `text_target=` gives training `labels` (caption ids + `</s>`, padding as -100).
     `processor.batch_decode(ids, skip_special_tokens=True)` gives clean lower-case captions.
     """
 
@@ -124,18 +126,42 @@ class CaptionerProcessor(ProcessorMixin):
         self,
         images: ImageLike | Sequence[ImageLike] | None = None,
         text: str | Sequence[str] | None = None,
+        text_target: str | Sequence[str] | None = None,
         return_tensors: str | None = None,
         max_length: int | None = None,
+        padding: bool | str | None = None,
         **kwargs,
     ) -> BatchFeature:
-        if images is None and text is None:
-            raise ValueError("CaptionerProcessor needs `images`, `text` or both")
+        """`padding` is accepted because the pipeline asks for it with several prompts; they are never padded."""
+        if images is None and text is None and text_target is None:
+            raise ValueError("CaptionerProcessor needs `images`, `text` (a prompt), `text_target` (captions) or both")
         data = {}
         if images is not None:
             data.update(self.image_processor(images, return_tensors=return_tensors, **kwargs))
         if text is not None:
-            data["labels"] = self.encode_captions(text, max_length=max_length)
+            data["decoder_input_ids"] = self.encode_prompts(text)
+        if text_target is not None:
+            data["labels"] = self.encode_captions(text_target, max_length=max_length)
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def encode_prompts(self, text: str | Sequence[str]) -> list[list[int]]:
+        """Prompts -> `<s>` + their tokens, the start every caption of the batch is forced to begin with. Rows
+        cannot be padded (decoding has no mask), so a batch's prompts must have the same number of tokens."""
+        prompts = [text] if isinstance(text, str) else list(text)
+        for i, prompt in enumerate(prompts):
+            if not isinstance(prompt, str):
+                raise ValueError(f"Prompt {i} is not a string: {prompt!r}")
+        start, unknown = self.tokenizer.bos_token_id, self.tokenizer.unk_token_id
+        encoded = [[start, *ids] for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        for prompt, ids in zip(prompts, encoded, strict=True):
+            if unknown in ids:  # the caption could not start with it: <unk> decodes to nothing
+                raise ValueError(f"Prompt {prompt!r} has words outside the captioner's vocabulary")
+        if len({len(ids) for ids in encoded}) > 1:
+            raise ValueError(
+                f"Prompts of one batch must have the same number of tokens, got {[len(ids) - 1 for ids in encoded]} "
+                f"for {prompts}: caption them one at a time (pipeline batch_size=1)"
+            )
+        return encoded
 
     def encode_captions(self, text: str | Sequence[str], max_length: int | None = None) -> list[list[int]]:
         """Captions -> target ids ending in `</s>`, right-padded with -100 (ignored by the loss)."""
@@ -154,9 +180,13 @@ class CaptionerProcessor(ProcessorMixin):
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
         return " ".join(self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).split())
 
+    def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
+        """The image-text-to-text pipeline's decoding: the same clean captions as `batch_decode`."""
+        return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)
+
     @property
     def model_input_names(self) -> list[str]:
-        return ["pixel_values", "labels"]
+        return ["pixel_values", "decoder_input_ids", "labels"]
 
 
 CaptionerImageProcessor.register_for_auto_class("AutoImageProcessor")  # saved: auto_map (see the config's file)

@@ -6,8 +6,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import ast  # noqa: E402
 import io  # noqa: E402
+import re  # noqa: E402
 import struct  # noqa: E402
+import subprocess  # noqa: E402
 import sys  # noqa: E402
 import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -124,3 +127,21 @@ def trained_tiny_model(tmp_path_factory):
     output = tmp_path_factory.mktemp("trained") / "run"
     train(tiny_arguments(output, sample_sizes=[48, 12, 8], num_epochs=2))
     return output / "final"
+
+
+def run_snippets_without_package(snippets: list[str], cwd: Path) -> list[list]:
+    """Run each documented usage snippet as written, in `cwd`, in a Python that cannot import hf_captioner (a saved
+    folder's own code must be enough), offline; the values each one prints, one per line."""
+    blocker = "import sys\nsys.modules['hf_captioner'] = None\n"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
+    printed = []
+    for snippet in snippets:
+        result = subprocess.run([sys.executable, "-c", blocker + snippet], capture_output=True, text=True, cwd=cwd,
+                                env=env, timeout=300)  # fmt: skip
+        assert result.returncode == 0, f"{snippet}\n{result.stderr[-3000:]}"
+        printed.append([ast.literal_eval(line) for line in result.stdout.strip().splitlines()])
+    return printed
+
+
+def python_snippets(markdown: str) -> list[str]:
+    return re.findall(r"```python\n(.*?)```", markdown, flags=re.S)

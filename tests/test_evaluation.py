@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import HF_CAPTIONER, write_truncated_jpeg
+from conftest import HF_CAPTIONER, python_snippets, run_snippets_without_package, write_truncated_jpeg
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
@@ -154,7 +154,7 @@ def test_model_card_renders_real_values(trained_tiny_model, evaluated, tmp_path)
     (folder / "eval-test-beam2" / "metrics.json").write_bytes((evaluated[0] / "metrics.json").read_bytes())
     card = render_model_card(folder, repo_id="me/tiny")
     header = yaml.safe_load(card.split("---")[1])
-    assert header["pipeline_tag"] == "image-to-text" and header["library_name"] == "transformers"
+    assert header["pipeline_tag"] == "image-text-to-text" and header["library_name"] == "transformers"
     metrics = json.loads((evaluated[0] / "metrics.json").read_text())["metrics"]
     reported = {m["type"]: m["value"] for m in header["model-index"][0]["results"][0]["metrics"]}
     assert reported["cider"] == round(100 * metrics["cider"], 2) and reported["bleu"] == round(
@@ -193,6 +193,12 @@ def test_publish_dry_run_writes_a_folder_that_loads_without_the_package(trained_
     pixel_values = processor(images=[Image.open(p) for p in images], return_tensors="pt")["pixel_values"]
     with torch.no_grad():
         assert remote["ids"] == model.generate(pixel_values=pixel_values).tolist()
+    assert remote["image_text_ids"] == remote["ids"] and remote["pipeline"] == remote["captions"]
+    # the card's snippets, as a Hub user copies them (the repo id standing for the staged folder)
+    card = (out / "README.md").read_text().replace("me/tiny", str(out))
+    Image.open(images[0]).save(tmp_path / "photo.jpg")
+    (piped,), (generated,) = run_snippets_without_package(python_snippets(card), tmp_path)
+    assert piped[0]["generated_text"] == generated[0] == remote["captions"][0]
 
 
 def test_repetition_rates_count_the_captions_that_stutter():

@@ -72,13 +72,27 @@ def test_a_very_long_caption_still_trains_the_tokenizer():
 
 def test_processor_gives_pixel_values_and_padded_labels(processor):
     image = Image.new("RGB", (60, 40), (255, 0, 0))
-    batch = processor(images=[image, image], text=["a red circle", "a blue square at the top"], return_tensors="pt")
+    batch = processor(images=[image, image], text_target=["a red circle", "a blue square at the top"],
+                      return_tensors="pt")  # fmt: skip
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     torch.testing.assert_close(batch["pixel_values"][0, 0], torch.full((32, 32), RED), atol=1e-4, rtol=0)
     labels = batch["labels"]
     first = processor.tokenizer("a red circle")["input_ids"]
     assert labels[0, : len(first)].tolist() == first
     assert (labels[0, len(first) :] == -100).all() and (labels[1] != -100).all()
+
+
+def test_text_is_a_prompt_the_caption_must_start_with(processor):
+    """As in BLIP and GIT: `text=` is the caption's forced start after <s>; "" is no prompt at all."""
+    bos = processor.tokenizer.bos_token_id
+    assert processor(text="")["decoder_input_ids"] == [[bos]]
+    pieces = processor.tokenizer("A Red", add_special_tokens=False)["input_ids"]
+    assert processor(text=["a red", "A  RED"])["decoder_input_ids"] == [[bos, *pieces]] * 2  # normalised as captions
+    assert processor.tokenizer.eos_token_id not in processor(text="a red")["decoder_input_ids"][0]
+    with pytest.raises(ValueError, match="same number of tokens"):
+        processor(text=["a", "a red circle"])
+    with pytest.raises(ValueError, match="'a zebra' has words outside"):
+        processor(text="a zebra")
 
 
 def test_batch_decode_gives_clean_lower_case_captions(processor):
@@ -147,7 +161,7 @@ def test_image_files_are_loaded_and_a_non_image_is_named(processor, tmp_path):
 
 def test_bad_inputs_get_clear_errors(processor):
     with pytest.raises(ValueError, match="Caption 1"):
-        processor(text=["a red circle", "   "])
+        processor(text_target=["a red circle", "   "])
     with pytest.raises(ValueError, match="images"):
         processor()
     with pytest.raises(ValueError, match="Image 0"):

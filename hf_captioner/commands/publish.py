@@ -1,7 +1,8 @@
 """Publish a saved captioner to the Hub: `hf-captioner publish --model runs/flickr8k/final --repo_id me/sat-flickr8k`.
 
 Stages the upload (weights, processor, code, records, model card), checks in a separate Python that it loads through
-`trust_remote_code` and captions like the original, then pushes it. `--dry_run OUT` writes the staged folder to OUT
+`trust_remote_code` (AutoModel, AutoModelForImageTextToText, the image-text-to-text pipeline) and captions like the
+original, then pushes it. `--dry_run OUT` writes the staged folder to OUT
 and uploads nothing. The token comes from HF_TOKEN or `hf auth login` and is never printed.
 """
 
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         remote = load_without_package(stage, images)
         if remote["ids"] != original_captions(args.model, images):
             sys.exit(f"The staged folder captions differently from {args.model}: not publishing")
+        if remote["image_text_ids"] != remote["ids"] or remote["pipeline"] != remote["captions"]:
+            sys.exit("The staged folder captions differently through AutoModelForImageTextToText or the "
+                     "image-text-to-text pipeline than through AutoModel: not publishing")  # fmt: skip
         logger.info("Staged folder loads through trust_remote_code and captions like the original: %s",
                     remote["captions"])  # fmt: skip
         if args.dry_run:
