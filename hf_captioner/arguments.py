@@ -42,6 +42,16 @@ class DataArguments:
     sample_image_size: int = option(64, "sample data: side of its pictures in pixels")
     max_train_images: int | None = option(None, "use only the first N train images (quick experiments)")
     max_eval_images: int | None = option(None, "validate on only the first N validation images")
+    # a Hub data set's layout: each unset field comes from the preset for --data (hf_captioner.data.HUB_LAYOUTS)
+    image_column: str | None = option(None, "Hub data: the picture column (image, bytes, or file names under "
+                                      "images_dir); default: the preset's, else 'image'")  # fmt: skip
+    caption_columns: list[str] | None = option(None, "Hub data: the caption column(s): one of strings, one of lists, "
+                                               "or several (caption_0 ... caption_4); default 'caption'")  # fmt: skip
+    id_column: str | None = option(None, "Hub data: the column that groups the rows of one picture")
+    split_column: str | None = option(None, "Hub data: a column naming each row's split (one Hub split holds all)")
+    split_names: list[str] | None = option(None, "Hub data: FROM=TO split renames, e.g. dev=validation")
+    image_folder_column: str | None = option(None, "Hub data: a column naming each picture's folder under "
+                                             "images_dir (COCO: filepath)")  # fmt: skip
 
 
 @dataclass
@@ -165,6 +175,10 @@ class TrainingArguments(*reversed(GROUPS)):  # dataclass fields follow the bases
         for name in ("learning_rate", "encoder_learning_rate"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name}: expected a positive number, got {getattr(self, name)!r}")
+        for item in self.split_names or []:
+            source, sep, target = item.partition("=")
+            if not sep or not source or target not in ("train", "validation", "test"):
+                raise ValueError(f"split_names: expected FROM=TO with TO train, validation or test, got {item!r}")
         if len(self.sample_sizes) != 3:
             raise ValueError(f"sample_sizes: expected three numbers (train, validation, test), got {self.sample_sizes}")
         self._check_model()

@@ -29,7 +29,7 @@ from .arguments import TrainingArguments, parse_arguments
 from .backbones import image_settings, is_backbone_name
 from .configuration_captioner import CaptionerConfig
 from .data.feature_store import encode_split
-from .data.loaders import DataError, detect_and_load
+from .data.loaders import DataError, detect_and_load, hub_layout
 from .data.pairs import (
     CaptionCollator,
     CaptionedImages,
@@ -82,7 +82,8 @@ def load_data(args: TrainingArguments):
         data = make_sample_dataset(n_train, n_val, n_test, seed=args.sample_seed, image_size=args.sample_image_size)
         data = data.remove_columns("objects")
     else:
-        data = detect_and_load(args.data, images_dir=args.images_dir, strict=args.strict)
+        layout = hub_layout(args.data, vars(args))
+        data = detect_and_load(args.data, images_dir=args.images_dir, strict=args.strict, layout=layout)
     if args.max_train_images:
         data["train"] = data["train"].select(range(min(args.max_train_images, len(data["train"]))))
     if args.max_eval_images:

@@ -9,9 +9,13 @@ from conftest import write_bomb_png, write_truncated_jpeg
 from datasets import Dataset
 from PIL import Image
 
+from hf_captioner.arguments import parse_arguments
 from hf_captioner.data import (
+    HUB_LAYOUTS,
     DataError,
+    HubLayout,
     detect_and_load,
+    hub_layout,
     load_captions_csv,
     load_flickr8k_text,
     load_hub_dataset,
@@ -113,8 +117,8 @@ def test_hub_style_data_sets_are_grouped_and_split(tmp_path, layout):
                 {"image": [str(tmp_path / "img" / n) for n, _ in table], "sentence": [c for _, c in table]}
             ).to_parquet(str(tmp_path / f"{split}.parquet"))
         files = {s: str(tmp_path / f"{s}.parquet") for s in ("train", "dev", "test")}
-        data = load_hub_dataset("parquet", caption_column="sentence", split_names={"dev": "validation"},
-                                data_files=files)  # fmt: skip
+        layout = HubLayout(caption_columns=("sentence",), split_names={"dev": "validation"})
+        data = load_hub_dataset("parquet", layout=layout, load_kwargs={"data_files": files})
     else:  # one row per image, captions as a list, everything in one split with a split column
         names = list(FIXTURE)
         Dataset.from_dict(
@@ -124,12 +128,90 @@ def test_hub_style_data_sets_are_grouped_and_split(tmp_path, layout):
                 "which": [FIXTURE[n][0] for n in names],
             }
         ).to_parquet(str(tmp_path / "all.parquet"))
-        data = load_hub_dataset("parquet", caption_column="captions", split_column="which",
-                                data_files={"train": str(tmp_path / "all.parquet")})  # fmt: skip
+        data = load_hub_dataset("parquet", layout=HubLayout(caption_columns=("captions",), split_column="which"),
+                                load_kwargs={"data_files": {"train": str(tmp_path / "all.parquet")}})  # fmt: skip
     assert rows(data) == EXPECTED
     assert splits(data) == {name.split(".")[0]: split for name, (split, _) in FIXTURE.items()}
-    with pytest.raises(DataError, match="no column"):
-        load_hub_dataset("parquet", caption_column="nope", data_files={"train": str(next(tmp_path.glob("*.parquet")))})
+    with pytest.raises(DataError, match=r"no column\(s\) \['nope'\]; it has \['image', "):
+        load_hub_dataset("parquet", layout=HubLayout(caption_columns=("nope",)),
+                         load_kwargs={"data_files": {"train": str(next(tmp_path.glob("*.parquet")))}})  # fmt: skip
+
+
+def image_bytes(folder, name) -> dict:
+    return {"bytes": (folder / name).read_bytes(), "path": name}
+
+
+def test_the_jxie_flickr8k_layout_keeps_all_five_references(tmp_path):
+    """Stand-in for jxie/flickr8k: an image feature and caption_0 ... caption_4, the splits as Hub splits."""
+    from datasets import Features, Value
+    from datasets import Image as ImageFeature
+
+    folder = write_images(tmp_path / "img")
+    features = Features({"image": ImageFeature(), **{f"caption_{i}": Value("string") for i in range(5)}})
+    files = {}
+    for split in ("train", "validation", "test"):
+        names = [n for n, (s, _) in FIXTURE.items() if s == split]
+        columns = {"image": [image_bytes(folder, n) for n in names]}
+        for i in range(5):  # fewer than five captions: the rest are empty, counted and dropped
+            columns[f"caption_{i}"] = [(FIXTURE[n][1] + [""] * 5)[i] for n in names]
+        files[split] = str(tmp_path / f"{split}.parquet")
+        Dataset.from_dict(columns, features=features).to_parquet(files[split])
+    data = load_hub_dataset("parquet", layout=HUB_LAYOUTS["jxie/flickr8k"], load_kwargs={"data_files": files})
+    assert rows(data) == EXPECTED and splits(data) == {n.split(".")[0]: s for n, (s, _) in FIXTURE.items()}
+    assert hub_layout("jxie/flickr8k") == HUB_LAYOUTS["jxie/flickr8k"]  # picked up by name from --data
+    assert hub_layout("jxie/flickr8k", {"caption_columns": ["caption_0"]}).caption_columns == ("caption_0",)
+
+
+def test_the_nlphuji_flickr30k_layout_splits_by_its_column_and_keeps_train_out_of_test(tmp_path):
+    """Stand-in for nlphuji/flickr30k: everything in one Hub split called "test", the Karpathy split in a column."""
+    folder = write_images(tmp_path / "img")
+    names = list(FIXTURE)
+    karpathy = {"train": "train", "validation": "val", "test": "test"}
+    Dataset.from_dict({
+        "image": [image_bytes(folder, n) for n in names], "caption": [FIXTURE[n][1] for n in names],
+        "sentids": [[str(i)] for i in range(len(names))], "split": [karpathy[FIXTURE[n][0]] for n in names],
+        "img_id": [n.split(".")[0] for n in names], "filename": names,
+    }).to_parquet(str(tmp_path / "flickr30k.parquet"))  # fmt: skip
+    files = {"test": str(tmp_path / "flickr30k.parquet")}
+    data = load_hub_dataset("parquet", layout=HUB_LAYOUTS["nlphuji/flickr30k"], load_kwargs={"data_files": files})
+    assert rows(data) == EXPECTED
+    assert [row["image_id"] for row in data["test"]] == ["1004_e"]  # not every picture of the Hub's "test" split
+    assert len(data["train"]) == 3 and len(data["validation"]) == 1
+    plain = load_hub_dataset("parquet", layout=HubLayout(), load_kwargs={"data_files": files})
+    assert len(plain["test"]) == len(names) and len(plain["train"]) == 0  # what the preset's split column prevents
+
+
+def test_the_coco_karpathy_layout_finds_local_pictures_by_file_name(tmp_path):
+    """Stand-in for yerevann/coco-karpathy: file names and folders only (the COCO pictures are local), restval
+    counted as train, sentences as a list."""
+    names = list(FIXTURE)
+    subfolder = {"train": "train2014", "validation": "val2014", "test": "val2014"}
+    for name in names:
+        write_images(tmp_path / "coco" / subfolder[FIXTURE[name][0]])
+    karpathy = {"1000_a.jpg": "restval", "1001_b.jpg": "train", "1002_c.jpg": "train", "1003_d.jpg": "val",
+                "1004_e.jpg": "test"}  # fmt: skip
+    Dataset.from_dict({
+        "filepath": [subfolder[FIXTURE[n][0]] for n in names], "filename": names,
+        "sentences": [FIXTURE[n][1] for n in names], "split": [karpathy[n] for n in names],
+        "cocoid": [n.split(".")[0] for n in names], "url": [f"http://example.org/{n}" for n in names],
+    }).to_parquet(str(tmp_path / "train.parquet"))  # fmt: skip
+    files = {"train": str(tmp_path / "train.parquet")}
+    layout = HUB_LAYOUTS["yerevann/coco-karpathy"]
+    data = load_hub_dataset("parquet", tmp_path / "coco", layout=layout, load_kwargs={"data_files": files})
+    assert rows(data) == EXPECTED and splits(data) == {n.split(".")[0]: s for n, (s, _) in FIXTURE.items()}
+    with pytest.raises(DataError, match="pass images_dir"):
+        load_hub_dataset("parquet", layout=layout, load_kwargs={"data_files": files})
+
+
+def test_a_hub_layout_is_set_from_the_command_line(tmp_path, capsys):
+    args = parse_arguments(["--data", "jxie/flickr8k", "--caption_columns", "caption_0", "caption_1",
+                            "--split_names", "dev=validation", "--split_column", "which"])  # fmt: skip
+    layout = hub_layout(args.data, vars(args))
+    assert layout.caption_columns == ("caption_0", "caption_1") and layout.split_names == {"dev": "validation"}
+    assert layout.split_column == "which" and layout.image_column == "image"
+    with pytest.raises(SystemExit):
+        parse_arguments(["--split_names", "dev:validation"])
+    assert "split_names: expected FROM=TO" in capsys.readouterr().err
 
 
 def test_missing_and_corrupt_images_and_empty_captions_are_counted(karpathy, caplog):

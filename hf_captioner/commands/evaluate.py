@@ -22,13 +22,15 @@ from hf_captioner.cli import (
 
 
 def load_split(data: str, split: str, model_dir: str, images_dir: str | None, strict: bool):
-    """The split to score; the sample data set is redrawn as the model's training run drew it (with its boxes)."""
-    from hf_captioner.data import detect_and_load, make_sample_dataset
+    """The split to score. The sample data set is redrawn as the model's training run drew it (with its boxes); the
+    run's own data is read with the run's Hub layout settings."""
+    from hf_captioner.data import detect_and_load, hub_layout, make_sample_dataset
 
-    if data != "sample":  # --strict is about the split being scored, not the others
-        return detect_and_load(data, images_dir=images_dir, strict=[split] if strict else False)[split]
     args_file = Path(model_dir) / "training_args.json"
     trained = json.loads(args_file.read_text()) if args_file.is_file() else {}
+    if data != "sample":  # --strict is about the split being scored, not the others
+        layout = hub_layout(data, trained if trained.get("data") == data else None)
+        return detect_and_load(data, images_dir=images_dir, strict=[split] if strict else False, layout=layout)[split]
     sizes = trained.get("sample_sizes", [2000, 200, 200])
     return make_sample_dataset(*sizes, seed=trained.get("sample_seed", 0),
                                image_size=trained.get("sample_image_size", 64))[split]  # fmt: skip

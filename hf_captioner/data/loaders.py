@@ -14,8 +14,8 @@ import logging
 import os
 import random
 from collections import defaultdict
-from collections.abc import Collection, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from PIL import Image
@@ -263,42 +263,115 @@ def load_captions_csv(
     return build_dataset_dict(rows(), report, strict)
 
 
+@dataclass(frozen=True)
+class HubLayout:
+    """Where a Hub caption data set keeps its pictures, captions and splits.
+
+    image_column: pictures (an image feature, bytes, or a path / file name, found under `images_dir`);
+    caption_columns: one column of strings (one row per caption), one of lists (one row per image), or several
+        (e.g. caption_0..caption_4), all of a row's captions kept;
+    id_column: groups the rows of one picture (default: the picture's path or bytes);
+    split_column: a column naming each row's split, for data sets published as one Hub split;
+    split_names: a Hub split or split-column value -> train / validation / test (restval, val, dev are known);
+    image_folder_column: a column naming the picture's folder under `images_dir` (COCO: train2014 / val2014).
+    """
+
+    image_column: str = "image"
+    caption_columns: tuple[str, ...] = ("caption",)
+    id_column: str | None = None
+    split_column: str | None = None
+    split_names: Mapping[str, str] = field(default_factory=dict)
+    image_folder_column: str | None = None
+
+
+# Layouts of captioning data sets on the Hub, picked up by name (`--data jxie/flickr8k`); any field can be overridden.
+HUB_LAYOUTS = {
+    "jxie/flickr8k": HubLayout(caption_columns=tuple(f"caption_{i}" for i in range(5))),
+    # one Hub split ("test") holding all 31,783 pictures, the Karpathy split in a column
+    "nlphuji/flickr30k": HubLayout(caption_columns=("caption",), id_column="img_id", split_column="split"),
+    # file names only: the COCO pictures come from a local folder (`images_dir`/train2014/..., /val2014/...)
+    "yerevann/coco-karpathy": HubLayout(image_column="filename", caption_columns=("sentences",), id_column="cocoid",
+                                        split_column="split", image_folder_column="filepath"),
+}  # fmt: skip
+
+
+LAYOUT_FIELDS = ("image_column", "caption_columns", "id_column", "split_column", "split_names", "image_folder_column")
+
+
+def hub_layout(name: str, settings: Mapping | None = None) -> HubLayout:
+    """The preset layout of `name` (else the default one) with the fields `settings` sets (not None) replaced:
+    a run's arguments or its training_args.json (split_names there as FROM=TO strings)."""
+    given = {key: settings[key] for key in LAYOUT_FIELDS if (settings or {}).get(key) is not None}
+    if "caption_columns" in given:
+        given["caption_columns"] = tuple(given["caption_columns"])
+    if "split_names" in given and not isinstance(given["split_names"], Mapping):
+        given["split_names"] = dict(item.split("=", 1) for item in given["split_names"])
+    return replace(HUB_LAYOUTS.get(name.lower(), HubLayout()), **given)
+
+
+def _caption_texts(value) -> list:
+    """A caption cell: a string, a {"raw": ...} record (COCO-style sentences), or a list of either."""
+    if isinstance(value, Mapping):
+        value = value.get("raw")
+    if isinstance(value, (list, tuple)):
+        return [text for item in value for text in _caption_texts(item)]
+    return [] if value is None else [value]
+
+
+def _hub_picture(value, folder, images_dir: Path | None, source: str):
+    """A picture cell -> a `datasets.Image` dict (path/bytes) or a file to check, found under `images_dir`."""
+    if isinstance(value, (bytes, bytearray)):
+        return {"bytes": bytes(value), "path": None}
+    if isinstance(value, Mapping):
+        return dict(value)
+    path = Path(str(value))
+    if path.is_absolute() or images_dir is None:
+        if images_dir is None and not path.is_file():
+            raise DataError(f"{source}: its pictures are file names ({value!r}); pass images_dir (--images_dir), "
+                            "the folder that holds them")  # fmt: skip
+        return path
+    return images_dir / str(folder) / path if folder is not None else images_dir / path
+
+
 def load_hub_dataset(
     name: str,
-    image_column: str = "image",
-    caption_column: str = "caption",
-    id_column: str | None = None,
-    split_column: str | None = None,
-    split_names: dict[str, str] | None = None,
+    images_dir: str | os.PathLike | None = None,
     strict: bool | Collection[str] = False,
-    **load_kwargs,
+    layout: HubLayout | None = None,
+    load_kwargs: Mapping | None = None,
 ):
-    """A data set from the Hub (or any `datasets.load_dataset` path), one row per image or one per caption.
-
-    `caption_column` may hold a string (one row per caption: rows of the same image are grouped, by `id_column`
-    or else by the image's path/bytes) or a list of strings. Splits come from the data set's own splits, renamed
-    through `split_names` (e.g. {"dev": "validation"}), or from `split_column` when everything is in one split.
-    """
+    """A data set from the Hub (or any `datasets.load_dataset` path), read through `layout` (default: the preset for
+    `name`, see `HUB_LAYOUTS`, or `HubLayout()`). Every caption column of a row is kept; rows of one picture are
+    grouped; splits come from the split column when there is one, else from the Hub splits."""
     from datasets import Image as ImageFeature
     from datasets import load_dataset
 
-    loaded = load_dataset(name, **load_kwargs)
+    layout = layout or hub_layout(name)
+    loaded = load_dataset(name, **(load_kwargs or {}))
     report = LoadReport(name)
+    images_dir = Path(images_dir) if images_dir is not None else None
     grouped: dict[tuple[str, str], dict] = {}
     for hub_split, dataset in loaded.items():
-        missing = [
-            c for c in (image_column, caption_column, id_column, split_column) if c and c not in dataset.column_names
-        ]
+        wanted = (layout.image_column, *layout.caption_columns, layout.id_column, layout.split_column,
+                  layout.image_folder_column)  # fmt: skip
+        missing = [column for column in wanted if column and column not in dataset.column_names]
         if missing:
-            raise DataError(f"{name} split {hub_split!r} has no column(s) {missing}; it has {dataset.column_names}")
-        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))
+            raise DataError(f"{name} split {hub_split!r} has no column(s) {missing}; it has {dataset.column_names} "
+                            "(set image_column / caption_columns / split_column to fit)")  # fmt: skip
+        if isinstance(dataset.features[layout.image_column], ImageFeature):
+            dataset = dataset.cast_column(layout.image_column, ImageFeature(decode=False))
         for index, row in enumerate(dataset):
-            raw_split = row[split_column] if split_column else (split_names or {}).get(hub_split, hub_split)
-            split = _split_name(raw_split, name)
-            image = row[image_column]
-            key = str(row[id_column]) if id_column else (image.get("path") or f"{hub_split}-{index}")
-            captions = row[caption_column]
-            captions = [captions] if isinstance(captions, str) else list(captions or [])
+            raw_split = row[layout.split_column] if layout.split_column else hub_split
+            split = _split_name(layout.split_names.get(raw_split, raw_split), name)
+            folder = row[layout.image_folder_column] if layout.image_folder_column else None
+            image = _hub_picture(row[layout.image_column], folder, images_dir, name)
+            if layout.id_column:
+                key = str(row[layout.id_column])
+            elif isinstance(image, Path):
+                key = str(image)
+            else:
+                key = image.get("path") or f"{hub_split}-{index}"
+            captions = [text for column in layout.caption_columns for text in _caption_texts(row[column])]
             entry = grouped.setdefault((split, key), {"image": image, "captions": []})
             entry["captions"].extend(captions)
     rows = ((split, Path(key).stem, e["image"], e["captions"]) for (split, key), e in grouped.items())
@@ -309,10 +382,12 @@ def detect_and_load(
     source: str | os.PathLike,
     images_dir: str | os.PathLike | None = None,
     strict: bool | Collection[str] = False,
+    layout: HubLayout | None = None,
     **kwargs,
 ):
-    """A folder or file in any supported layout, recognised by its files; anything else is a Hub data set name.
-    `strict`: True, or the names of the splits whose missing or unreadable images are errors (see `LoadReport`)."""
+    """A folder or file in any supported layout, recognised by its files; anything else is a Hub data set name,
+    read through `layout` (default: its preset, see `HUB_LAYOUTS`). `strict`: True, or the names of the splits
+    whose missing or unreadable images are errors (see `LoadReport`)."""
     path = Path(source)
     if path.is_file():
         if path.suffix == ".json":
@@ -331,4 +406,4 @@ def detect_and_load(
         raise DataError(f"{path} holds no known caption layout (dataset_*.json, Flickr8k.token.txt or captions.txt)")
     if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:  # a local path, not a Hub name
         raise DataError(f"Data source not found: {source}")
-    return load_hub_dataset(str(source), strict=strict, **kwargs)
+    return load_hub_dataset(str(source), images_dir, strict, layout, load_kwargs=kwargs)
