@@ -10,13 +10,13 @@ import json
 from pathlib import Path
 from string import Template
 
-import yaml
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 METRIC_NAMES = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
                 "rouge_l": "ROUGE-L", "cider": "CIDEr-D"}  # fmt: skip
 HUB_METRIC_TYPES = {"bleu_4": "bleu", "meteor": "meteor", "rouge_l": "rouge", "cider": "cider"}
-KNOWN_DATASETS = {"flickr8k": "Flickr8k", "flickr30k": "Flickr30k", "coco": "MS COCO"}
+KNOWN_DATASETS = {"flickr8k": "Flickr8k", "flickr30k": "Flickr30k", "coco": "MS COCO"}  # names for the prose
 # The transformers releases a saved folder's code is tested under (tests/test_save_load.py runs one under each): the
 # lower bound of pyproject.toml's range and the version constraints.txt pins; that test keeps the three in step.
 TESTED_TRANSFORMERS = ("5.23.0", "5.24.0")
@@ -56,11 +56,9 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
     data = args.get("data", "")
     name = dataset_name(data) if data else "not recorded"
 
-    vision = config.get("vision_config", {})
     regions = config["grid_size"] ** 2
     architecture = "\n".join([
-        f"- Encoder: {vision.get('model_type', '?')} backbone (stages {vision.get('depths', '?')}, widths "
-        f"{vision.get('hidden_sizes', '?')}), last feature map average-pooled to {config['grid_size']} x "
+        f"- Encoder: {_backbone_text(config)}, last feature map average-pooled to {config['grid_size']} x "
         f"{config['grid_size']} = {regions} regions; {_trainable(config['encoder_trainable_stages'])}.",
         f"- Decoder: {config['rnn_type'].upper()} with {config['hidden_size']} units, {config['embed_dim']}-d word "
         f"embeddings, {config['cross_attention']} cross-attention ({config['attention_dim']}-d) with a sigmoid gate, "
@@ -79,9 +77,8 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
         data_text = "Not recorded (the folder has no training_args.json)."
     training = _training_text(args, training_metrics)
     results = _results_text(evaluations, name)
-    header = _yaml_header(config, evaluations, name, data)
     return Template(template_path.read_text()).substitute(
-        yaml_header=yaml.safe_dump(header, sort_keys=False).strip(),
+        yaml_header=card_data(evaluations, name, data).to_yaml(),
         title=repo_id.split("/")[-1],
         repo_id=repo_id,
         num_beams=generation.get("num_beams", 3),
@@ -91,9 +88,44 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
         training=training,
         results=results,
         data_limits=f"it was trained on {name[0].lower() + name[1:]}" if data else "its training data is not recorded",
+        intended_use=SAMPLE_USE if data == "sample" else PHOTO_USE,
+        measured_limits=_measured_limits(evaluations),
         saved_with=config.get("transformers_version", "an unrecorded version"),
         tested_transformers=" and ".join(TESTED_TRANSFORMERS),
     )
+
+
+SAMPLE_USE = ("Captioning the drawn pictures of hf-captioner's sample data set (coloured shapes on a plain "
+              "background): a model for demonstrating and testing the code. It was never shown a photograph and "
+              "does not describe one.")  # fmt: skip
+PHOTO_USE = ("Describing everyday photographs in short English sentences, for research and for learning how "
+             "attention-based captioning works; the attention maps show where the model looked for each word.")  # fmt: skip
+
+
+def _measured_limits(evaluations: list[dict]) -> str:
+    """What the evaluations on disk say about the captions' weak spots."""
+    lines = []
+    for e in evaluations:
+        where = f"{e['split']} split, {decoding(e)}"
+        if "repetition" in e:
+            lines.append(f"- {100 * e['repetition']['repeated_bigram_rate']:.1f}% of its captions repeat a word "
+                         f"bigram ({where}).")  # fmt: skip
+        attention = e.get("attention", {})
+        if attention.get("normalised_entropy") is not None:
+            lines.append(f"- The normalised entropy of its attention maps is {attention['normalised_entropy']:.2f} "
+                         f"(1 = spread evenly over the regions), {where}: the closer to 1, the rougher the maps "
+                         "are as a pointer.")  # fmt: skip
+        if lines:
+            break
+    return "\n".join(lines) if lines else "- Not measured yet: run `hf-captioner evaluate` on this folder."
+
+
+def _backbone_text(config: dict) -> str:
+    if config.get("vision_backbone"):  # a timm / torchvision network: its name says it all
+        return f"`{config['vision_backbone']}`"
+    vision = config.get("vision_config", {})
+    return (f"{vision.get('model_type', '?')} backbone (stages {vision.get('depths', '?')}, widths "
+            f"{vision.get('hidden_sizes', '?')})")  # fmt: skip
 
 
 def _trainable(stages: int) -> str:
@@ -119,6 +151,11 @@ def _training_text(args: dict, metrics: dict) -> str:
         lines.insert(0, "- Cross-entropy on the reference captions (teacher forcing).")
     if args.get("init_from"):
         lines.insert(0, f"- Started from the captioner `{args['init_from']}`.")
+    processes = metrics.get("num_processes", 1)
+    command = ("hf-captioner train" if processes == 1 else
+               f"accelerate launch --num_processes {processes} -m hf_captioner.commands.train")  # fmt: skip
+    lines.append(f"- To reproduce: `{command} --config training_args.json` (the file in this repository holds every "
+                 "setting of the run; the data and output paths are the original machine's).")  # fmt: skip
     if metrics.get("best"):
         best = metrics["best"]
         lines.append(f"- Best validation epoch {best['epoch']} (step {best['step']}): CIDEr-D {100 * best['cider']:.1f}, "
@@ -130,17 +167,17 @@ def _results_text(evaluations: list[dict], name: str) -> str:
     if not evaluations:
         return "No evaluation recorded yet: run `hf-captioner evaluate` on this folder and render the card again."
     keys = [k for k in METRIC_NAMES if any(k in e["metrics"] for e in evaluations)]
-    lines = ["| data | split | images | beams | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
+    lines = ["| data | split | images | decoding | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
              "|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
     for e in evaluations:
         values = " | ".join(f"{100 * e['metrics'][k]:.1f}" if k in e["metrics"] else "n/a" for k in keys)
-        lines.append(f"| {name} | {e['split']} | {e['images']} | {e['num_beams']} | {values} |")
+        lines.append(f"| {name} | {e['split']} | {e['images']} | {decoding(e)} | {values} |")
     for e in evaluations:
         if e.get("attention", {}).get("pointing_nouns"):
             a = e["attention"]
             lines.append(f"\nAttention: while a word that names a boxed thing is emitted, the most-attended region "
                          f"lies inside its box in {100 * a['pointing_accuracy']:.1f}% of {a['pointing_nouns']} cases "
-                         f"(chance {100 * a['pointing_chance']:.1f}%), {e['split']} split, {e['num_beams']} beams.")  # fmt: skip
+                         f"(chance {100 * a['pointing_chance']:.1f}%), {e['split']} split, {decoding(e)}.")  # fmt: skip
             break
     return "\n".join(lines)
 
@@ -149,30 +186,47 @@ def _results_text(evaluations: list[dict], name: str) -> str:
 PIPELINE_TASK = "image-text-to-text"
 
 
-def _yaml_header(config: dict, evaluations: list[dict], name: str, data: str) -> dict:
-    header = {
-        "language": ["en"],
-        "license": "apache-2.0",
-        "library_name": "transformers",
-        "pipeline_tag": PIPELINE_TASK,
-        "tags": ["image-captioning", "show-attend-and-tell", "attention", "custom_code", "hf-captioner"],
-        "metrics": ["bleu", "meteor", "rouge", "cider"],
-    }
-    hub_dataset = next((k for k in KNOWN_DATASETS if k in data.lower()), None)
-    if hub_dataset:
-        header["datasets"] = [hub_dataset]
-    if evaluations:
-        results = []
-        for e in evaluations:
-            metrics = [{"type": HUB_METRIC_TYPES[k], "name": f"{METRIC_NAMES[k]} ({e['num_beams']} beams)",
-                        "value": round(100 * e["metrics"][k], 2)} for k in HUB_METRIC_TYPES if k in e["metrics"]]  # fmt: skip
-            results.append({
-                "task": {"type": PIPELINE_TASK, "name": "Image captioning"},
-                "dataset": {"type": hub_dataset or "custom", "name": name, "split": e["split"]},
-                "metrics": metrics,
-            })  # fmt: skip
-        header["model-index"] = [{"name": "hf-captioner", "results": results}]
-    return header
+def decoding(evaluation: dict) -> str:
+    """How an evaluation's captions were decoded: the beams, and any generate() option it set."""
+    options = "".join(f", {k} {v}" for k, v in sorted(evaluation.get("generate_kwargs", {}).items()))
+    return f"{evaluation['num_beams']} beams{options}"
+
+
+def card_data(evaluations: list[dict], name: str, data: str) -> ModelCardData:
+    """The card's metadata, built and checked by huggingface_hub: Hub data set ids only for data that came from the
+    Hub (local data is named in the card's prose), one model-index result per evaluation (split and beam size)."""
+    from .data.loaders import is_hub_name
+
+    hub_dataset = data if data and is_hub_name(data) else None
+    results = [
+        EvalResult(task_type=PIPELINE_TASK, task_name="Image captioning", dataset_type=hub_dataset or "local",
+                   dataset_name=name, dataset_split=e["split"], metric_type=HUB_METRIC_TYPES[key],
+                   metric_name=f"{METRIC_NAMES[key]} ({decoding(e)})",
+                   metric_value=round(100 * e["metrics"][key], 2))  # fmt: skip
+        for e in evaluations
+        for key in HUB_METRIC_TYPES
+        if key in e["metrics"]
+    ]
+    return ModelCardData(
+        language="en",
+        license="apache-2.0",
+        library_name="transformers",
+        pipeline_tag=PIPELINE_TASK,
+        tags=["image-captioning", "show-attend-and-tell", "attention", "custom_code", "hf-captioner"],
+        datasets=[hub_dataset] if hub_dataset else None,
+        metrics=["bleu", "meteor", "rouge", "cider"],
+        model_name="hf-captioner" if results else None,
+        eval_results=results or None,
+    )
+
+
+def check_model_card(path: str | Path) -> ModelCard:
+    """Load a written card as the Hub reads it (huggingface_hub parses its metadata and model-index), offline:
+    a ValueError names what does not parse. `ModelCard.validate` does the Hub's own check, but online."""
+    card = ModelCard.load(path)
+    if card.data.pipeline_tag != PIPELINE_TASK or card.data.library_name != "transformers":
+        raise ValueError(f"{path}: pipeline_tag / library_name are not {PIPELINE_TASK} / transformers")
+    return card
 
 
 def write_model_card(model_dir: str | Path, repo_id: str | None = None, output: str | Path | None = None) -> Path:

@@ -21,7 +21,7 @@ from hf_captioner.data import make_sample_dataset
 from hf_captioner.evaluation import repetition_rates
 from hf_captioner.hub import load_without_package
 from hf_captioner.inference import word_attention
-from hf_captioner.model_card import TESTED_TRANSFORMERS, render_model_card
+from hf_captioner.model_card import TESTED_TRANSFORMERS, card_data, check_model_card, render_model_card
 from hf_captioner.visualize import DPI, PANEL_INCHES, attention_overlay, plot_attention
 
 REPO = Path(__file__).resolve().parents[1]
@@ -167,6 +167,22 @@ def test_model_card_renders_real_values(trained_tiny_model, evaluated, tmp_path)
     assert f"tested with transformers {' and '.join(TESTED_TRANSFORMERS)}" in card.replace("\n", " ")
     training_args = json.loads((folder / "training_args.json").read_text())
     assert f"batch {training_args['batch_size']} per process" in card
+    assert "`hf-captioner train --config training_args.json`" in card
+    assert "datasets" not in header  # the sample data is not a Hub data set: no id the Hub cannot link
+    assert "drawn pictures" in card and "does not describe one" in card and "everyday photographs" not in card
+    assert "% of its captions repeat a word bigram (test split, 2 beams)" in card
+    (folder / "README.md").write_text(card)
+    assert len(check_model_card(folder / "README.md").data.eval_results) == len(reported)
+
+
+def test_card_metadata_names_hub_data_sets_by_their_ids_and_local_data_in_prose(tmp_path):
+    evaluation = {"split": "test", "num_beams": 3, "metrics": {"bleu_4": 0.2, "cider": 0.5}}
+    hub = card_data([evaluation], "Flickr8k", "jxie/flickr8k")
+    assert hub.datasets == ["jxie/flickr8k"] and {r.dataset_type for r in hub.eval_results} == {"jxie/flickr8k"}
+    (tmp_path / "flickr8k").mkdir()
+    local = card_data([evaluation], "Flickr8k", str(tmp_path / "flickr8k"))
+    assert local.datasets is None and {r.dataset_name for r in local.eval_results} == {"Flickr8k"}
+    assert [(r.metric_type, r.metric_value) for r in hub.eval_results] == [("bleu", 20.0), ("cider", 50.0)]
 
 
 def test_publish_dry_run_writes_a_folder_that_loads_without_the_package(trained_tiny_model, tmp_path):

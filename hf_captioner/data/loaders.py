@@ -404,6 +404,14 @@ def detect_and_load(
         if (path / "captions.txt").is_file():
             return load_captions_csv(path / "captions.txt", images_dir, strict=strict, **kwargs)
         raise DataError(f"{path} holds no known caption layout (dataset_*.json, Flickr8k.token.txt or captions.txt)")
-    if str(source).startswith((".", "/", "~")) or str(source).count("/") > 1:  # a local path, not a Hub name
+    if not is_hub_name(source):
         raise DataError(f"Data source not found: {source}")
     return load_hub_dataset(str(source), images_dir, strict, layout, load_kwargs=kwargs)
+
+
+def is_hub_name(source: str | os.PathLike) -> bool:
+    """Whether `--data` names a Hub data set: nothing on disk by that name and not written as a path."""
+    text = str(source)
+    if text == "sample" or Path(text).exists():
+        return False
+    return not text.startswith((".", "/", "~")) and text.count("/") <= 1
