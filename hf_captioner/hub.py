@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .model_card import check_model_card, write_model_card
+from .model_card import FIGURES_DIR, attention_figures, check_model_card, write_model_card
 
 # what travels with the weights besides save_pretrained's own files
 RECORDS = ("training_args.json", "training_metrics.json")
@@ -112,5 +112,9 @@ def stage_for_hub(model_dir: str | Path, stage_dir: str | Path, repo_id: str) ->
     for evaluation in sorted(model_dir.glob("eval-*/metrics.json")):
         (stage_dir / evaluation.parent.name).mkdir()
         shutil.copy(evaluation, stage_dir / evaluation.parent.name / "metrics.json")
+    figures = attention_figures(model_dir)[:1]  # the one the card shows
+    for figure in figures:
+        (stage_dir / FIGURES_DIR).mkdir(exist_ok=True)
+        shutil.copy(figure, stage_dir / FIGURES_DIR / figure.name)
     check_model_card(write_model_card(stage_dir, repo_id))  # the Hub reads its metadata as huggingface_hub does
     return stage_dir

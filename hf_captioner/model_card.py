@@ -13,6 +13,7 @@ from string import Template
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
+FIGURES_DIR = "attention"  # attention figures saved with a model (`hf-captioner caption --attention <model>/attention`)
 METRIC_NAMES = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
                 "rouge_l": "ROUGE-L", "cider": "CIDEr-D"}  # fmt: skip
 HUB_METRIC_TYPES = {"bleu_4": "bleu", "meteor": "meteor", "rouge_l": "rouge", "cider": "cider"}
@@ -89,6 +90,7 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
         results=results,
         data_limits=f"it was trained on {name[0].lower() + name[1:]}" if data else "its training data is not recorded",
         intended_use=SAMPLE_USE if data == "sample" else PHOTO_USE,
+        attention_figure=_figure_text(model_dir),
         measured_limits=_measured_limits(evaluations),
         saved_with=config.get("transformers_version", "an unrecorded version"),
         tested_transformers=" and ".join(TESTED_TRANSFORMERS),
@@ -118,6 +120,18 @@ def _measured_limits(evaluations: list[dict]) -> str:
         if lines:
             break
     return "\n".join(lines) if lines else "- Not measured yet: run `hf-captioner evaluate` on this folder."
+
+
+def attention_figures(model_dir: Path) -> list[Path]:
+    return sorted((model_dir / FIGURES_DIR).glob("*.png"))
+
+
+def _figure_text(model_dir: Path) -> str:
+    figures = attention_figures(model_dir)
+    if not figures:
+        return ""
+    return (f"![Where the model looked for each word]({FIGURES_DIR}/{figures[0].name})\n\nWhere the model looked "
+            "while writing each word of its caption (one panel per word; `hf-captioner caption --attention`).\n")  # fmt: skip
 
 
 def _backbone_text(config: dict) -> str:

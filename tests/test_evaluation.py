@@ -19,7 +19,7 @@ from transformers import AutoModel, AutoProcessor
 from hf_captioner.attention_measures import cell_centres
 from hf_captioner.data import make_sample_dataset
 from hf_captioner.evaluation import repetition_rates
-from hf_captioner.hub import load_without_package
+from hf_captioner.hub import load_without_package, stage_for_hub
 from hf_captioner.inference import word_attention
 from hf_captioner.model_card import TESTED_TRANSFORMERS, card_data, check_model_card, render_model_card
 from hf_captioner.visualize import DPI, PANEL_INCHES, attention_overlay, plot_attention
@@ -173,6 +173,12 @@ def test_model_card_renders_real_values(trained_tiny_model, evaluated, tmp_path)
     assert "% of its captions repeat a word bigram (test split, 2 beams)" in card
     (folder / "README.md").write_text(card)
     assert len(check_model_card(folder / "README.md").data.eval_results) == len(reported)
+    assert "![" not in card  # no figure saved with the model, none shown
+    (folder / "attention").mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "attention" / "0001.png")
+    staged = stage_for_hub(folder, tmp_path / "stage", "me/tiny")
+    assert (staged / "attention" / "0001.png").is_file()
+    assert "![Where the model looked for each word](attention/0001.png)" in (staged / "README.md").read_text()
 
 
 def test_card_metadata_names_hub_data_sets_by_their_ids_and_local_data_in_prose(tmp_path):

@@ -3,8 +3,11 @@
 import doctest
 import math
 import random
+import re
+from pathlib import Path
 
 import pytest
+from conftest import python_snippets
 from pycocoevalcap.bleu.bleu import Bleu
 from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.rouge.rouge import Rouge
@@ -165,3 +168,19 @@ def test_bleu_also_reports_evaluates_own_bleu_keys():
     for n in range(1, 5):
         mean = math.prod(scores["precisions"][:n]) ** (1 / n)
         assert scores[f"bleu_{n}"] == pytest.approx(scores["brevity_penalty"] * mean, rel=1e-6, abs=1e-9)
+
+
+def test_the_readme_metric_snippet_runs_and_shows_its_real_results():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    (snippet,) = [s for s in python_snippets(readme) if "hf_captioner.metrics" in s]
+    namespace: dict = {}
+    exec(snippet, namespace)
+    cider, predictions, references = (namespace[name] for name in ("cider", "predictions", "references"))
+    shown = [line.split("# ")[1] for line in snippet.splitlines() if "# {'cider'" in line]
+    corpus = cider.compute(predictions=predictions, references=references)["cider"]
+    per_caption = cider.compute(predictions=predictions, references=references, use_aggregator=False)["cider"]
+    for computed, comment in zip([[corpus], per_caption], shown, strict=True):
+        numbers = re.findall(r"\d+\.\d+", comment)  # shown cut short with "..."
+        assert len(numbers) == len(computed)
+        assert all(f"{value:.6f}".startswith(number) for value, number in zip(computed, numbers, strict=True))
+

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from hf_captioner.arguments import parse_arguments
 from hf_captioner.cli import configure_logging
+from hf_captioner.model_card import FIGURES_DIR
 
 logger = logging.getLogger("demo")
 
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"  {row['image_id']}: {row['caption']!r:60}  e.g. reference {row['references'][0]!r}")
     print(f"\nSample test split ({len(test)} pictures):\n" + format_table(metrics))
 
-    figures = Path(options.output_dir) / "attention"
+    figures = final / FIGURES_DIR  # beside the weights, so the model card shows one
     figures.mkdir(exist_ok=True)
     pictures = test.select(range(3))
     _, attentions = caption_with_attention(model, processor, pictures["image"], num_beams=options.num_beams)
