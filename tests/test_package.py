@@ -49,30 +49,33 @@ def run(venv: Path, cwd: Path, *command: str) -> str:
     return result.stdout
 
 
+# runs `--help` of every command in one Python; each prints its usage
+EVERY_HELP = ("from hf_captioner.commands import COMMANDS, main\nfor name in COMMANDS:\n    try:\n"
+              "        main([name, '--help'])\n    except SystemExit as stop:\n        assert not stop.code, name\n")  # fmt: skip
+
+
+def fresh_python(code: str) -> str:
+    """`code` run by this environment's Python in a new process; its output (a failure shows its traceback)."""
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_help_of_every_command_and_importing_the_package_load_no_torch():
     """What makes `--help` quick (about 1.5 s here, against 7 s when it imported torch): no command builds its parser
     from anything that imports torch, and `import hf_captioner` imports none of its classes until one is used."""
-    check = ("import sys\nimport hf_captioner\nfrom hf_captioner.commands import COMMANDS, main\n"
-             "for name in COMMANDS:\n    try:\n        main([name, '--help'])\n    except SystemExit as stop:\n"
-             "        assert not stop.code, name\n"
-             "heavy = sorted(m for m in ('torch', 'torchvision', 'datasets', 'timm') if m in sys.modules)\n"
-             "assert not heavy, heavy\n")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert result.stdout.count("usage: hf-captioner") == len(COMMANDS)
+    heavy = "import sys\nheavy = [m for m in ('torch', 'torchvision', 'datasets', 'timm') if m in sys.modules]\n"
+    printed = fresh_python("import hf_captioner\n" + EVERY_HELP + heavy + "assert not heavy, heavy\n")
+    assert printed.count("usage: hf-captioner") == len(COMMANDS)
 
 
 def test_using_a_class_registers_them_all_with_the_auto_factories():
-    check = ("from transformers import AutoConfig, AutoModel, AutoProcessor\n"
-             "from hf_captioner import CaptionerConfig\n"
-             "from hf_captioner.modeling_captioner import CaptionerForConditionalGeneration\n"
-             "from hf_captioner.processing_captioner import CaptionerProcessor\n"
-             "from transformers.models.auto.processing_auto import PROCESSOR_MAPPING\n"
-             "assert type(AutoConfig.for_model(CaptionerConfig.model_type)) is CaptionerConfig\n"
-             "assert AutoModel._model_mapping[CaptionerConfig] is CaptionerForConditionalGeneration\n"
-             "assert PROCESSOR_MAPPING[CaptionerConfig] is CaptionerProcessor\n")  # fmt: skip
-    result = subprocess.run([sys.executable, "-c", check], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    fresh_python("from transformers import AutoConfig, AutoModel\n"
+                 "from transformers.models.auto.processing_auto import PROCESSOR_MAPPING\n"
+                 "from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration, CaptionerProcessor\n"
+                 "assert type(AutoConfig.for_model(CaptionerConfig.model_type)) is CaptionerConfig\n"
+                 "assert AutoModel._model_mapping[CaptionerConfig] is CaptionerForConditionalGeneration\n"
+                 "assert PROCESSOR_MAPPING[CaptionerConfig] is CaptionerProcessor\n")  # fmt: skip
 
 
 @pytest.mark.slow
@@ -80,9 +83,7 @@ def test_the_installed_wheel_runs_every_command_outside_the_checkout(wheel_venv,
     where = run(wheel_venv, tmp_path, "python", "-c", "import hf_captioner; print(hf_captioner.__file__)")
     assert Path(where.strip()).is_relative_to(wheel_venv)
     assert all(name in run(wheel_venv, tmp_path, "hf-captioner", "--help") for name in COMMANDS)
-    every_help = ("from hf_captioner.commands import COMMANDS, main\nfor name in COMMANDS:\n    try:\n"
-                  "        main([name, '--help'])\n    except SystemExit as stop:\n        assert not stop.code, name\n")  # fmt: skip
-    assert run(wheel_venv, tmp_path, "python", "-c", every_help).count("usage: hf-captioner") == len(COMMANDS)
+    assert run(wheel_venv, tmp_path, "python", "-c", EVERY_HELP).count("usage: hf-captioner") == len(COMMANDS)
 
     config = tmp_path / "tiny.yaml"
     args = tiny_arguments(tmp_path / "run", num_epochs=1, sample_sizes=[32, 8, 4])
