@@ -59,7 +59,7 @@ class CaptionerConfig(PreTrainedConfig):
     self_attention_heads: int = 8  # heads of the self-attention (must divide hidden_size)
     dropout: float = 0.5  # dropout before the output layer (deep output)
     decoder_implementation: str = "packed"  # "packed" (fast: packed_decoding.py) | "reference" (the paper's loop)
-    attention_penalty: float = 1.0  # lambda of the attention penalty below (0 turns it off)
+    attention_penalty: float = 0.0  # lambda of the attention penalty below; off by default (README: penalty sweep)
     attention_penalty_form: str = "coverage"  # "coverage" (grid-independent) | "doubly_stochastic" (the paper's)
     label_smoothing: float = 0.0  # label smoothing of the token cross-entropy
     tie_word_embeddings: bool = False  # share the embedding matrix with the output layer

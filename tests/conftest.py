@@ -71,6 +71,7 @@ def tiny_config(**overrides) -> CaptionerConfig:
         self_attention_heads=2,
         vocab_size=40,
         dropout=0.0,
+        attention_penalty=1.0,  # on, so that the tests exercise it
     )
     values.update(overrides)
     return CaptionerConfig(**values)
