@@ -62,6 +62,13 @@ class CaptionerConfig(PreTrainedConfig):
     attention_penalty: float = 0.0  # lambda of the attention penalty below; off by default (README: penalty sweep)
     attention_penalty_form: str = "coverage"  # "coverage" (grid-independent) | "doubly_stochastic" (the paper's)
     label_smoothing: float = 0.0  # label smoothing of the token cross-entropy
+    # Hard (stochastic) attention, Show, Attend and Tell section 4.1: training reads one sampled region per word and
+    # follows the REINFORCE estimator of the variational bound; the defaults are the paper's and its code's values.
+    hard_attention: bool = False  # sample the region each word reads while training (False: soft attention)
+    hard_attention_reinforce_weight: float = 1.0  # lambda_r: weight of the sampled regions' score-function term
+    hard_attention_entropy_weight: float = 0.002  # lambda_e: weight of the entropy bonus on alpha
+    hard_attention_baseline_decay: float = 0.9  # moving-average baseline of the caption log-likelihood
+    hard_attention_expectation_prob: float = 0.5  # per batch, the chance of the expected (soft) context instead
     tie_word_embeddings: bool = False  # share the embedding matrix with the output layer
     vocab_size: int = 10000  # size of the SentencePiece vocabulary (special tokens included)
     pad_token_id: int = 0
@@ -103,6 +110,12 @@ class CaptionerConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not 0.0 <= value < 1.0:
                 raise ValueError(f"CaptionerConfig.{name} must be in [0, 1), got {value!r}")
+        for name in ("hard_attention_reinforce_weight", "hard_attention_entropy_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CaptionerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        for name in ("hard_attention_baseline_decay", "hard_attention_expectation_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"CaptionerConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
         if self.attention_penalty < 0:
             raise ValueError(f"CaptionerConfig.attention_penalty must be >= 0, got {self.attention_penalty!r}")
         if not isinstance(self.encoder_trainable_stages, int) or self.encoder_trainable_stages < -1:

@@ -68,7 +68,11 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
         + f", deep output layer, dropout {config['dropout']}.",
         f"- Loss: token cross-entropy (label smoothing {config['label_smoothing']}) + "
         f"{config.get('attention_penalty_form', 'doubly_stochastic').replace('_', ' ')} attention penalty "
-        f"(lambda = {config['attention_penalty']}).",
+        f"(lambda = {config['attention_penalty']})"
+        + (", trained with hard (stochastic) attention: each word read one region drawn from its attention weights, "
+           "REINFORCE with a moving-average baseline and an entropy bonus (Show, Attend and Tell section 4.1); "
+           "captions read the expected context" if config.get("hard_attention") else "")
+        + ".",
         f"- Vocabulary: {config['vocab_size']} SentencePiece pieces trained on the training captions.",
     ])  # fmt: skip
     if args:

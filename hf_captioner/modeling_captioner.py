@@ -63,7 +63,9 @@ class CaptionerOutput(Seq2SeqLMOutput):
     cross_attentions: (B, T, k) attention over the k regions at each step (when `output_attentions`).
     encoder_last_hidden_state: (B, k, C) the region features.
     token_loss: the (label-smoothed) token cross-entropy, padding ignored.
-    attention_loss: lambda times the attention penalty (`attention_penalty_form`), batch mean.
+    attention_loss: lambda times the attention penalty (`attention_penalty_form`), batch mean; when a training batch
+        samples its regions (hard attention), plus the REINFORCE surrogate of the sampled regions and the entropy bonus
+        (`CaptionerForConditionalGeneration.hard_attention_loss`): its gradient is the estimator, its value no likelihood.
     """
 
     token_loss: torch.FloatTensor | None = None
@@ -227,10 +229,18 @@ class AdditiveScores(torch.autograd.Function):
         return grad_regions, grad_query, grad_v, None
 
 
+def chosen_regions(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.LongTensor:
+    """The region each row draws from its attention weights (..., k), given one uniform number (...) per row (inverse
+    transform sampling). The draws are made from noise drawn beforehand, so that the reference and the packed decoder
+    read the same regions and the loss can find, from the returned weights, which ones were read."""
+    return (weights.cumsum(dim=-1) < uniforms.unsqueeze(-1)).sum(dim=-1).clamp(max=weights.shape[-1] - 1)
+
+
 class CaptionerCrossAttention(nn.Module):
     """Attention of the previous hidden state over the k regions, and the gated context (SAT eq. 4-6, beta gate).
 
     additive: e_i = v^T tanh(W_f f_i + W_h h); dot: e_i = (W_f f_i)^T (W_h h); scaled_dot: the same / sqrt(A).
+    Soft attention reads the expectation sum_i alpha_i f_i; hard attention (SAT section 4.1) one region drawn from alpha.
     """
 
     def __init__(self, config: CaptionerConfig, region_dim: int):
@@ -253,13 +263,23 @@ class CaptionerCrossAttention(nn.Module):
         scores = AdditiveScores.apply(projected_regions, query, self.score.weight.view(-1), scratch)  # (B, n, k)
         return (scores + self.score.bias).softmax(dim=-1)
 
+    @staticmethod
+    def read(weights: torch.Tensor, regions: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The context before the gate (R, C) from weights (B, n, k) over regions (B, k, C): their expectation, or, given
+        uniform `noise` (R,), the one region each row draws (no gradient reaches alpha through it: see the loss)."""
+        if noise is not None:
+            choices = chosen_regions(weights, noise.view(weights.shape[:2]))  # (B, n)
+            weights = F.one_hot(choices, weights.shape[-1])
+        return torch.bmm(weights.to(regions.dtype), regions).flatten(0, 1)
+
     def forward(
-        self, hidden: torch.Tensor, regions: torch.Tensor, projected_regions: torch.Tensor, scratch=None
+        self, hidden: torch.Tensor, regions: torch.Tensor, projected_regions: torch.Tensor, scratch=None, noise=None
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """hidden (R, H) for R = B x n rows, n consecutive rows per image; regions (B, k, C), projected (B, k, A)."""
+        """hidden (R, H) for R = B x n rows, n consecutive rows per image; regions (B, k, C), projected (B, k, A);
+        noise (R,): draw the region each row reads (hard attention) instead of reading the expectation."""
         query = self.query_proj(hidden).view(regions.shape[0], -1, self.query_proj.out_features)  # (B, n, A)
         weights = self.weights(query, projected_regions, scratch)  # (B, n, k)
-        context = torch.bmm(weights, regions).flatten(0, 1)  # (R, C)
+        context = self.read(weights, regions, noise)  # (R, C)
         gate = torch.sigmoid(self.gate(hidden))  # (R, C)
         return gate * context, weights.flatten(0, 1)  # (R, C), (R, k)
 
@@ -342,11 +362,12 @@ class CaptionerDecoder(nn.Module):
         return CaptionerCache(hidden, cell, keys, values, projected, rows_per_image)
 
     def step(
-        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache
+        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Consume one word embedding (B, E); update `cache` in place; return its context and attention weights."""
+        """Consume one word embedding (B, E); update `cache` in place; return its context and attention weights.
+        noise (B,): uniform numbers that draw the region each row reads (hard attention); None reads the expectation."""
         scratch = None if torch.is_grad_enabled() else cache.scratch  # autograd keeps each step's sum
-        context, cross_weights = self.cross_attention(cache.hidden, regions, cache.projected_regions, scratch)
+        context, cross_weights = self.cross_attention(cache.hidden, regions, cache.projected_regions, scratch, noise)
         inputs = [embedded, context]  # (B, E), (B, C); cross_weights (B, k)
         self_weights = None
         if self.self_attention is not None:
@@ -371,7 +392,7 @@ class CaptionerDecoder(nn.Module):
         return self.lm_head(self.dropout(deep))
 
     def fast_step(
-        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache
+        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """`step` computed by the fast path's fused products (packed_decoding.py), for inference."""
         dtype = compute_dtype(regions)
@@ -379,20 +400,26 @@ class CaptionerDecoder(nn.Module):
             cache.products = DecoderProducts(self, dtype, memory_in_hidden=False)
         products = cache.products
         step_input = products.embedding(embedded)
-        return fused_step(self, products, step_input, products.regions(regions), cache, scratch=cache.scratch)
+        return fused_step(self, products, step_input, products.regions(regions), cache, scratch=cache.scratch,
+                          noise=noise)  # fmt: skip
 
     def forward(
-        self, input_ids: torch.LongTensor, regions: torch.Tensor, cache: CaptionerCache, fast: bool = False
+        self,
+        input_ids: torch.LongTensor,
+        regions: torch.Tensor,
+        cache: CaptionerCache,
+        fast: bool = False,
+        noise: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Run the T input words through the recurrence from `cache` (teacher forcing, or steps of generation), with
-        `step`, or with `fast_step` when `fast`. Returns logits (B, T, V), cross-attention (B, T, k), self-attention
-        (B, heads, T, P + T) or None."""
+        `step`, or with `fast_step` when `fast`; `noise` (B, T) draws the regions read (hard attention). Returns logits
+        (B, T, V), cross-attention (B, T, k), self-attention (B, heads, T, P + T) or None."""
         past = cache.seen_tokens
         embedded = self.embed_tokens(input_ids)  # (B, T, E)
         step = self.fast_step if fast else self.step
         hiddens, contexts, cross_weights, self_weights = [], [], [], []
         for t in range(input_ids.shape[1]):
-            context, cross, self_w = step(embedded[:, t], regions, cache)
+            context, cross, self_w = step(embedded[:, t], regions, cache, None if noise is None else noise[:, t])
             hiddens.append(cache.hidden)
             contexts.append(context)
             cross_weights.append(cross)
@@ -444,6 +471,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         super().__init__(config)
         self.encoder = CaptionerGridEncoder(config)
         self.decoder = CaptionerDecoder(config, region_dim=self.encoder.num_channels)
+        # hard attention's moving average of the caption log-likelihood: per process, not saved (restarts on resume)
+        self.reward_baseline: torch.Tensor | None = None
         self.post_init()
         # captions are short: 3 beams and at most 30 words (+ </s>) by default; never emit <pad> or <s>
         self.generation_config.num_beams = 3
@@ -548,6 +577,7 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         output_attentions: bool | None = None,
         return_dict: bool | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
+        sample_regions: bool | None = None,
         **kwargs,
     ) -> CaptionerOutput | tuple:
         r"""
@@ -558,6 +588,10 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         past_key_values: the same, under the name transformers before 5.24 gives it.
         decoder_attention_mask: accepted for API compatibility; decoding is causal and padding is on the right, so
             padded steps never influence real ones and the mask is not needed.
+        sample_regions: each word reads one region drawn from its attention weights (hard attention) instead of their
+            expectation. Default: in training with `config.hard_attention`, on a batch with probability
+            1 - `hard_attention_expectation_prob`; otherwise never (generation reads the expectation unless
+            `generate(..., sample_regions=True)`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
@@ -588,16 +622,21 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
             if cache is not None:
                 raise ValueError("Pass the decoding cache as `cache` or as `past_key_values`, not both")
             cache = past_key_values
+        if sample_regions is None:
+            sample_regions = self.training and self.config.hard_attention and (
+                torch.rand(()).item() >= self.config.hard_attention_expectation_prob
+            )
+        noise = torch.rand(decoder_input_ids.shape, device=regions.device) if sample_regions else None  # (R, T)
         fast = self.config.decoder_implementation == "packed"
         if fast and cache is None and not use_cache and rows_per_image == 1:
             lengths = None if labels is None else (labels != -100).sum(dim=1)  # padding is on the right
             logits, cross_attentions, self_attentions = packed_teacher_forcing(
-                self.decoder, decoder_input_ids, regions, lengths
+                self.decoder, decoder_input_ids, regions, lengths, noise
             )
         else:
             cache = cache if cache is not None else self.decoder.start(regions, rows_per_image)
             fast = fast and not torch.is_grad_enabled()  # the fused weights are detached: inference only
-            logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache, fast)
+            logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache, fast, noise)
 
         loss = token_loss = attention_loss = None
         if labels is not None:
@@ -608,6 +647,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
                 label_smoothing=self.config.label_smoothing,
             )
             attention_loss = self.attention_penalty(cross_attentions, labels != -100)
+            if noise is not None:
+                attention_loss = attention_loss + self.hard_attention_loss(logits, labels, cross_attentions, noise)
             loss = token_loss + attention_loss
 
         output = CaptionerOutput(
@@ -639,6 +680,29 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
             mean_map = attention_per_region / target_mask.sum(dim=1, keepdim=True).clamp(min=1)
             penalty = (mean_map.shape[-1] * (mean_map**2).sum(dim=-1) - 1.0).clamp(min=0)
         return self.config.attention_penalty * penalty.mean()
+
+    def hard_attention_loss(
+        self, logits: torch.Tensor, labels: torch.Tensor, cross_attentions: torch.Tensor, noise: torch.Tensor
+    ) -> torch.Tensor:
+        """What hard attention adds to the token loss (SAT section 4.1, eq. 10-12) for captions whose steps read regions
+        s drawn with `noise`: the token loss's gradient is the bound's log p(y | s, a) term; this surrogate's gradient
+        adds lambda_r (log p(y | s, a) - b) d log p(s | a) (REINFORCE, b the moving-average baseline) and lambda_e times
+        the gradient of the entropy of alpha. Summed over the batch's real steps and divided by their number, as the
+        token loss is, so that the three terms keep the bound's proportions; updates the baseline."""
+        config = self.config
+        targets = labels != -100
+        logits = logits.detach().float().transpose(1, 2)  # (B, V, T)
+        caption_log_likelihood = -F.cross_entropy(logits, labels, ignore_index=-100, reduction="none").sum(dim=1)
+        choices = chosen_regions(cross_attentions.detach(), noise)  # (B, T): the regions the steps read
+        log_weights = cross_attentions.clamp(min=torch.finfo(cross_attentions.dtype).tiny).log()  # (B, T, k)
+        region_log_prob = (log_weights.gather(-1, choices.unsqueeze(-1)).squeeze(-1) * targets).sum(dim=1)  # (B,)
+        entropy = (-(cross_attentions * log_weights).sum(dim=-1) * targets).sum()
+        baseline = self.reward_baseline if self.reward_baseline is not None else caption_log_likelihood.mean()
+        decay = config.hard_attention_baseline_decay
+        self.reward_baseline = (decay * baseline + (1 - decay) * caption_log_likelihood.mean()).detach()
+        reinforce = -((caption_log_likelihood - baseline) * region_log_prob).sum()
+        surrogate = config.hard_attention_reinforce_weight * reinforce - config.hard_attention_entropy_weight * entropy
+        return surrogate / targets.sum().clamp(min=1)
 
 CaptionerForConditionalGeneration.register_for_auto_class("AutoModel")  # saved: auto_map (see the config's file)
 if __name__.startswith("hf_captioner."):

@@ -128,14 +128,15 @@ def fused_step(
     cache: CaptionerCache,
     gradients: DeferredWeightGradients | None = None,
     scratch=None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`CaptionerDecoder.step` with fused products. `embedded` is the step's embedding product (B, [H +] G·H) (see
-    `DecoderProducts.embedding`), not the embedding itself."""
+    `DecoderProducts.embedding`), not the embedding itself; `noise` (B,) draws the regions read (hard attention)."""
     attention, memory = decoder.cross_attention, decoder.self_attention
     query, gate, *rest = products.hidden.split(products.hidden(cache.hidden, gradients))
     query = query.view(regions.shape[0], -1, query.shape[-1])  # (B images, n rows each, A)
     cross_weights = attention.weights(query, cache.projected_regions, scratch)  # (B, n, k)
-    context = torch.sigmoid(gate) * torch.bmm(cross_weights.to(regions.dtype), regions).flatten(0, 1)  # (R, C)
+    context = torch.sigmoid(gate) * attention.read(cross_weights, regions, noise)  # (R, C)
     cross_weights = cross_weights.flatten(0, 1)  # (R, k)
     self_weights = None
     if memory is None:
@@ -225,10 +226,12 @@ def packed_teacher_forcing(
     input_ids: torch.LongTensor,
     regions: torch.Tensor,
     lengths: torch.LongTensor | None = None,
+    noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Teacher forcing of whole captions (B, T) from a fresh start, one caption per image. With `lengths` (B,), the
     number of real target tokens per caption, steps past a caption's end are skipped: their outputs are zeros.
-    Returns what `CaptionerDecoder.forward` returns (logits, cross-attention, self-attention)."""
+    `noise` (B, T) draws the regions read (hard attention). Returns what `CaptionerDecoder.forward` returns (logits,
+    cross-attention, self-attention)."""
     batch, length = input_ids.shape
     embedded = decoder.embed_tokens(input_ids)  # (B, T, E)
     cache = decoder.start(regions)
@@ -243,6 +246,7 @@ def packed_teacher_forcing(
         else:
             cache.reorder_cache(order)
             regions = regions.index_select(0, order)  # (B, k, C)
+            noise = noise.index_select(0, order) if noise is not None else None  # (B, T)
     dtype = compute_dtype(regions)
     products = DecoderProducts(decoder, dtype, memory_in_hidden=True)
     steps_embedded = embedded if order is None else embedded.index_select(0, order)  # (B, T, E)
@@ -262,8 +266,9 @@ def packed_teacher_forcing(
             break  # every caption has ended: the remaining steps are padding
         if rows < cache.hidden.shape[0]:
             keep_first_rows(cache, rows)  # captions that have ended drop out of the batch for good
+        step_noise = None if noise is None else noise[:rows, t]
         context, cross, self_w = fused_step(decoder, products, steps_input[:rows, t], step_regions[:rows], cache,
-                                            gradients)  # fmt: skip
+                                            gradients, noise=step_noise)  # fmt: skip
         hiddens.append(_pad(cache.hidden, batch, 0))
         contexts.append(_pad(context, batch, 0))
         cross_weights.append(_pad(cross, batch, 0))

@@ -113,8 +113,9 @@ class SelfCriticalObjective:
         advantage = (rewards - baseline).flatten().to(regions.device)  # (B * K,)
 
         labels = self.sample_labels(samples, unwrapped.config.eos_token_id)  # (B * K, T)
+        # the expected context (hard attention's too): the policy whose captions were sampled and are rewarded
         outputs = model(encoder_outputs=regions.repeat_interleave(self.num_samples, dim=0), labels=labels,
-                        use_cache=False)  # fmt: skip
+                        use_cache=False, sample_regions=False)  # fmt: skip
         target = labels.clamp(min=0).unsqueeze(-1)
         log_probs = F.log_softmax(outputs.logits.float(), dim=-1).gather(-1, target).squeeze(-1)  # (B * K, T)
         sequence_log_probs = (log_probs * (labels != -100)).sum(dim=1)

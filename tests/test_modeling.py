@@ -319,11 +319,16 @@ def test_default_configuration_is_show_attend_and_tell_sized():
     assert config.rnn_type == "lstm" and config.cross_attention == "additive" and config.self_attention
 
 
-@pytest.mark.parametrize("rnn_type,self_attention,cross_attention", [("lstm", True, "additive"), ("gru", False, "dot")])
-def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_attention, cross_attention):
+@pytest.mark.parametrize(
+    "rnn_type,self_attention,cross_attention,hard_attention",
+    [("lstm", True, "additive", False), ("gru", False, "dot", False), ("lstm", True, "scaled_dot", True)],
+)
+def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_attention, cross_attention, hard_attention):
     """The packed runner (length-packed steps, deferred weight gradients) changes nothing but the work: the same
-    losses, logits and attention on every real position, and the same gradients, frozen weights included."""
-    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention)
+    losses, logits and attention on every real position, and the same gradients, frozen weights included; with hard
+    attention, the same regions drawn from the same noise."""
+    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention,
+                       hard_attention=hard_attention)  # fmt: skip
     model.decoder.cross_attention.gate.weight.requires_grad_(False)  # a frozen step weight gets no gradient
     labels = token_ids(batch=4, length=8)
     labels[0, 3:] = -100  # captions of 3, 7, 5 and 1 tokens, in no particular order,
@@ -334,7 +339,10 @@ def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_atte
     for implementation in ("packed", "reference"):
         model.config.decoder_implementation = implementation
         model.zero_grad(set_to_none=True)
-        outputs[implementation] = model(pixel_values=images(4), labels=labels, use_cache=False, output_attentions=True)
+        torch.manual_seed(0)  # the same noise draws the regions
+        model.reward_baseline = None
+        outputs[implementation] = model(pixel_values=images(4), labels=labels, use_cache=False, output_attentions=True,
+                                        sample_regions=hard_attention)  # fmt: skip
         outputs[implementation].loss.backward()
         grads[implementation] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     packed, reference = outputs["packed"], outputs["reference"]
@@ -350,8 +358,10 @@ def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_atte
     assert grads["packed"].keys() == grads["reference"].keys()
     assert "decoder.cell.weight_ih" in grads["packed"] and "decoder.cross_attention.gate.weight" not in grads["packed"]
     for name in grads["packed"]:
-        # the score bias's exact gradient is 0 (softmax ignores a shift of all scores): what it gets is rounding
-        atol = 1e-7 if name.endswith("score.bias") else 1e-9
+        # the exact gradient of the score bias, and of the region bias under dot scoring, is 0 (softmax ignores a
+        # shift of all scores): what they get is rounding
+        shifts_all_scores = name.endswith("score.bias") or (cross_attention != "additive" and "region_proj.bias" in name)
+        atol = 1e-7 if shifts_all_scores else 1e-9
         torch.testing.assert_close(grads["packed"][name], grads["reference"][name], rtol=1e-4, atol=atol, msg=name)
 
 
