@@ -293,6 +293,8 @@ def test_tied_embeddings_share_one_matrix_through_save_and_load(tmp_path):
         ("label_smoothing", -0.1),
         ("attention_penalty", -1.0),
         ("attention_penalty_form", "l2"),
+        ("hard_attention_entropy_weight", -0.1),
+        ("hard_attention_expectation_prob", 1.5),
         ("encoder_trainable_stages", 7),
         ("pad_token_id", 40),
         ("grid_size", 2.5),
