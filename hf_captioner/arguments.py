@@ -125,8 +125,9 @@ class CheckpointArguments:
 
 @dataclass
 class FeatureCacheArguments:
-    _argument_group_name = "feature caching (frozen encoder only)"
-    cache_features: bool = option(False, "run the encoder once over the data into an on-disk feature store")
+    _argument_group_name = "feature caching"
+    cache_features: bool = option(False, "run the encoder (or, when its last stages fine-tune, its frozen bottom) "
+                                  "once over the data into an on-disk feature store")
     feature_cache_dir: str = option("~/.cache/hf_captioner/features", "where feature stores live")
     feature_cache_dtype: str = option("float32", "float32, bfloat16 or float16: how the store keeps features")
 

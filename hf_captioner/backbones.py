@@ -102,6 +102,54 @@ def modules_after(backbone: nn.Module, module: nn.Module) -> list[nn.Module]:
     return children[holder + 1 :]
 
 
+HEAD_NAMES = ("global_pool", "classifier", "fc", "head", "head_drop", "pre_logits")  # timm: after the feature map
+
+
+def layer_sequence(library: str, backbone: nn.Module) -> list[nn.Module] | None:
+    """The backbone's way to its last feature map as layers applied one after another (stage containers unrolled
+    one level), so that it can run from any stage onwards; None where the backbone is not built so (transformers
+    backbones, timm networks whose head holds more convolutions). Checked on one small input against
+    `last_feature_map`."""
+    if library == "transformers":
+        return None
+    named = backbone.named_children()
+    children = [module for name, module in named if library == "torchvision" or name not in HEAD_NAMES]
+    layers = [layer for child in children for layer in (child if isinstance(child, nn.Sequential) else [child])]
+    modes = {module: module.training for module in backbone.modules()}
+    backbone.eval()
+    try:
+        with torch.no_grad():
+            x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+            expected = last_feature_map(library, backbone, x)
+            same = run_layers(layers, x)
+            same = same.shape == expected.shape and torch.allclose(same, expected)
+    except RuntimeError:  # a layer that is not applied in sequence (shapes do not fit)
+        same = False
+    finally:
+        for module, mode in modes.items():
+            module.training = mode
+    return layers if same else None
+
+
+def run_layers(layers: list[nn.Module], x: torch.Tensor) -> torch.Tensor:
+    for layer in layers:
+        x = layer(x)
+    return x
+
+
+def top_layers_start(layers: list[nn.Module], stages: list[nn.Module], num_stages: int) -> int:
+    """Where the last `num_stages` of `stages` begin in the `layers` of `layer_sequence`: right after the last layer
+    of the stage before them (timm's stage modules mark where a stride ends, so the blocks between two marks belong to
+    the later stage), or at the first stage when all of them train."""
+    def overlaps(layer: nn.Module, stage: nn.Module) -> bool:
+        return any(m is stage for m in layer.modules()) or any(m is layer for m in stage.modules())
+
+    if num_stages >= len(stages):
+        return next(i for i, layer in enumerate(layers) if overlaps(layer, stages[0]))
+    last_frozen = stages[len(stages) - num_stages - 1]
+    return max(i for i, layer in enumerate(layers) if overlaps(layer, last_frozen)) + 1
+
+
 def image_settings(name: str | None) -> dict:
     """The normalisation, crop ratio and interpolation a backbone was trained with (ImageNet defaults for
     transformers backbones and for no name)."""

@@ -18,6 +18,7 @@ from .modeling_captioner import CaptionerForConditionalGeneration
 from .training import build_optimizer
 
 VOCAB, GRID, REGION_DIM, WIDTH = 10_000, 14, 2048, 512
+LITE0_VOCAB = 4000
 
 
 class PeakMemory:
@@ -87,10 +88,10 @@ def caption_lengths(batch: int, generator: torch.Generator) -> torch.Tensor:
     return (torch.randn(batch, generator=generator) * 3.5 + 12).round().clamp(5, 30).long() + 1
 
 
-def make_labels(batch: int, generator: torch.Generator) -> torch.Tensor:
+def make_labels(batch: int, generator: torch.Generator, vocab: int = VOCAB) -> torch.Tensor:
     """Random captions, longest first (as `CaptionCollator` batches them)."""
     lengths = caption_lengths(batch, generator).sort(descending=True).values
-    labels = torch.randint(4, VOCAB, (batch, int(lengths.max())), generator=generator)
+    labels = torch.randint(4, vocab, (batch, int(lengths.max())), generator=generator)
     labels[torch.arange(labels.shape[1])[None] >= lengths[:, None]] = -100
     labels[torch.arange(batch), lengths - 1] = 2
     return labels
@@ -104,6 +105,14 @@ def sat_config(trainable_stages: int = 0) -> CaptionerConfig:
 def sat_model(trainable_stages: int = 0) -> CaptionerForConditionalGeneration:
     torch.manual_seed(0)
     return CaptionerForConditionalGeneration(sat_config(trainable_stages))
+
+
+def lite0_model(trainable_stages: int = 0) -> CaptionerForConditionalGeneration:
+    """The model of configs/flickr8k_cpu.yaml: EfficientNet-Lite0 (7 x 7 x 1280 regions) and 4,000 words."""
+    torch.manual_seed(0)
+    return CaptionerForConditionalGeneration(CaptionerConfig(
+        vocab_size=LITE0_VOCAB, grid_size=7, vision_backbone="timm:tf_efficientnet_lite0", embed_dim=WIDTH,
+        hidden_size=WIDTH, attention_dim=WIDTH, encoder_trainable_stages=trainable_stages, dropout=0.5))  # fmt: skip
 
 
 def decoder_flops(config: CaptionerConfig, region_dim: int) -> tuple[float, float]:
@@ -121,15 +130,21 @@ def decoder_flops(config: CaptionerConfig, region_dim: int) -> tuple[float, floa
     return 2.0 * macs, 2.0 * start_macs
 
 
-def train_case(batch: int, repeats: int, inputs: str, trainable_stages: int = 0, variant: str = "") -> dict:
+def train_case(batch: int, repeats: int, inputs: str, trainable_stages: int = 0, variant: str = "",
+               lite0: bool = False) -> dict:  # fmt: skip
+    """One training step from `inputs`: "features" (cached regions), "images", or "bottom" (the cached output of the
+    encoder's frozen bottom, its top stages fine-tuning); the SAT-sized model, or with `lite0` the Flickr8k CPU one."""
     generator = torch.Generator().manual_seed(0)
-    model = sat_model(trainable_stages).train()
-    labels = make_labels(batch, generator)
+    model = (lite0_model(trainable_stages) if lite0 else sat_model(trainable_stages)).train()
+    labels = make_labels(batch, generator, model.config.vocab_size)
     optimizer = build_optimizer(model, TrainingArguments(learning_rate=1e-4))
+    regions, channels = model.config.grid_size**2, model.encoder.num_channels
     if inputs == "features":
-        batch_inputs = {"encoder_outputs": torch.randn(batch, GRID * GRID, REGION_DIM, generator=generator)}
+        batch_inputs = {"encoder_outputs": torch.randn(batch, regions, channels, generator=generator)}
     else:
         batch_inputs = {"pixel_values": torch.randn(batch, 3, 224, 224, generator=generator)}
+    if inputs == "bottom":
+        batch_inputs = {"frozen_features": model.encoder.frozen_features(batch_inputs["pixel_values"])}
     autocast = speed_options(model, "bf16" in variant, "channels_last" in variant, "compile" in variant)
 
     def step():
@@ -142,7 +157,7 @@ def train_case(batch: int, repeats: int, inputs: str, trainable_stages: int = 0,
     with PeakMemory() as memory:
         seconds = timed(step, repeats)
     tokens = int((labels != -100).sum())
-    step_flops, start_flops = decoder_flops(model.config, REGION_DIM)
+    step_flops, start_flops = decoder_flops(model.config, channels)
     # backward ~ 2x forward: 3x in all for the steps; 2x for the start (the regions need no gradient)
     gflops = (3 * step_flops * tokens + 2 * start_flops * batch) / seconds / 1e9
     return {"batch": batch, "ms_per_step": 1e3 * seconds, "captions_per_s": batch / seconds, "tokens_per_step": tokens,
@@ -209,6 +224,14 @@ def run(quick: bool) -> dict:
         "frozen_encoder": in_fresh_process(frozen),
         "fine_tuned_encoder": in_fresh_process({**frozen, "trainable_stages": 2}),
     }
+    # the Flickr8k CPU recipe's model with its last stage fine-tuning: from the images, or from the cached output of
+    # its frozen bottom; against its frozen decoder-only step on cached regions
+    lite0 = {"kind": "train", "batch": 8 if quick else 64, "repeats": end_to_end_repeats, "lite0": True}
+    report["training"].update({
+        "lite0_cached_regions": in_fresh_process({**lite0, "inputs": "features"}),
+        "lite0_top_stage_from_cached_bottom": in_fresh_process({**lite0, "inputs": "bottom", "trainable_stages": 1}),
+        "lite0_top_stage_from_images": in_fresh_process({**lite0, "inputs": "images", "trainable_stages": 1}),
+    })  # fmt: skip
     batches = [1, 8] if quick else [1, 32, 64]
     cases = []
     for precision in precisions:

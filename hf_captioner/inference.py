@@ -65,8 +65,8 @@ class WordAttention:
 
 @torch.no_grad()
 def word_attention(model, processor, inputs: dict, sequences: torch.Tensor) -> list[list[WordAttention]]:
-    """Per image, its generated words with their attention maps. `inputs`: the `pixel_values` or the
-    `encoder_outputs` the captions were generated from.
+    """Per image, its generated words with their attention maps. `inputs`: the model inputs (`pixel_values`,
+    `encoder_outputs` or `frozen_features`) the captions were generated from.
 
     The captions are fed back through the model (teacher forcing reproduces decoding exactly), so this works for
     any decoding method: position t of `cross_attentions` is where the model looked while emitting token t + 1.
@@ -100,6 +100,8 @@ def caption_batch(
 ) -> tuple[list[str], list[list[WordAttention]] | None]:
     """Captions of one batch of model inputs and, when `attention`, each caption's words with their attention maps
     (None otherwise: the maps cost a second pass through the model)."""
+    if "frozen_features" in inputs:  # generate takes images or regions: the encoder's top runs once, here
+        inputs = {"encoder_outputs": model.encoder(frozen_features=inputs["frozen_features"])}
     sequences = model.generate(**inputs, **generate_kwargs)
     maps = word_attention(model, processor, inputs, sequences) if attention else None
     return processor.batch_decode(sequences), maps

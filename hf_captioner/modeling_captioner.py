@@ -34,9 +34,12 @@ from .backbones import (
     build_backbone,
     is_backbone_name,
     last_feature_map,
+    layer_sequence,
     modules_after,
     parse_backbone,
     pretrained_source,
+    run_layers,
+    top_layers_start,
 )
 from .configuration_captioner import CaptionerConfig
 from .packed_decoding import DecoderProducts, compute_dtype, fused_step, packed_teacher_forcing
@@ -141,7 +144,9 @@ class CaptionerGridEncoder(nn.Module):
     """Backbone -> last feature map -> average pool to S x S -> k = S*S region vectors (B, k, C).
 
     The backbone is a transformers `AutoBackbone` built from `config.vision_config`, or a timm / torchvision
-    network named by `config.vision_backbone`.
+    network named by `config.vision_backbone`. When only its last stages fine-tune, a timm / torchvision backbone
+    splits into a frozen bottom and a trainable top: `frozen_features` gives the bottom's output (what a feature store
+    caches then) and `forward(frozen_features=...)` runs the top alone from it.
     """
 
     main_input_name = "pixel_values"
@@ -160,6 +165,8 @@ class CaptionerGridEncoder(nn.Module):
     def set_trainable_stages(self, num_stages: int) -> None:
         """Fine-tune the last `num_stages` stages (0: frozen, -1: everything); the rest gets no gradient."""
         self.backbone.requires_grad_(num_stages == -1)
+        self.trainable_stages = num_stages
+        self.split = None  # (frozen bottom, trainable top) layers, where the backbone is a layer sequence
         if num_stages > 0:
             stages = backbone_stages(self.library, self.backbone)
             if stages is None:
@@ -167,11 +174,15 @@ class CaptionerGridEncoder(nn.Module):
                     f"Cannot find the stages of the {type(self.backbone).__name__} backbone to fine-tune "
                     f"{num_stages} of them; use encoder_trainable_stages=0 (frozen) or -1 (all)"
                 )
-            for stage in stages[len(stages) - num_stages :]:
-                stage.requires_grad_(True)
-            # what follows the last stage belongs to it (e.g. EfficientNet's conv_head)
-            for head in modules_after(self.backbone, stages[-1]):
-                head.requires_grad_(True)
+            layers = layer_sequence(self.library, self.backbone)
+            if layers is None:  # transformers: the stages, and what follows the last one (a final norm)
+                trainable = stages[len(stages) - num_stages :] + modules_after(self.backbone, stages[-1])
+            else:
+                start = top_layers_start(layers, stages, num_stages)
+                self.split = layers[:start], layers[start:]
+                trainable = self.split[1]
+            for module in trainable:
+                module.requires_grad_(True)
         self.train(self.training)
 
     @property
@@ -187,9 +198,30 @@ class CaptionerGridEncoder(nn.Module):
                 module.eval()
         return self
 
-    def forward(self, pixel_values: torch.FloatTensor, **kwargs) -> BaseModelOutput:
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.is_frozen):
-            feature_map = last_feature_map(self.library, self.backbone, pixel_values)  # (B, C, H, W)
+    def split_layers(self) -> tuple[list[nn.Module], list[nn.Module]]:
+        """(frozen bottom, trainable top) of the backbone's layer sequence."""
+        if self.split is None:
+            raise ValueError(
+                "Cached features of an encoder that fine-tunes are the input of its trainable stages, which needs "
+                "encoder_trainable_stages > 0 and a timm or torchvision backbone whose layers run one after another; "
+                f"this encoder has encoder_trainable_stages={self.trainable_stages} and a {self.library} backbone "
+                "(set cache_features false to train from the images)"
+            )
+        return self.split
+
+    @torch.no_grad()
+    def frozen_features(self, pixel_values: torch.FloatTensor) -> torch.Tensor:
+        """The frozen bottom's output (B, C', H', W'): the input of the stages that fine-tune."""
+        return run_layers(self.split_layers()[0], pixel_values)
+
+    def forward(
+        self, pixel_values: torch.FloatTensor | None = None, frozen_features: torch.Tensor | None = None, **kwargs
+    ) -> BaseModelOutput:
+        if frozen_features is not None:  # only the trainable top runs, from the frozen bottom's (cached) output
+            feature_map = run_layers(self.split_layers()[1], frozen_features)
+        else:
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not self.is_frozen):
+                feature_map = last_feature_map(self.library, self.backbone, pixel_values)  # (B, C, H, W)
         regions = self.pool(feature_map).flatten(2).transpose(1, 2)  # (B, k, C)
         return BaseModelOutput(last_hidden_state=regions)
 
@@ -571,6 +603,7 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         decoder_input_ids: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
+        frozen_features: torch.FloatTensor | None = None,
         cache: CaptionerCache | None = None,
         past_key_values: CaptionerCache | None = None,
         use_cache: bool | None = None,
@@ -582,6 +615,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
     ) -> CaptionerOutput | tuple:
         r"""
         pixel_values: (B, 3, H, W) images, or pass `encoder_outputs` (e.g. cached region features (B, k, C)).
+        frozen_features: instead of the images, the output of the encoder's frozen bottom when its last stages
+            fine-tune (`encoder.frozen_features`, as a feature store caches it): only the top stages run.
         decoder_input_ids: (B, T) inputs; built from `labels` (shifted right) when only labels are given.
         labels: (B, T) target ids, -100 where there is no target (padding).
         cache: a [`CaptionerCache`] to continue from; `decoder_input_ids` then holds only the new tokens.
@@ -598,9 +633,11 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         use_cache = use_cache if use_cache is not None else not self.training
 
         if encoder_outputs is None:
-            if pixel_values is None:
-                raise ValueError("CaptionerForConditionalGeneration needs `pixel_values` or `encoder_outputs`")
-            encoder_outputs = self.encoder(pixel_values=pixel_values)
+            if pixel_values is None and frozen_features is None:
+                raise ValueError(
+                    "CaptionerForConditionalGeneration needs `pixel_values`, `encoder_outputs` or `frozen_features`"
+                )
+            encoder_outputs = self.encoder(pixel_values=pixel_values, frozen_features=frozen_features)
         elif isinstance(encoder_outputs, torch.Tensor):
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs)
         elif isinstance(encoder_outputs, (tuple, list)):

@@ -78,8 +78,8 @@ class CiderDReward:
 
 
 class SelfCriticalObjective:
-    """The loss of one batch of images (`rows` into the reward's reference sets, plus `encoder_outputs` or
-    `pixel_values`): -sum_k (r_k - mean of the other samples' r) * log p(sample_k), averaged over samples.
+    """The loss of one batch of images (`rows` into the reward's reference sets, plus `pixel_values`,
+    `encoder_outputs` or `frozen_features`): -sum_k (r_k - mean of the other samples' r) * log p(sample_k), averaged over samples.
 
     Dropout stays off (eval mode) for both the sampling and the gradient pass, so that the log-likelihoods are those
     of the distribution that drew the samples. (Dropout on in both passes, each with its own masks, was worse on
@@ -99,8 +99,9 @@ class SelfCriticalObjective:
         unwrapped = unwrapped or model
         model.eval()
         regions = batch.get("encoder_outputs")
-        if regions is None:
-            regions = unwrapped.encoder(pixel_values=batch["pixel_values"]).last_hidden_state  # (B, k, C)
+        if regions is None:  # from the images, or from the cached output of a fine-tuned encoder's frozen bottom
+            images = {name: batch[name] for name in ("pixel_values", "frozen_features") if name in batch}
+            regions = unwrapped.encoder(**images).last_hidden_state  # (B, k, C)
         with torch.no_grad():
             samples = unwrapped.generate(encoder_outputs=regions.detach(), do_sample=True, num_beams=1,
                                          num_return_sequences=self.num_samples, **PURE_SAMPLING,

@@ -339,8 +339,6 @@ def train(args: TrainingArguments) -> dict:
 
     train_features = val_features = None
     if args.cache_features:
-        if not model.encoder.is_frozen:
-            raise ValueError("cache_features needs a frozen encoder (model.encoder_trainable_stages = 0)")
         with accelerator.main_process_first():
             model.to(accelerator.device)
             train_features, val_features = (

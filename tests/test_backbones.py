@@ -45,6 +45,52 @@ def test_external_encoders_train_a_step_save_and_reload_identically(spec, tmp_pa
                                    model(pixel_values=pixel_values, labels=labels).logits, rtol=0, atol=1e-5)  # fmt: skip
 
 
+@pytest.mark.parametrize("stages", [1, 2])
+@pytest.mark.parametrize("spec", SMALL_NETWORKS)
+def test_the_fine_tuned_top_trains_from_the_frozen_bottoms_output_as_from_the_images(spec, stages):
+    """What a feature store caches for a partly fine-tuned encoder (the output of its frozen bottom) gives the loss
+    and every gradient that the images give: training from it is training end to end, minus the bottom's cost."""
+    torch.manual_seed(0)
+    model = CaptionerForConditionalGeneration(tiny_config(vision_backbone=spec, encoder_trainable_stages=stages))
+    model.train()
+    bottom, top = model.encoder.split_layers()
+    in_top = {id(p) for layer in top for p in layer.parameters()}
+    assert in_top and all(p.requires_grad == (id(p) in in_top) for p in model.encoder.backbone.parameters())
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100]])
+
+    def loss_and_gradients(**inputs):
+        model.zero_grad()
+        loss = model(**inputs, labels=labels).loss
+        loss.backward()
+        return loss, [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    from_images = loss_and_gradients(pixel_values=pixel_values)
+    from_bottom = loss_and_gradients(frozen_features=model.encoder.frozen_features(pixel_values))
+    torch.testing.assert_close(from_bottom, from_images, rtol=1e-5, atol=1e-6)
+
+
+def test_a_timm_stage_holds_the_blocks_before_its_stride_mark():
+    """timm marks EfficientNet's stages at the block where each stride ends (blocks 4 and 6 at strides 16 and 32):
+    the last stage is blocks 5 and 6 with the head, not block 6 alone."""
+    model = CaptionerForConditionalGeneration(
+        tiny_config(vision_backbone="timm:tf_efficientnet_lite0", encoder_trainable_stages=1)
+    )
+    trainable = {".".join(name.split(".")[: 2 if name.startswith("blocks") else 1])
+                 for name, p in model.encoder.backbone.named_parameters() if p.requires_grad}  # fmt: skip
+    assert trainable == {"blocks.5", "blocks.6", "conv_head", "bn2"}
+    assert model.encoder.frozen_features(torch.zeros(1, 3, 224, 224)).shape == (1, 112, 14, 14)  # stride 16
+
+
+def test_a_backbone_that_is_not_a_layer_sequence_cannot_cache_its_bottom():
+    """timm's MobileNetV3 keeps convolutions in its head: its stages still fine-tune, from the images only."""
+    model = CaptionerForConditionalGeneration(
+        tiny_config(vision_backbone="timm:mobilenetv3_small_050", encoder_trainable_stages=1)
+    )
+    assert any(p.requires_grad for p in model.encoder.backbone.parameters())
+    with pytest.raises(ValueError, match="set cache_features false"):
+        model.encoder.frozen_features(torch.zeros(1, 3, 64, 64))
+
+
 def test_from_vision_pretrained_reads_an_offline_timm_checkpoint(tmp_path):
     import timm
     from safetensors.torch import save_file

@@ -18,8 +18,9 @@ from transformers import AutoModel, AutoProcessor
 from hf_captioner import training
 from hf_captioner.arguments import parse_arguments
 from hf_captioner.commands import train as train_command
-from hf_captioner.data.feature_store import encode_split, feature_cache_key
+from hf_captioner.data.feature_store import FeatureStore, encode_split, feature_cache_key
 from hf_captioner.data.pairs import CaptionCollator, CaptionPairs
+from hf_captioner.inference import generate_captions
 from hf_captioner.training import build_model, build_processor, load_data, train
 
 REPO = Path(__file__).resolve().parents[1]
@@ -258,7 +259,7 @@ def test_cached_features_give_the_first_batch_loss_of_a_frozen_end_to_end_model(
     lengths = (cached_batch["labels"] != -100).sum(1)
     assert lengths.tolist() == sorted(lengths.tolist(), reverse=True)  # longest first, for teacher forcing
     items = [CaptionPairs(data["train"], features)[i] for i in range(8)]
-    pairs = {(tuple(collator([item])["labels"][0].tolist()), item["features"].sum().item()) for item in items}
+    pairs = {(tuple(collator([item])["labels"][0].tolist()), item["encoder_outputs"].sum().item()) for item in items}
     batch_rows = zip(
         cached_batch["labels"], cached_batch["encoder_outputs"], strict=True
     )  # each caption kept with its image
@@ -274,6 +275,8 @@ def test_cached_features_give_the_first_batch_loss_of_a_frozen_end_to_end_model(
     processor.save_pretrained(tmp_path / "processor")  # a reloaded processor computes the same pixels: same key
     reloaded = type(processor).from_pretrained(tmp_path / "processor")
     assert feature_cache_key(model, reloaded, data["train"]) == key
+    model.save_pretrained(tmp_path / "model")  # so does a reloaded model (its config then says its dtype)
+    assert feature_cache_key(AutoModel.from_pretrained(tmp_path / "model"), processor, data["train"]) == key
     model.config.grid_size = 3
     assert feature_cache_key(model, processor, data["train"]) != key
 
@@ -286,8 +289,44 @@ def test_training_from_cached_features_saves_a_full_model(tmp_path):
     model = AutoModel.from_pretrained(tmp_path / "run" / "final")
     assert model.encoder.num_channels == TINY_VISION["hidden_sizes"][-1]
     assert model.generation_config.no_repeat_ngram_size == 2  # the run's decoding default travels with the model
-    with pytest.raises(ValueError, match="frozen encoder"):
+    with pytest.raises(ValueError, match="encoder_trainable_stages > 0"):
         train(tiny_arguments(tmp_path / "bad", cache_features=True, feature_cache_dir=str(tmp_path / "cache")))
+
+
+def test_fine_tuning_the_top_stage_from_cached_bottom_features(tmp_path):
+    """With the last stage fine-tuning, the store caches the frozen bottom's output: training changes the top and
+    not the bottom, the store's key does not move with the top (a resumed run reuses it), and the trained model
+    captions the same from the store as from the images."""
+    model = {k: v for k, v in tiny_arguments(tmp_path).model.items() if k != "vision_config"}
+    model.update(vision_backbone="timm:resnet10t", encoder_trainable_stages=1)
+    args = tiny_arguments(tmp_path / "run", model=model, cache_features=True, num_epochs=1,
+                          feature_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+    data = load_data(args)
+    processor = build_processor(args, data["train"]["captions"])
+    torch.manual_seed(args.seed)
+    before = build_model(args, processor)
+    key = feature_cache_key(before, processor, data["train"])
+    train(args)
+    after = AutoModel.from_pretrained(tmp_path / "run" / "final").eval()
+    assert feature_cache_key(after, processor, data["train"]) == key
+    bottom, top = (sum(len(list(layer.parameters())) for layer in part) for part in after.encoder.split_layers())
+    changed = [not torch.equal(a, b) for a, b in zip(after.encoder.parameters(), before.encoder.parameters(),
+                                                     strict=True)]  # fmt: skip
+    assert not any(changed[:bottom]) and any(changed[bottom:]) and bottom + top == len(changed)
+    stores = [FeatureStore(folder) for folder in sorted((tmp_path / "cache").iterdir())]
+    assert [store.input_name for store in stores] == ["frozen_features"] * 2  # train and validation
+    validation = data["validation"]
+    store = next(store for store in stores if len(store) == len(validation))
+    from_store = generate_captions(after, processor, validation, features=store, progress=False, max_new_tokens=8)
+    from_images = generate_captions(after, processor, validation, progress=False, max_new_tokens=8)
+    assert from_store == from_images
+    # self-critical training samples from and fine-tunes the top on the same store
+    train(tiny_arguments(tmp_path / "scst", model=model, cache_features=True, num_epochs=1, objective="self_critical",
+                         init_from=str(tmp_path / "run" / "final"), feature_cache_dir=str(tmp_path / "cache")))  # fmt: skip
+    assert len(list((tmp_path / "cache").iterdir())) == 2
+    tuned = AutoModel.from_pretrained(tmp_path / "scst" / "final")
+    assert not all(torch.equal(a, b) for a, b in zip(tuned.encoder.parameters(), after.encoder.parameters(),
+                                                     strict=True))  # fmt: skip
 
 
 @pytest.mark.slow

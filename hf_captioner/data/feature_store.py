@@ -33,23 +33,42 @@ LAYOUT_FILE = "layout.json"
 SHARD_BYTES = 256 * 2**20  # one shard is the most a caching run holds in memory and the most a kill loses
 TENSOR = "features"
 
-# image processor fields that say where the class lives, not how pixels are made (they change on save -> load)
-BOOKKEEPING = ("auto_map", "processor_class", "image_processor_type")
+# fields that say where a class lives or how weights were saved, not how features are made (they change on
+# save -> load; the features are computed in float32 whatever the saved dtype)
+BOOKKEEPING = ("auto_map", "processor_class", "image_processor_type", "dtype", "torch_dtype")
+
+
+def stored_input(model) -> str:
+    """What a store for this model holds, by the model input it feeds: the regions ("encoder_outputs") of a frozen
+    encoder, or, when the encoder's last stages fine-tune, the output of its frozen bottom ("frozen_features"), so that
+    the bottom runs once per image and only the top per step."""
+    if model.encoder.is_frozen:
+        return "encoder_outputs"
+    model.encoder.split_layers()  # raises, naming the config, when there is no frozen bottom to cache
+    return "frozen_features"
 
 
 def feature_cache_key(model, processor, dataset) -> str:
-    """A key that changes whenever the cached features would: backbone weights and shape, image processing,
-    grid size, and the split's content (its `datasets` fingerprint)."""
+    """A key that changes whenever the cached features would: the weights and shape of what computes them (the
+    whole backbone, or only its frozen bottom, whose weights training never changes), image processing, grid size,
+    and the split's content (its `datasets` fingerprint)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.encoder.state_dict().items()):
+    if stored_input(model) == "frozen_features":
+        bottom = model.encoder.split_layers()[0]
+        weights = {f"{i}.{name}": t for i, layer in enumerate(bottom) for name, t in layer.state_dict().items()}
+    else:
+        weights = model.encoder.state_dict()
+    for name, tensor in sorted(weights.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     description = {
-        "vision_config": model.config.vision_config.to_dict(),
+        "vision_config": {k: v for k, v in model.config.vision_config.to_dict().items() if k not in BOOKKEEPING},
         "grid_size": model.config.grid_size,
         "image_processor": {k: v for k, v in processor.image_processor.to_dict().items() if k not in BOOKKEEPING},
         "data": dataset._fingerprint,
     }
+    if stored_input(model) == "frozen_features":  # (added only here: the keys of regions stores stay as they were)
+        description["frozen_bottom_layers"] = len(model.encoder.split_layers()[0])
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
@@ -116,6 +135,11 @@ class FeatureStore:
     def feature_shape(self) -> tuple[int, ...]:
         return tuple(self.layout["feature_shape"])
 
+    @property
+    def input_name(self) -> str:
+        """The model input its rows are: "encoder_outputs" (regions) or "frozen_features" (see `stored_input`)."""
+        return self.layout.get("input", "encoder_outputs")  # stores written before the field held regions
+
     def __len__(self) -> int:
         return self.layout["num_images"]
 
@@ -147,8 +171,9 @@ def store_folder(model, processor, dataset, cache_dir: str | os.PathLike, dtype:
 @torch.no_grad()
 def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_size: int = 64,
                  dtype: str = "float32", shard_bytes: int = SHARD_BYTES) -> FeatureStore:  # fmt: skip
-    """The region features of every image of a split, computed once into an on-disk store that later runs (and the
-    other processes of this one) read lazily. A store left incomplete by a killed run is finished, not redone."""
+    """The region features of every image of a split (or, when the encoder's last stages fine-tune, the output of its
+    frozen bottom), computed once into an on-disk store that later runs (and the other processes of this one) read
+    lazily. A store left incomplete by a killed run is finished, not redone."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"feature store dtype: expected one of {list(STORE_DTYPES)}, got {dtype!r}")
     if len(dataset) == 0:
@@ -164,6 +189,8 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
 
     encoder = model.encoder.eval()
     device = next(encoder.parameters()).device
+    stored = stored_input(model)
+    compute = encoder.frozen_features if stored == "frozen_features" else lambda x: encoder(x).last_hidden_state
 
     def encode(rows: range):
         """Batches of this many rows' features, in order, in the store's dtype, on the CPU."""
@@ -176,13 +203,14 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
         loader = DataLoader(images, batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
         for pixel_values in loader:
             pixel_values = pixel_values.to(device).contiguous(memory_format=torch.channels_last)
-            yield encoder(pixel_values).last_hidden_state.to("cpu", STORE_DTYPES[dtype])
+            yield compute(pixel_values).to("cpu", STORE_DTYPES[dtype])
 
     folder.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_partials(folder)
-    if layout is None:  # a new store: the encoder gives grid_size^2 regions of num_channels each
-        feature_shape = [model.config.grid_size**2, model.encoder.num_channels]
-        layout = {"num_images": len(dataset), "feature_shape": feature_shape, "dtype": dtype,
+    if layout is None:  # a new store: grid_size^2 regions of num_channels each, or the bottom's map for one image
+        feature_shape = [model.config.grid_size**2, encoder.num_channels] if stored == "encoder_outputs" \
+            else list(next(encode(range(1))).shape[1:])  # fmt: skip
+        layout = {"num_images": len(dataset), "feature_shape": feature_shape, "dtype": dtype, "input": stored,
                   "shard_size": max(1, shard_bytes // _image_bytes(feature_shape, dtype))}  # fmt: skip
         for stale in folder.glob("shard-*.safetensors"):  # from a store of another layout
             stale.unlink()

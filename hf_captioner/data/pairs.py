@@ -51,7 +51,8 @@ class EpochShuffleSampler(Sampler[int]):
 
 
 class CaptionCollator:
-    """A list of pair items -> model inputs: `pixel_values` (or `encoder_outputs`) and `labels`."""
+    """A list of pair items -> model inputs: `pixel_values` (or cached `encoder_outputs` / `frozen_features`) and
+    `labels`."""
 
     def __init__(self, processor, max_caption_tokens: int | None = None):
         self.processor = processor
@@ -81,7 +82,8 @@ class CaptionedImages(Dataset):
 
 
 class ImageCollator:
-    """A list of `CaptionedImages` items -> `rows` and `pixel_values` (or `encoder_outputs`)."""
+    """A list of `CaptionedImages` items -> `rows` and `pixel_values` (or cached `encoder_outputs` /
+    `frozen_features`)."""
 
     def __init__(self, processor):
         self.processor = processor
@@ -91,17 +93,22 @@ class ImageCollator:
         return {"rows": rows, **image_inputs(items, self.processor)}
 
 
+CACHED_INPUTS = ("encoder_outputs", "frozen_features")  # the model inputs a feature store may hold
+
+
 def image_item(dataset, features: FeatureStore | None, row: int) -> dict:
-    """One item's image side: its cached `features` when there are some, else its (lazily decoded) `image`."""
+    """One item's image side: its cached `features` when there are some (under the model input they are), else its
+    (lazily decoded) `image`."""
     if features is not None:
-        return {"features": features[row]}
+        return {features.input_name: features[row]}
     return {"image": dataset[row]["image"]}
 
 
 def image_inputs(items: list[dict], processor) -> dict[str, torch.Tensor]:
-    """The model's image input for a batch of items: stacked cached `features`, or the processed `image`s."""
-    if "features" in items[0]:
-        # the store may hold bfloat16 or float16; the model computes in float32 (autocast lowers it where asked)
-        return {"encoder_outputs": torch.stack([item["features"] for item in items]).float()}
+    """The model's image input for a batch of items: stacked cached features, or the processed `image`s."""
+    for name in CACHED_INPUTS:
+        if name in items[0]:
+            # the store may hold bfloat16 or float16; the model computes in float32 (autocast lowers it where asked)
+            return {name: torch.stack([item[name] for item in items]).float()}
     images = [item["image"] for item in items]
     return {"pixel_values": processor.image_processor(images, return_tensors="pt")["pixel_values"]}
