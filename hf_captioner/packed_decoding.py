@@ -191,6 +191,12 @@ class DeferredWeightGradients:
         outputs.register_hook(lambda grad: grads.__setitem__(position, grad))
 
     def weight_gradients(self) -> list[torch.Tensor | None]:
+        if self.products and not self.inputs:  # freed by the first backward, which is why there is only one
+            raise RuntimeError(
+                "The packed decoder's weight gradients are taken once per forward (its step inputs are freed by the "
+                "first backward): a second backward through the same graph (retain_graph=True) needs "
+                "decoder_implementation='reference'"
+            )
         gradients: dict[int, torch.Tensor] = {}
         for product in self.products:
             grads = self.output_grads[id(product)]

@@ -367,6 +367,22 @@ def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_atte
         torch.testing.assert_close(grads["packed"][name], grads["reference"][name], rtol=1e-4, atol=atol, msg=name)
 
 
+def test_a_second_backward_through_the_packed_decoder_says_what_to_use():
+    """The packed runner frees its step inputs in the first backward: a second one (retain_graph) stops with a
+    message naming the reference decoder, which takes it."""
+    model = tiny_model().train()
+    params = [p for p in model.decoder.parameters() if p.requires_grad]
+    for implementation in ("packed", "reference"):
+        model.config.decoder_implementation = implementation
+        loss = model(pixel_values=images(), labels=token_ids(), use_cache=False).loss
+        torch.autograd.grad(loss, params, retain_graph=True)
+        if implementation == "packed":
+            with pytest.raises(RuntimeError, match="decoder_implementation='reference'"):
+                torch.autograd.grad(loss, params)
+        else:
+            torch.autograd.grad(loss, params)
+
+
 @pytest.mark.parametrize("rnn_type,self_attention,cross_attention", DECODER_KINDS)
 def test_fast_inference_step_equals_the_reference_step(rnn_type, self_attention, cross_attention):
     """Inference runs the fused products (`fast_step`): the same logits and attention at every cached step and the
