@@ -49,26 +49,27 @@ def stored_input(model) -> str:
 
 
 def feature_cache_key(model, processor, dataset) -> str:
-    """A key that changes whenever the cached features would: the weights and shape of what computes them (the
-    whole backbone, or only its frozen bottom, whose weights training never changes), image processing, grid size,
-    and the split's content (its `datasets` fingerprint)."""
-    digest = hashlib.sha256()
-    if stored_input(model) == "frozen_features":
+    """A key that changes whenever the cached features would: what is stored, the weights and shape of what computes
+    it (the whole backbone, or only its frozen bottom, whose weights training never changes), image processing, grid
+    size, and the split's content (its `datasets` fingerprint)."""
+    stored = stored_input(model)
+    if stored == "frozen_features":
         bottom = model.encoder.split_layers()[0]
         weights = {f"{i}.{name}": t for i, layer in enumerate(bottom) for name, t in layer.state_dict().items()}
+        stored = f"{stored} of {len(bottom)} layers"
     else:
         weights = model.encoder.state_dict()
+    digest = hashlib.sha256()
     for name, tensor in sorted(weights.items()):
         digest.update(name.encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
     description = {
+        "stored": stored,
         "vision_config": {k: v for k, v in model.config.vision_config.to_dict().items() if k not in BOOKKEEPING},
         "grid_size": model.config.grid_size,
         "image_processor": {k: v for k, v in processor.image_processor.to_dict().items() if k not in BOOKKEEPING},
         "data": dataset._fingerprint,
     }
-    if stored_input(model) == "frozen_features":  # (added only here: the keys of regions stores stay as they were)
-        description["frozen_bottom_layers"] = len(model.encoder.split_layers()[0])
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
