@@ -79,7 +79,8 @@ class CiderDReward:
 
 class SelfCriticalObjective:
     """The loss of one batch of images (`rows` into the reward's reference sets, plus `pixel_values`,
-    `encoder_outputs` or `frozen_features`): -sum_k (r_k - mean of the other samples' r) * log p(sample_k), averaged over samples.
+    `encoder_outputs` or `frozen_features`): -sum_k (r_k - mean of the other samples' r) * log p(sample_k), averaged
+    over samples.
 
     Dropout stays off (eval mode) for both the sampling and the gradient pass, so that the log-likelihoods are those
     of the distribution that drew the samples. (Dropout on in both passes, each with its own masks, was worse on

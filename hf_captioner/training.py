@@ -28,7 +28,7 @@ from transformers.image_utils import PILImageResampling
 from .arguments import TrainingArguments, parse_arguments
 from .backbones import image_settings, is_backbone_name
 from .configuration_captioner import CaptionerConfig
-from .data.feature_store import encode_split
+from .data.feature_store import encode_split, stored_input
 from .data.loaders import DataError, detect_and_load, hub_layout
 from .data.pairs import (
     CaptionCollator,
@@ -339,6 +339,7 @@ def train(args: TrainingArguments) -> dict:
 
     train_features = val_features = None
     if args.cache_features:
+        stored_input(model)  # an encoder with nothing to cache stops here, in every process, before any barrier
         with accelerator.main_process_first():
             model.to(accelerator.device)
             train_features, val_features = (
