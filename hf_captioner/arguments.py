@@ -99,6 +99,9 @@ class OptimizationArguments:
     mixed_precision: str = option("no", f"one of {MIXED_PRECISION}: autocast (see the README's speed section)")
     channels_last: bool = option(False, "NHWC convolutions in the encoder (images through it, feature caching)")
     seed: int = option(42, "seed of the weights, the data order and dropout")
+    group_captions_by_image: bool = option(False, "cross-entropy batches hold all captions of their images (shuffled "
+                                           "image by image), so the encoder, or its fine-tuned top, runs once per "
+                                           "image instead of once per caption")
     num_workers: int = option(0, "DataLoader workers per process")
 
 

@@ -131,20 +131,24 @@ def decoder_flops(config: CaptionerConfig, region_dim: int) -> tuple[float, floa
 
 
 def train_case(batch: int, repeats: int, inputs: str, trainable_stages: int = 0, variant: str = "",
-               lite0: bool = False) -> dict:  # fmt: skip
+               lite0: bool = False, captions_per_image: int = 1) -> dict:  # fmt: skip
     """One training step from `inputs`: "features" (cached regions), "images", or "bottom" (the cached output of the
-    encoder's frozen bottom, its top stages fine-tuning); the SAT-sized model, or with `lite0` the Flickr8k CPU one."""
+    encoder's frozen bottom, its top stages fine-tuning); the SAT-sized model, or with `lite0` the Flickr8k CPU one.
+    With `captions_per_image` > 1 the batch's captions come that many per image (`group_captions_by_image`)."""
     generator = torch.Generator().manual_seed(0)
     model = (lite0_model(trainable_stages) if lite0 else sat_model(trainable_stages)).train()
     labels = make_labels(batch, generator, model.config.vocab_size)
     optimizer = build_optimizer(model, TrainingArguments(learning_rate=1e-4))
     regions, channels = model.config.grid_size**2, model.encoder.num_channels
+    images = -(-batch // captions_per_image)
     if inputs == "features":
-        batch_inputs = {"encoder_outputs": torch.randn(batch, regions, channels, generator=generator)}
+        batch_inputs = {"encoder_outputs": torch.randn(images, regions, channels, generator=generator)}
     else:
-        batch_inputs = {"pixel_values": torch.randn(batch, 3, 224, 224, generator=generator)}
+        batch_inputs = {"pixel_values": torch.randn(images, 3, 224, 224, generator=generator)}
     if inputs == "bottom":
         batch_inputs = {"frozen_features": model.encoder.frozen_features(batch_inputs["pixel_values"])}
+    if captions_per_image > 1:
+        batch_inputs["image_index"] = torch.arange(batch) // captions_per_image
     autocast = speed_options(model, "bf16" in variant, "channels_last" in variant, "compile" in variant)
 
     def step():
@@ -231,6 +235,8 @@ def run(quick: bool) -> dict:
         "lite0_cached_regions": in_fresh_process({**lite0, "inputs": "features"}),
         "lite0_top_stage_from_cached_bottom": in_fresh_process({**lite0, "inputs": "bottom", "trainable_stages": 1}),
         "lite0_top_stage_from_images": in_fresh_process({**lite0, "inputs": "images", "trainable_stages": 1}),
+        "lite0_top_stage_from_cached_bottom_5_captions_per_image": in_fresh_process(
+            {**lite0, "inputs": "bottom", "trainable_stages": 1, "captions_per_image": 5}),
     })  # fmt: skip
     batches = [1, 8] if quick else [1, 32, 64]
     cases = []

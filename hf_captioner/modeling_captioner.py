@@ -604,6 +604,7 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         labels: torch.LongTensor | None = None,
         encoder_outputs: BaseModelOutput | tuple | None = None,
         frozen_features: torch.FloatTensor | None = None,
+        image_index: torch.LongTensor | None = None,
         cache: CaptionerCache | None = None,
         past_key_values: CaptionerCache | None = None,
         use_cache: bool | None = None,
@@ -617,6 +618,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         pixel_values: (B, 3, H, W) images, or pass `encoder_outputs` (e.g. cached region features (B, k, C)).
         frozen_features: instead of the images, the output of the encoder's frozen bottom when its last stages
             fine-tune (`encoder.frozen_features`, as a feature store caches it): only the top stages run.
+        image_index: (R,) which of the images each caption row reads, when a batch holds several captions of an image
+            (the collator's doing): the encoder then runs once per image, not once per caption.
         decoder_input_ids: (B, T) inputs; built from `labels` (shifted right) when only labels are given.
         labels: (B, T) target ids, -100 where there is no target (padding).
         cache: a [`CaptionerCache`] to continue from; `decoder_input_ids` then holds only the new tokens.
@@ -643,6 +646,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         elif isinstance(encoder_outputs, (tuple, list)):
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
         regions = encoder_outputs.last_hidden_state  # (B, k, C)
+        if image_index is not None:
+            regions = regions.index_select(0, image_index.to(regions.device))  # (R, k, C)
 
         if decoder_input_ids is None:
             if labels is None:

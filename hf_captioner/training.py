@@ -349,14 +349,16 @@ def train(args: TrainingArguments) -> dict:
             )  # fmt: skip
 
     collator = CaptionCollator(processor, args.max_caption_tokens)
+    groups = None  # shuffled as units, when they are
     if args.objective == "self_critical":  # one example per image, rewarded against all its references
         train_set, train_collator = CaptionedImages(data["train"], train_features), ImageCollator(processor)
     else:  # one example per (image, caption) pair
         train_set, train_collator = CaptionPairs(data["train"], train_features), collator
+        groups = train_set.captions_per_image if args.group_captions_by_image else None
     train_loader = DataLoader(
         train_set,
         batch_size=args.batch_size,
-        sampler=EpochShuffleSampler(len(train_set), args.seed),
+        sampler=EpochShuffleSampler(len(train_set), args.seed, groups),
         collate_fn=train_collator,
         num_workers=args.num_workers,
         generator=torch.Generator().manual_seed(args.seed),  # worker seeds drawn here, not from the global RNG

@@ -23,6 +23,7 @@ from hf_captioner.data import (
     make_sample_dataset,
     write_sample_dataset,
 )
+from hf_captioner.data.pairs import EpochShuffleSampler
 from hf_captioner.data.sample import COLOURS, KINDS
 
 # image name -> (split, raw captions); raw captions carry the usual mess: case, spaces, an empty one
@@ -334,3 +335,26 @@ def test_written_sample_data_set_round_trips_through_the_karpathy_loader(tmp_pat
         assert np.array_equal(np.asarray(loaded[split][0]["image"]), np.asarray(drawn[split][0]["image"]))
     entries = json.loads(path.read_text())["images"]
     assert entries[0]["objects"] == drawn["train"][0]["objects"]
+
+
+def test_the_epoch_order_is_a_seeded_permutation_and_can_keep_each_images_captions_together():
+    sizes = np.array([5, 5, 3, 7, 5, 1])  # captions per image, their pair indices consecutive
+    first_pair = np.cumsum(sizes) - sizes
+    image_of = np.repeat(np.arange(len(sizes)), sizes)
+    plain, grouped = EpochShuffleSampler(sizes.sum(), seed=3), EpochShuffleSampler(sizes.sum(), 3, sizes)
+    for sampler in (plain, grouped):
+        orders = []
+        for epoch in (0, 1, 0):
+            sampler.set_epoch(epoch)
+            orders.append(list(sampler))
+            assert sorted(orders[-1]) == list(range(sizes.sum()))
+        assert orders[0] == orders[2] != orders[1]  # fixed by (seed, epoch): a resumed epoch replays its order
+    for order in orders:  # grouped: each image's captions in a run of their own, in their order
+        images = image_of[order]
+        runs = [images[0], *(b for a, b in zip(images, images[1:], strict=False) if a != b)]
+        assert sorted(runs) == list(range(len(sizes)))
+        for image in range(len(sizes)):
+            positions = np.flatnonzero(images == image)
+            assert list(np.asarray(order)[positions]) == list(range(first_pair[image], first_pair[image] + sizes[image]))
+    with pytest.raises(ValueError, match="add up to 26, not to the 25"):
+        EpochShuffleSampler(25, 0, sizes)

@@ -258,15 +258,18 @@ def test_cached_features_give_the_first_batch_loss_of_a_frozen_end_to_end_model(
     assert "encoder_outputs" in cached_batch and "pixel_values" in image_batch
     lengths = (cached_batch["labels"] != -100).sum(1)
     assert lengths.tolist() == sorted(lengths.tolist(), reverse=True)  # longest first, for teacher forcing
+    # the 8 pairs are 5 + 3 captions of two images: each image's input is in the batch once
+    assert len(cached_batch["encoder_outputs"]) == len(image_batch["pixel_values"]) == 2
     items = [CaptionPairs(data["train"], features)[i] for i in range(8)]
     pairs = {(tuple(collator([item])["labels"][0].tolist()), item["encoder_outputs"].sum().item()) for item in items}
-    batch_rows = zip(
-        cached_batch["labels"], cached_batch["encoder_outputs"], strict=True
-    )  # each caption kept with its image
+    row_regions = cached_batch["encoder_outputs"][cached_batch["image_index"]]
+    batch_rows = zip(cached_batch["labels"], row_regions, strict=True)  # each caption kept with its image
     assert {(tuple(ids[ids != -100].tolist()), regions.sum().item()) for ids, regions in batch_rows} == pairs
     cached_loss = model(**cached_batch).loss
     image_loss = model(**image_batch).loss
     torch.testing.assert_close(cached_loss, image_loss, rtol=1e-5, atol=1e-6)
+    per_caption = model(encoder_outputs=row_regions, labels=cached_batch["labels"]).loss  # each image once per caption
+    torch.testing.assert_close(cached_loss, per_caption, rtol=1e-6, atol=1e-7)
     # reused on disk, and keyed so that another grid (or other weights) gets its own features
     assert [path.name for path in (tmp_path / "cache").iterdir()] == [features.folder.name]
     again = encode_split(model, processor, data["train"], tmp_path / "cache")
@@ -294,13 +297,14 @@ def test_training_from_cached_features_saves_a_full_model(tmp_path):
 
 
 def test_fine_tuning_the_top_stage_from_cached_bottom_features(tmp_path):
-    """With the last stage fine-tuning, the store caches the frozen bottom's output: training changes the top and
-    not the bottom, the store's key does not move with the top (a resumed run reuses it), and the trained model
-    captions the same from the store as from the images."""
+    """With the last stage fine-tuning, the store caches the frozen bottom's output: training (batches holding all
+    captions of their images, so the top runs once per image) changes the top and not the bottom, the store's key
+    does not move with the top (a resumed run reuses it), and the trained model captions the same from the store as
+    from the images."""
     model = {k: v for k, v in tiny_arguments(tmp_path).model.items() if k != "vision_config"}
     model.update(vision_backbone="timm:resnet10t", encoder_trainable_stages=1)
     args = tiny_arguments(tmp_path / "run", model=model, cache_features=True, num_epochs=1,
-                          feature_cache_dir=str(tmp_path / "cache"))  # fmt: skip
+                          feature_cache_dir=str(tmp_path / "cache"), group_captions_by_image=True)  # fmt: skip
     data = load_data(args)
     processor = build_processor(args, data["train"]["captions"])
     torch.manual_seed(args.seed)

@@ -20,6 +20,7 @@ class CaptionPairs(Dataset):
         self.features = features
         self.captions = dataset["captions"]  # read once: the image column is decoded per item, lazily
         counts = np.array([len(captions) for captions in self.captions], dtype=np.int64)
+        self.captions_per_image = counts
         # the pair index as two integer arrays (8 bytes a pair, not a tuple's ~70: COCO has 616k pairs)
         self.pair_rows = np.repeat(np.arange(len(counts), dtype=np.int32), counts)
         first_pair_of_row = np.repeat(np.cumsum(counts) - counts, counts)  # caption i of a row: its i-th pair
@@ -30,21 +31,33 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row, caption_index = int(self.pair_rows[index]), int(self.pair_captions[index])
-        return {"caption": self.captions[row][caption_index], **image_item(self.dataset, self.features, row)}
+        item = {"caption": self.captions[row][caption_index], **image_item(self.dataset, self.features, row)}
+        return {**item, "row": row}
 
 
 class EpochShuffleSampler(Sampler[int]):
-    """A permutation fixed by (seed, epoch): resuming at a given epoch and step replays the same data order."""
+    """A permutation fixed by (seed, epoch): resuming at a given epoch and step replays the same data order.
 
-    def __init__(self, length: int, seed: int):
-        self.length, self.seed, self.epoch = length, seed, 0
+    With `group_sizes` (the indices come in consecutive groups of these sizes, e.g. the captions of each image), the
+    groups are shuffled and each keeps its indices together, so a batch holds all captions of its images."""
+
+    def __init__(self, length: int, seed: int, group_sizes: np.ndarray | None = None):
+        if group_sizes is not None and int(np.sum(group_sizes)) != length:
+            raise ValueError(f"group sizes add up to {int(np.sum(group_sizes))}, not to the {length} indices")
+        self.length, self.seed, self.epoch, self.group_sizes = length, seed, 0, group_sizes
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
         generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
+        if self.group_sizes is None:
+            return iter(torch.randperm(self.length, generator=generator).tolist())
+        sizes = np.asarray(self.group_sizes, dtype=np.int64)
+        order = torch.randperm(len(sizes), generator=generator).numpy()
+        starts, sizes = (np.cumsum(sizes) - sizes)[order], sizes[order]
+        offsets = np.arange(self.length) - np.repeat(np.cumsum(sizes) - sizes, sizes)  # position inside its group
+        return iter((np.repeat(starts, sizes) + offsets).tolist())
 
     def __len__(self) -> int:
         return self.length
@@ -105,7 +118,17 @@ def image_item(dataset, features: FeatureStore | None, row: int) -> dict:
 
 
 def image_inputs(items: list[dict], processor) -> dict[str, torch.Tensor]:
-    """The model's image input for a batch of items: stacked cached features, or the processed `image`s."""
+    """The model's image input for a batch of items: stacked cached features, or the processed `image`s. Items of
+    the same image (`row`) share one: the batch then says which each caption reads (`image_index`), so the encoder
+    runs once per image."""
+    rows = [item.get("row") for item in items]
+    if None not in rows and len(set(rows)) < len(rows):
+        first = {}  # each image's first item, in the order first seen
+        for item in items:
+            first.setdefault(item["row"], {k: v for k, v in item.items() if k != "row"})
+        position = {row: i for i, row in enumerate(first)}
+        image_index = torch.tensor([position[row] for row in rows])
+        return {**image_inputs(list(first.values()), processor), "image_index": image_index}
     for name in CACHED_INPUTS:
         if name in items[0]:
             # the store may hold bfloat16 or float16; the model computes in float32 (autocast lowers it where asked)
