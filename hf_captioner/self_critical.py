@@ -101,7 +101,7 @@ class SelfCriticalObjective:
         model.eval()
         regions = batch.get("encoder_outputs")
         if regions is None:  # from the images, or from the cached output of a fine-tuned encoder's frozen bottom
-            images = {name: batch[name] for name in ("pixel_values", "frozen_features") if name in batch}
+            images = dict(pixel_values=batch.get("pixel_values"), frozen_features=batch.get("frozen_features"))
             regions = unwrapped.encoder(**images).last_hidden_state  # (B, k, C)
         with torch.no_grad():
             samples = unwrapped.generate(encoder_outputs=regions.detach(), do_sample=True, num_beams=1,
