@@ -186,6 +186,10 @@ class TrainingArguments(*reversed(GROUPS)):  # dataclass fields follow the bases
         if len(self.sample_sizes) != 3:
             raise ValueError(f"sample_sizes: expected three numbers (train, validation, test), got {self.sample_sizes}")
         self._check_model()
+        if self.cache_features and self.model.get("encoder_trainable_stages") == -1:
+            raise ValueError("cache_features: with model.encoder_trainable_stages=-1 the whole encoder fine-tunes and "
+                             "nothing frozen is left to cache; use encoder_trainable_stages > 0 (the input of the "
+                             "trainable stages is cached) or cache_features false")  # fmt: skip
         for name, required in (("init_from", "config.json"), ("processor_path", "tokenizer.json")):
             problem = model_folder_problem(getattr(self, name), required)
             if problem:
