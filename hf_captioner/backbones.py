@@ -18,6 +18,7 @@ from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 LIBRARIES = ("timm", "torchvision")  # the libraries a backbone name may come from (transformers ones have no name)
+OUTPUT_STRIDES = (16, 32)  # of the last feature map: 16 dilates the last stride-2 stage (DeepLab's way)
 
 
 def parse_backbone(spec: str) -> tuple[str, str]:
@@ -42,17 +43,27 @@ def pretrained_source(name: str) -> tuple[str, str]:
     return name, name
 
 
-def build_backbone(spec: str, pretrained: bool = False, **load_kwargs) -> tuple[nn.Module, int]:
+def build_backbone(spec: str, pretrained: bool = False, output_stride: int = 32, **load_kwargs
+                   ) -> tuple[nn.Module, int]:  # fmt: skip
     """A timm or torchvision network cut to its last feature map, with its channel count. Saved captioners rebuild
     it randomly initialised (their checkpoint holds the weights); `pretrained` (timm: also `checkpoint_path=...`;
-    torchvision: `weights=...`) is for starting a new captioner."""
+    torchvision: `weights=...`) is for starting a new captioner. At `output_stride` 16 the last stride-2 stage
+    dilates instead: the weights are the same, so a stride-32 checkpoint loads into it."""
     library, name = parse_backbone(spec)  # a timm name may be a Hub source, "hf-hub:timm/NAME"
+    dilated = output_stride != 32
     if library == "timm":
         try:
             import timm
         except ImportError:
             raise ImportError(f"vision_backbone={spec!r} needs the timm package: pip install timm") from None
-        network = timm.create_model(name, pretrained=pretrained, **load_kwargs)
+        stride_kwargs = {"output_stride": output_stride} if dilated else {}
+        try:
+            network = timm.create_model(name, pretrained=pretrained, **stride_kwargs, **load_kwargs)
+        except (TypeError, AssertionError, NotImplementedError) as err:
+            if not dilated:
+                raise
+            raise ValueError(f"vision_backbone={spec!r} cannot run at vision_output_stride={output_stride}: "
+                             f"timm does not dilate this network ({err})") from None  # fmt: skip
         network.reset_classifier(0, "")  # keep the trunk (and EfficientNet's conv_head): no pooling, no classifier
         return network, network.num_features
     try:
@@ -60,7 +71,15 @@ def build_backbone(spec: str, pretrained: bool = False, **load_kwargs) -> tuple[
     except ImportError:
         raise ImportError(f"vision_backbone={spec!r} needs the torchvision package") from None
     weights = load_kwargs.get("weights", "DEFAULT") if pretrained else None
-    network = torchvision.models.get_model(name, weights=weights)
+    stride_kwargs = {"replace_stride_with_dilation": [False, False, True]} if dilated else {}
+    try:
+        network = torchvision.models.get_model(name, weights=weights, **stride_kwargs)
+    except (TypeError, NotImplementedError) as err:
+        if not dilated:
+            raise
+        raise ValueError(f"vision_backbone={spec!r} cannot run at vision_output_stride={output_stride}: of "
+                         f"torchvision's networks only bottleneck ResNets (ResNet-50 and deeper, ResNeXt, Wide "
+                         f"ResNet) dilate their last stage ({err})") from None  # fmt: skip
     if hasattr(network, "features"):  # VGG, EfficientNet, MobileNet, DenseNet, ConvNeXt
         trunk = network.features
     else:  # ResNet-like: everything before global pooling and the classifier

@@ -107,12 +107,14 @@ def sat_model(trainable_stages: int = 0) -> CaptionerForConditionalGeneration:
     return CaptionerForConditionalGeneration(sat_config(trainable_stages))
 
 
-def lite0_model(trainable_stages: int = 0) -> CaptionerForConditionalGeneration:
-    """The model of configs/flickr8k_cpu.yaml: EfficientNet-Lite0 (7 x 7 x 1280 regions) and 4,000 words."""
+def lite0_model(trainable_stages: int = 0, output_stride: int = 32) -> CaptionerForConditionalGeneration:
+    """The model of configs/flickr8k_cpu.yaml: EfficientNet-Lite0 (7 x 7 x 1280 regions; 14 x 14 at output stride
+    16) and 4,000 words."""
     torch.manual_seed(0)
     return CaptionerForConditionalGeneration(CaptionerConfig(
-        vocab_size=LITE0_VOCAB, grid_size=7, vision_backbone="timm:tf_efficientnet_lite0", embed_dim=WIDTH,
-        hidden_size=WIDTH, attention_dim=WIDTH, encoder_trainable_stages=trainable_stages, dropout=0.5))  # fmt: skip
+        vocab_size=LITE0_VOCAB, grid_size=224 // output_stride, vision_backbone="timm:tf_efficientnet_lite0",
+        vision_output_stride=output_stride, embed_dim=WIDTH, hidden_size=WIDTH, attention_dim=WIDTH,
+        encoder_trainable_stages=trainable_stages, dropout=0.5))  # fmt: skip
 
 
 def decoder_flops(config: CaptionerConfig, region_dim: int) -> tuple[float, float]:
@@ -131,12 +133,13 @@ def decoder_flops(config: CaptionerConfig, region_dim: int) -> tuple[float, floa
 
 
 def train_case(batch: int, repeats: int, inputs: str, trainable_stages: int = 0, variant: str = "",
-               lite0: bool = False, captions_per_image: int = 1) -> dict:  # fmt: skip
+               lite0: bool = False, captions_per_image: int = 1, output_stride: int = 32) -> dict:  # fmt: skip
     """One training step from `inputs`: "features" (cached regions), "images", or "bottom" (the cached output of the
-    encoder's frozen bottom, its top stages fine-tuning); the SAT-sized model, or with `lite0` the Flickr8k CPU one.
-    With `captions_per_image` > 1 the batch's captions come that many per image (`group_captions_by_image`)."""
+    encoder's frozen bottom, its top stages fine-tuning); the SAT-sized model, or with `lite0` the Flickr8k CPU one
+    (at `output_stride` 16: its 14 x 14 grid). With `captions_per_image` > 1 the batch's captions come that many per
+    image (`group_captions_by_image`)."""
     generator = torch.Generator().manual_seed(0)
-    model = (lite0_model(trainable_stages) if lite0 else sat_model(trainable_stages)).train()
+    model = (lite0_model(trainable_stages, output_stride) if lite0 else sat_model(trainable_stages)).train()
     labels = make_labels(batch, generator, model.config.vocab_size)
     optimizer = build_optimizer(model, TrainingArguments(learning_rate=1e-4))
     regions, channels = model.config.grid_size**2, model.encoder.num_channels
@@ -233,6 +236,7 @@ def run(quick: bool) -> dict:
     lite0 = {"kind": "train", "batch": 8 if quick else 64, "repeats": end_to_end_repeats, "lite0": True}
     report["training"].update({
         "lite0_cached_regions": in_fresh_process({**lite0, "inputs": "features"}),
+        "lite0_14x14_cached_regions": in_fresh_process({**lite0, "inputs": "features", "output_stride": 16}),
         "lite0_top_stage_from_cached_bottom": in_fresh_process({**lite0, "inputs": "bottom", "trainable_stages": 1}),
         "lite0_top_stage_from_images": in_fresh_process({**lite0, "inputs": "images", "trainable_stages": 1}),
         "lite0_top_stage_from_cached_bottom_5_captions_per_image": in_fresh_process(

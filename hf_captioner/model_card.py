@@ -140,7 +140,9 @@ def _figure_text(model_dir: Path) -> str:
 
 def _backbone_text(config: dict) -> str:
     if config.get("vision_backbone"):  # a timm / torchvision network: its name says it all
-        return f"`{config['vision_backbone']}`"
+        stride = config.get("vision_output_stride", 32)
+        dilated = f" at output stride {stride} (last stage dilated)" if stride != 32 else ""
+        return f"`{config['vision_backbone']}`{dilated}"
     vision = config.get("vision_config", {})
     return (f"{vision.get('model_type', '?')} backbone (stages {vision.get('depths', '?')}, widths "
             f"{vision.get('hidden_sizes', '?')})")  # fmt: skip

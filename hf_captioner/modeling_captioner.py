@@ -158,7 +158,8 @@ class CaptionerGridEncoder(nn.Module):
             self.backbone = AutoBackbone.from_config(config.vision_config)
             self.num_channels = self.backbone.channels[-1]
         else:
-            self.backbone, self.num_channels = build_backbone(config.vision_backbone)
+            self.backbone, self.num_channels = build_backbone(config.vision_backbone,
+                                                              output_stride=config.vision_output_stride)
         self.pool = nn.AdaptiveAvgPool2d(config.grid_size)
         self.set_trainable_stages(config.encoder_trainable_stages)
 

@@ -11,7 +11,7 @@ import torch
 from conftest import tiny_config
 
 from hf_captioner import CaptionerForConditionalGeneration
-from hf_captioner.backbones import image_settings
+from hf_captioner.backbones import image_settings, last_feature_map
 from hf_captioner.conversion import map_by_position
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,6 +79,55 @@ def test_a_timm_stage_holds_the_blocks_before_its_stride_mark():
                  for name, p in model.encoder.backbone.named_parameters() if p.requires_grad}  # fmt: skip
     assert trainable == {"blocks.5", "blocks.6", "conv_head", "bn2"}
     assert model.encoder.frozen_features(torch.zeros(1, 3, 224, 224)).shape == (1, 112, 14, 14)  # stride 16
+
+
+@pytest.mark.parametrize("spec", ["timm:resnet10t", "timm:tf_efficientnet_lite0", "torchvision:resnet50"])
+def test_output_stride_16_dilates_the_last_stage_of_the_same_weights(spec, tmp_path):
+    """A 14 x 14 grid from the ImageNet weights: the stride-32 network's weights load unchanged into the dilated
+    one, whose last map is twice as fine, and a saved model keeps its stride."""
+    torch.manual_seed(0)
+    coarse = CaptionerForConditionalGeneration(tiny_config(vision_backbone=spec)).eval()
+    fine = CaptionerForConditionalGeneration(tiny_config(vision_backbone=spec, vision_output_stride=16)).eval()
+    fine.encoder.backbone.load_state_dict(coarse.encoder.backbone.state_dict())  # strict: every tensor fits
+    pixel_values = torch.randn(1, 3, 128, 128)
+    with torch.no_grad():
+        assert last_feature_map(coarse.encoder.library, coarse.encoder.backbone, pixel_values).shape[-2:] == (4, 4)
+        fine_map = last_feature_map(fine.encoder.library, fine.encoder.backbone, pixel_values)
+    assert fine_map.shape[-2:] == (8, 8)
+    fine.save_pretrained(tmp_path)
+    loaded = CaptionerForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.vision_output_stride == 16
+    labels = torch.tensor([[5, 6, 7, 2]])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values=pixel_values, labels=labels).logits,
+                                   fine(pixel_values=pixel_values, labels=labels).logits, rtol=0, atol=1e-5)  # fmt: skip
+
+
+def test_a_dilated_lite0_fine_tunes_its_last_stage_from_the_cached_bottom():
+    """Dilation changes the last stage's stride, not where it starts: the same blocks train, and the cached bottom
+    still gives the loss the images give."""
+    torch.manual_seed(0)
+    model = CaptionerForConditionalGeneration(tiny_config(
+        vision_backbone="timm:tf_efficientnet_lite0", vision_output_stride=16, encoder_trainable_stages=1))  # fmt: skip
+    trainable = {".".join(name.split(".")[: 2 if name.startswith("blocks") else 1])
+                 for name, p in model.encoder.backbone.named_parameters() if p.requires_grad}  # fmt: skip
+    assert trainable == {"blocks.5", "blocks.6", "conv_head", "bn2"}
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100]])
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(frozen_features=model.encoder.frozen_features(pixel_values), labels=labels).loss,
+                                   model(pixel_values=pixel_values, labels=labels).loss, rtol=1e-5, atol=1e-6)  # fmt: skip
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"vision_backbone": "torchvision:resnet18"}, "bottleneck ResNets"),  # basic blocks do not dilate
+    ({"vision_backbone": "timm:mobilenetv3_small_050"}, "timm does not dilate"),
+    ({}, "only a timm / torchvision backbone"),  # a transformers backbone
+    ({"vision_backbone": "timm:resnet10t", "vision_output_stride": 24}, "must be one of"),
+])  # fmt: skip
+def test_an_output_stride_a_backbone_cannot_give_is_refused_by_name(overrides, message):
+    with pytest.raises(ValueError, match=f"vision_output_stride.*{message}"):
+        CaptionerForConditionalGeneration(tiny_config(**{"vision_output_stride": 16, **overrides}))
 
 
 def test_a_backbone_that_is_not_a_layer_sequence_cannot_cache_its_bottom():

@@ -19,7 +19,7 @@ def test_quick_benchmark_reports_every_case(tmp_path):
     assert report["decoder_gflop_per_caption_start"] > 0 and report["variants"] == []  # options: full mode only
     bf16 = report["machine"]["bf16_matrix_instructions"]  # the bf16 cases run only where the CPU has bf16 instructions
     expected = {"cached_features", "frozen_encoder", "fine_tuned_encoder", "lite0_cached_regions",
-                "lite0_top_stage_from_cached_bottom", "lite0_top_stage_from_images",
+                "lite0_14x14_cached_regions", "lite0_top_stage_from_cached_bottom", "lite0_top_stage_from_images",
                 "lite0_top_stage_from_cached_bottom_5_captions_per_image"}
     expected |= {"cached_features_bf16"} if bf16 else set()
     assert set(report["training"]) == expected

@@ -283,6 +283,9 @@ def test_cached_features_give_the_first_batch_loss_of_a_frozen_end_to_end_model(
     assert feature_cache_key(AutoModel.from_pretrained(tmp_path / "model"), processor, data["train"]) == key
     model.config.grid_size = 3
     assert feature_cache_key(model, processor, data["train"]) != key
+    grid_key = feature_cache_key(model, processor, data["train"])
+    model.config.vision_output_stride = 16  # same weights, other features
+    assert feature_cache_key(model, processor, data["train"]) not in (key, grid_key)
 
 
 def test_training_from_cached_features_saves_a_full_model(tmp_path):

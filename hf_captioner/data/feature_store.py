@@ -50,8 +50,8 @@ def stored_input(model) -> str:
 
 def feature_cache_key(model, processor, dataset) -> str:
     """A key that changes whenever the cached features would: what is stored, the weights and shape of what computes
-    it (the whole backbone, or only its frozen bottom, whose weights training never changes), image processing, grid
-    size, and the split's content (its `datasets` fingerprint)."""
+    it (the whole backbone, or only its frozen bottom, whose weights training never changes), its output stride,
+    image processing, grid size, and the split's content (its `datasets` fingerprint)."""
     stored = stored_input(model)
     if stored == "frozen_features":
         bottom = model.encoder.split_layers()[0]
@@ -70,6 +70,8 @@ def feature_cache_key(model, processor, dataset) -> str:
         "image_processor": {k: v for k, v in processor.image_processor.to_dict().items() if k not in BOOKKEEPING},
         "data": dataset._fingerprint,
     }
+    if model.config.vision_output_stride != 32:  # the same weights give other features; absent at 32 (older keys)
+        description["vision_output_stride"] = model.config.vision_output_stride
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
