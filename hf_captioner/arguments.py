@@ -196,6 +196,7 @@ class TrainingArguments(*reversed(GROUPS)):  # dataclass fields follow the bases
                 raise ValueError(f"{name}: {problem}")
 
     def _check_model(self) -> None:
+        from .backbones import is_backbone_name, pretrained_source
         from .configuration_captioner import CaptionerConfig
 
         unknown = set(self.model) - {f.name for f in dataclasses.fields(CaptionerConfig)}
@@ -209,6 +210,10 @@ class TrainingArguments(*reversed(GROUPS)):  # dataclass fields follow the bases
         given = self.model
         if self.init_from or self.vision_pretrained:
             given = {k: v for k, v in self.model.items() if k not in ("vision_config", "encoder_trainable_stages")}
+        if self.init_from:  # the saved model's backbone decides whether it can dilate
+            given.pop("vision_output_stride", None)
+        elif is_backbone_name(self.vision_pretrained):
+            given["vision_backbone"] = pretrained_source(self.vision_pretrained)[0]
         CaptionerConfig(vocab_size=self.vocab_size, **given)
 
 

@@ -68,6 +68,8 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path, capsys):
     (["--feature_cache_dtype", "int8"], "feature_cache_dtype"), (["--mixed_precision", "fp4"], "mixed_precision"),
     (["--warmup_steps", "-5"], "warmup_steps"), (["--self_critical_max_new_tokens", "0"], "self_critical_max_new"),
     (["--cache_features", "true", "--model", "encoder_trainable_stages=-1"], "cache_features"),
+    (["--model", "vision_output_stride=16"], "CaptionerConfig.vision_output_stride"),  # the default transformers net
+    (["--vision_pretrained", "timm:resnet10t", "--model", "vision_output_stride=8"], "vision_output_stride"),
 ])  # fmt: skip
 def test_values_wrong_whatever_the_data_are_refused_in_one_line(argv, field, capsys):
     with pytest.raises(SystemExit) as stop:
