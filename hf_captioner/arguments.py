@@ -24,6 +24,11 @@ TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id"
                     "decoder_start_token_id")  # fmt: skip
 
 
+class SettingsError(ValueError):
+    """Settings that only the built model shows to be wrong (what its backbone can do: dilate, split into stages, give
+    a frozen bottom to cache), or a model folder that does not fit the run."""
+
+
 def option(default, help: str):
     """A field with its `--help` text (list defaults are copied for each instance)."""
     if isinstance(default, list):

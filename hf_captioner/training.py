@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from transformers import get_scheduler
 from transformers.image_utils import PILImageResampling
 
-from .arguments import TrainingArguments, parse_arguments
+from .arguments import SettingsError, TrainingArguments, parse_arguments
 from .backbones import image_settings, is_backbone_name
 from .configuration_captioner import CaptionerConfig
 from .data.feature_store import encode_split, stored_input
@@ -326,7 +326,12 @@ def train(args: TrainingArguments) -> dict:
         else:
             processor = CaptionerProcessor.from_pretrained(processor_dir)
     set_seed(args.seed)  # the model's initial weights do not depend on how the tokenizer was obtained
-    model = build_model(args, processor)
+    try:
+        model = build_model(args, processor)
+        if args.cache_features:
+            stored_input(model)  # an encoder with nothing to cache stops here, in every process, before any barrier
+    except ValueError as err:
+        raise SettingsError(str(err)) from err
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
     logger.info("Model: %.2fM parameters (%.2fM trainable)", model.num_parameters() / 1e6,
@@ -339,7 +344,6 @@ def train(args: TrainingArguments) -> dict:
 
     train_features = val_features = None
     if args.cache_features:
-        stored_input(model)  # an encoder with nothing to cache stops here, in every process, before any barrier
         with accelerator.main_process_first():
             model.to(accelerator.device)
             train_features, val_features = (

@@ -1,5 +1,6 @@
 """Training: arguments, a short run that learns, exact resume, multi-process launch, cached features."""
 
+import dataclasses
 import json
 import logging
 import math
@@ -201,6 +202,24 @@ def test_the_train_command_says_a_missing_checkpoint_or_a_taken_output_dir_in_on
         with pytest.raises(SystemExit) as stop:
             train_command.main(["--report_to", "none", *argv])
         assert str(stop.value.code).startswith("hf-captioner train: error: ") and message in str(stop.value.code)
+
+
+@pytest.mark.parametrize("model, message", [
+    ({"vision_backbone": "timm:mobilenetv3_small_050", "encoder_trainable_stages": 1}, "set cache_features false"),
+    ({"vision_backbone": "torchvision:resnet18", "vision_output_stride": 16, "encoder_trainable_stages": 0},
+     "bottleneck ResNets"),
+])  # fmt: skip
+def test_the_train_command_says_what_the_backbone_cannot_do_in_one_line(model, message, tmp_path):
+    """Only the built network knows whether it splits into a cacheable bottom or dilates: the command still ends in
+    one line naming the setting, not a traceback."""
+    config = tmp_path / "run.yaml"
+    args = dataclasses.asdict(tiny_arguments(tmp_path / "run", report_to="none")) | {"cache_features": True}
+    args["model"] = {k: v for k, v in args["model"].items() if k != "vision_config"} | model
+    config.write_text(yaml.safe_dump(args))
+    with pytest.raises(SystemExit) as stop:
+        train_command.main(["--config", str(config)])
+    assert str(stop.value.code).startswith("hf-captioner train: error: ") and message in str(stop.value.code)
+    assert "\n" not in str(stop.value.code)
 
 
 def test_an_interrupted_run_resumes_to_the_same_weights(tmp_path, monkeypatch):

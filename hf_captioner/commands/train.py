@@ -8,7 +8,7 @@ Every field of `hf_captioner.arguments.TrainingArguments` can be set in the YAML
 import logging
 import sys
 
-from hf_captioner.arguments import parse_arguments
+from hf_captioner.arguments import SettingsError, parse_arguments
 from hf_captioner.cli import configure_logging
 
 logger = logging.getLogger("hf_captioner.training")
@@ -22,7 +22,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     try:
         return train(args)
-    except (DataError, FileExistsError, FileNotFoundError) as err:  # the user's data, folders or checkpoints
+    except (DataError, SettingsError, FileExistsError, FileNotFoundError) as err:  # the user's data, settings, folders
         logger.debug("The run stopped", exc_info=True)
         sys.exit(f"hf-captioner train: error: {err}")
 
