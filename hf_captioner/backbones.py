@@ -57,13 +57,16 @@ def build_backbone(spec: str, pretrained: bool = False, output_stride: int = 32,
         except ImportError:
             raise ImportError(f"vision_backbone={spec!r} needs the timm package: pip install timm") from None
         stride_kwargs = {"output_stride": output_stride} if dilated else {}
+        refusal = f"vision_backbone={spec!r} cannot run at vision_output_stride={output_stride}: timm does not dilate"
         try:
             network = timm.create_model(name, pretrained=pretrained, **stride_kwargs, **load_kwargs)
         except (TypeError, AssertionError, NotImplementedError) as err:
             if not dilated:
                 raise
-            raise ValueError(f"vision_backbone={spec!r} cannot run at vision_output_stride={output_stride}: "
-                             f"timm does not dilate this network ({err})") from None  # fmt: skip
+            raise ValueError(f"{refusal} this network ({err})") from None
+        info = getattr(network, "feature_info", None)  # a network that takes the argument but ignores it
+        if dilated and not (info and info[-1]["reduction"] == output_stride):
+            raise ValueError(f"{refusal} this network (its last map stays at stride 32)")
         network.reset_classifier(0, "")  # keep the trunk (and EfficientNet's conv_head): no pooling, no classifier
         return network, network.num_features
     try:

@@ -5,8 +5,9 @@ captions of Flickr-like lengths):
 - training step (forward + backward + AdamW) of the decoder on cached region features, batch 32;
 - the same end to end through a ResNet-101-shaped encoder, frozen, and with its last two stages fine-tuned;
 - the Flickr8k CPU recipe's model (EfficientNet-Lite0, 7 x 7 x 1280 regions, 4,000 words), batch 64: on cached
-  regions (also 14 x 14 of them, its last stage dilated), and with its last stage fine-tuning, from the images or from the cached output of its frozen bottom
-  (one image per caption, and five captions per image as `group_captions_by_image` batches them);
+  regions (also 14 x 14 of them, its last stage dilated), and with its last stage fine-tuning, from the images or
+  from the cached output of its frozen bottom (one image per caption, and five captions per image as
+  `group_captions_by_image` batches them);
 - caption generation, greedy and 3 / 5 beams, one image at a time and in batches, encoder included and excluded;
 - training on cached features and captioning in float32 and, where the CPU multiplies bfloat16 in hardware
   (AVX512-BF16 or AMX), under bf16 autocast; elsewhere the bf16 cases are skipped (torch's fallback is hundreds of
