@@ -11,6 +11,7 @@ from .backbones import OUTPUT_STRIDES, parse_backbone
 
 RNN_TYPES = ("lstm", "gru")
 CROSS_ATTENTION_KINDS = ("additive", "dot", "scaled_dot")
+NORM_STATISTICS = ("batch", "frozen")
 DECODER_IMPLEMENTATIONS = ("packed", "reference")
 ATTENTION_PENALTY_FORMS = ("coverage", "doubly_stochastic")
 CHOICES = {
@@ -18,6 +19,7 @@ CHOICES = {
     "cross_attention": CROSS_ATTENTION_KINDS,
     "decoder_implementation": DECODER_IMPLEMENTATIONS,
     "attention_penalty_form": ATTENTION_PENALTY_FORMS,
+    "encoder_norm_statistics": NORM_STATISTICS,
 }
 
 # A ResNet-101 shaped backbone (random init unless started with `from_vision_pretrained`), last stage only.
@@ -53,6 +55,9 @@ class CaptionerConfig(PreTrainedConfig):
     vision_output_stride: int = 32
     grid_size: int = 14  # the last feature map is average-pooled to grid_size x grid_size regions (14 as in SAT)
     encoder_trainable_stages: int = 0  # how many of the backbone's last stages fine-tune: 0 = frozen, -1 = all
+    # BatchNorm of the fine-tuning stages in training: "batch" statistics, or the pretrained ones kept ("frozen": the
+    # network sees the statistics it was trained with, whatever the batch; its scale and shift still train)
+    encoder_norm_statistics: str = "batch"
     embed_dim: int = 512  # word embedding width
     hidden_size: int = 512  # recurrent state width
     attention_dim: int = 512  # width of the cross-attention scoring space

@@ -161,6 +161,7 @@ class CaptionerGridEncoder(nn.Module):
             self.backbone, self.num_channels = build_backbone(config.vision_backbone,
                                                               output_stride=config.vision_output_stride)
         self.pool = nn.AdaptiveAvgPool2d(config.grid_size)
+        self.norm_statistics = config.encoder_norm_statistics
         self.set_trainable_stages(config.encoder_trainable_stages)
 
     def set_trainable_stages(self, num_stages: int) -> None:
@@ -191,11 +192,14 @@ class CaptionerGridEncoder(nn.Module):
         return not any(p.requires_grad for p in self.backbone.parameters())
 
     def train(self, mode: bool = True) -> CaptionerGridEncoder:
-        """Frozen normalisation layers keep their ImageNet statistics: they stay in eval mode while training."""
+        """Frozen normalisation layers keep their ImageNet statistics: they stay in eval mode while training, and so
+        do the fine-tuning ones under `encoder_norm_statistics="frozen"`."""
         super().train(mode)
+        keep_all = self.norm_statistics == "frozen"
         for module in self.backbone.modules():
             params = list(module.parameters(recurse=False))
-            if isinstance(module, nn.modules.batchnorm._BatchNorm) and not any(p.requires_grad for p in params):
+            frozen = not any(p.requires_grad for p in params)
+            if isinstance(module, nn.modules.batchnorm._BatchNorm) and (frozen or keep_all):
                 module.eval()
         return self
 

@@ -119,6 +119,24 @@ def test_a_dilated_lite0_fine_tunes_its_last_stage_from_the_cached_bottom():
                                    model(pixel_values=pixel_values, labels=labels).loss, rtol=1e-5, atol=1e-6)  # fmt: skip
 
 
+@pytest.mark.parametrize("statistics", ["batch", "frozen"])
+def test_the_fine_tuned_stages_batchnorm_keeps_its_statistics_when_asked(statistics):
+    """encoder_norm_statistics="frozen": the fine-tuned top normalises with the pretrained statistics whatever the
+    batch (its running averages never move) while its BatchNorm scale and shift still learn."""
+    torch.manual_seed(0)
+    model = CaptionerForConditionalGeneration(tiny_config(
+        vision_backbone="timm:tf_efficientnet_lite0", encoder_trainable_stages=1,
+        encoder_norm_statistics=statistics)).train()  # fmt: skip
+    norm = model.encoder.backbone.bn2  # the head's BatchNorm, in the fine-tuned stage
+    mean, scale = norm.running_mean.clone(), norm.weight.detach().clone()
+    loss = model(pixel_values=torch.randn(2, 3, 64, 64), labels=torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100]])).loss
+    loss.backward()
+    torch.optim.SGD(model.parameters(), lr=0.1).step()
+    assert norm.training == (statistics == "batch")
+    assert torch.equal(norm.running_mean, mean) == (statistics == "frozen")
+    assert not torch.equal(norm.weight, scale)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"vision_backbone": "torchvision:resnet18"}, "bottleneck ResNets"),  # basic blocks do not dilate
     ({"vision_backbone": "timm:mobilenetv3_small_050"}, "timm does not dilate"),
