@@ -23,8 +23,8 @@ test: lint
 demo: $(INSTALLED)
 	$(OFFLINE) $(VENV)/bin/hf-captioner demo
 
-# The README's best Flickr8k model from scratch, every stage in order (timed stage by stage on the 2-core CPU, see the
-# README: about 3 h in all): ImageNet Lite2 weights, its features cached by the first run, 5 epochs of cross-entropy,
+# The README's best Flickr8k model from scratch, every stage in order (timed stage by stage on the 2-core CPU: about
+# 2 h 45 min in all): ImageNet Lite2 weights, its features cached by the first run, 5 epochs of cross-entropy,
 # self-critical training on CIDEr-D, one more epoch of it at 2e-5; the dev scores at the end.
 FLICKR8K ?= ../shared/data/flickr8k
 FLICKR8K_DATA := --data $(FLICKR8K) --images_dir $(FLICKR8K)/images_224 --overwrite_output_dir true
