@@ -18,7 +18,8 @@ from torch import nn
 from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 LIBRARIES = ("timm", "torchvision")  # the libraries a backbone name may come from (transformers ones have no name)
-OUTPUT_STRIDES = (16, 32)  # of the last feature map: 16 dilates the last stride-2 stage (DeepLab's way)
+NATIVE_OUTPUT_STRIDE = 32  # of the last feature map of every network here, undilated
+OUTPUT_STRIDES = (16, NATIVE_OUTPUT_STRIDE)  # 16 dilates the last stride-2 stage instead (DeepLab's way)
 
 
 def parse_backbone(spec: str) -> tuple[str, str]:
@@ -43,46 +44,65 @@ def pretrained_source(name: str) -> tuple[str, str]:
     return name, name
 
 
-def build_backbone(spec: str, pretrained: bool = False, output_stride: int = 32, **load_kwargs
+def dilation_kwargs(library: str, output_stride: int) -> dict:
+    """What asks the library's constructor for the output stride (nothing at the native one)."""
+    if output_stride == NATIVE_OUTPUT_STRIDE:
+        return {}
+    if library == "timm":
+        return {"output_stride": output_stride}
+    return {"replace_stride_with_dilation": [False, False, True]}  # torchvision: layer4 of a bottleneck ResNet
+
+
+def check_output_stride(spec: str, output_stride: int) -> None:
+    """Refuses, naming the setting, a network that cannot give `output_stride`. It builds the network's skeleton on
+    the meta device (no weights, no download, no random numbers drawn), so it can run before anything is fetched."""
+    if output_stride == NATIVE_OUTPUT_STRIDE:
+        return
+    library, name = parse_backbone(spec)
+    refusal = f"vision_backbone={spec!r} cannot run at vision_output_stride={output_stride}"
+    if library == "torchvision":
+        refusal += (": of torchvision's networks only bottleneck ResNets (ResNet-50 and deeper, ResNeXt, Wide ResNet) "
+                    "dilate their last stage")  # fmt: skip
+    else:
+        refusal += ": timm does not dilate this network"
+    try:
+        with torch.device("meta"):
+            network = create_network(library, name, pretrained=False, output_stride=output_stride)
+    except (TypeError, AssertionError, NotImplementedError) as err:
+        raise ValueError(f"{refusal} ({err})") from None
+    info = getattr(network, "feature_info", None)  # a timm network that takes the argument but ignores it
+    if library == "timm" and not (info and info[-1]["reduction"] == output_stride):
+        raise ValueError(f"{refusal} (its last map stays at stride {NATIVE_OUTPUT_STRIDE})")
+
+
+def create_network(library: str, name: str, pretrained: bool, output_stride: int, **load_kwargs) -> nn.Module:
+    """The whole network (classifier included) from its library."""
+    if library == "timm":
+        try:
+            import timm
+        except ImportError:
+            raise ImportError(f"vision_backbone='timm:{name}' needs the timm package: pip install timm") from None
+        return timm.create_model(name, pretrained=pretrained, **dilation_kwargs(library, output_stride), **load_kwargs)
+    try:
+        import torchvision
+    except ImportError:
+        raise ImportError(f"vision_backbone='torchvision:{name}' needs the torchvision package") from None
+    weights = load_kwargs.get("weights", "DEFAULT") if pretrained else None
+    return torchvision.models.get_model(name, weights=weights, **dilation_kwargs(library, output_stride))
+
+
+def build_backbone(spec: str, pretrained: bool = False, output_stride: int = NATIVE_OUTPUT_STRIDE, **load_kwargs
                    ) -> tuple[nn.Module, int]:  # fmt: skip
     """A timm or torchvision network cut to its last feature map, with its channel count. Saved captioners rebuild
     it randomly initialised (their checkpoint holds the weights); `pretrained` (timm: also `checkpoint_path=...`;
     torchvision: `weights=...`) is for starting a new captioner. At `output_stride` 16 the last stride-2 stage
     dilates instead: the weights are the same, so a stride-32 checkpoint loads into it."""
     library, name = parse_backbone(spec)  # a timm name may be a Hub source, "hf-hub:timm/NAME"
-    dilated = output_stride != 32
+    check_output_stride(spec, output_stride)
+    network = create_network(library, name, pretrained, output_stride, **load_kwargs)
     if library == "timm":
-        try:
-            import timm
-        except ImportError:
-            raise ImportError(f"vision_backbone={spec!r} needs the timm package: pip install timm") from None
-        stride_kwargs = {"output_stride": output_stride} if dilated else {}
-        refusal = f"vision_backbone={spec!r} cannot run at vision_output_stride={output_stride}: timm does not dilate"
-        try:
-            network = timm.create_model(name, pretrained=pretrained, **stride_kwargs, **load_kwargs)
-        except (TypeError, AssertionError, NotImplementedError) as err:
-            if not dilated:
-                raise
-            raise ValueError(f"{refusal} this network ({err})") from None
-        info = getattr(network, "feature_info", None)  # a network that takes the argument but ignores it
-        if dilated and not (info and info[-1]["reduction"] == output_stride):
-            raise ValueError(f"{refusal} this network (its last map stays at stride 32)")
         network.reset_classifier(0, "")  # keep the trunk (and EfficientNet's conv_head): no pooling, no classifier
         return network, network.num_features
-    try:
-        import torchvision
-    except ImportError:
-        raise ImportError(f"vision_backbone={spec!r} needs the torchvision package") from None
-    weights = load_kwargs.get("weights", "DEFAULT") if pretrained else None
-    stride_kwargs = {"replace_stride_with_dilation": [False, False, True]} if dilated else {}
-    try:
-        network = torchvision.models.get_model(name, weights=weights, **stride_kwargs)
-    except (TypeError, NotImplementedError) as err:
-        if not dilated:
-            raise
-        raise ValueError(f"vision_backbone={spec!r} cannot run at vision_output_stride={output_stride}: of "
-                         f"torchvision's networks only bottleneck ResNets (ResNet-50 and deeper, ResNeXt, Wide "
-                         f"ResNet) dilate their last stage ({err})") from None  # fmt: skip
     if hasattr(network, "features"):  # VGG, EfficientNet, MobileNet, DenseNet, ConvNeXt
         trunk = network.features
     else:  # ResNet-like: everything before global pooling and the classifier

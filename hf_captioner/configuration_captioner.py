@@ -7,7 +7,7 @@ nothing from `hf_captioner` except, relatively, its sibling files.
 from transformers import AutoConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
-from .backbones import OUTPUT_STRIDES, parse_backbone
+from .backbones import NATIVE_OUTPUT_STRIDE, OUTPUT_STRIDES, parse_backbone
 
 RNN_TYPES = ("lstm", "gru")
 CROSS_ATTENTION_KINDS = ("additive", "dot", "scaled_dot")
@@ -52,7 +52,7 @@ class CaptionerConfig(PreTrainedConfig):
     vision_backbone: str | None = None  # or a timm / torchvision network: "timm:NAME", "torchvision:NAME"
     # 16: the timm / torchvision backbone's last stride-2 stage dilates instead (same weights, a map twice as fine:
     # 14 x 14 at 224 px, as SAT's VGG conv5_4), at about 4x that stage's cost
-    vision_output_stride: int = 32
+    vision_output_stride: int = NATIVE_OUTPUT_STRIDE
     grid_size: int = 14  # the last feature map is average-pooled to grid_size x grid_size regions (14 as in SAT)
     encoder_trainable_stages: int = 0  # how many of the backbone's last stages fine-tune: 0 = frozen, -1 = all
     # BatchNorm of the fine-tuning stages in training: "batch" statistics, or the pretrained ones kept ("frozen": the
@@ -143,9 +143,9 @@ class CaptionerConfig(PreTrainedConfig):
         if self.vision_output_stride not in OUTPUT_STRIDES:
             raise ValueError(f"CaptionerConfig.vision_output_stride must be one of {OUTPUT_STRIDES}, "
                              f"got {self.vision_output_stride!r}")  # fmt: skip
-        if self.vision_output_stride != 32 and self.vision_backbone is None:
+        if self.vision_output_stride != NATIVE_OUTPUT_STRIDE and self.vision_backbone is None:
             raise ValueError("CaptionerConfig.vision_output_stride: only a timm / torchvision backbone "
-                             "(vision_backbone) can dilate its last stage; transformers backbones keep stride 32")
+                             "(vision_backbone) can dilate its last stage; transformers backbones keep their stride")
         if self.vision_backbone is not None:
             try:
                 parse_backbone(self.vision_backbone)

@@ -32,6 +32,7 @@ from transformers.utils import logging
 from .backbones import (
     backbone_stages,
     build_backbone,
+    check_output_stride,
     is_backbone_name,
     last_feature_map,
     layer_sequence,
@@ -535,9 +536,11 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         name = vision_model_name_or_path
         if is_backbone_name(name):
             spec, source = pretrained_source(name)
+            config = CaptionerConfig(vision_backbone=spec, **config_kwargs)  # bad settings end before any download
+            check_output_stride(spec, config.vision_output_stride)
             pretrained = "checkpoint_path" not in vision_kwargs
             backbone, _ = build_backbone(source, pretrained=pretrained, **vision_kwargs)
-            model = cls(CaptionerConfig(vision_backbone=spec, **config_kwargs))
+            model = cls(config)
             model.encoder.backbone.load_state_dict(backbone.state_dict())
             return model
         # the concrete backbone class, not AutoBackbone.from_pretrained, which asks the Hub even for a local folder

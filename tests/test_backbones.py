@@ -91,11 +91,15 @@ def test_a_timm_stage_holds_the_blocks_before_its_stride_mark(output_stride):
 @pytest.mark.parametrize("spec", ["timm:resnet10t", "timm:tf_efficientnet_lite0", "torchvision:resnet50"])
 def test_output_stride_16_dilates_the_last_stage_of_the_same_weights(spec, tmp_path):
     """A 14 x 14 grid from the ImageNet weights: the stride-32 network's weights load unchanged into the dilated
-    one, whose last map is twice as fine, and a saved model keeps its stride."""
+    one, whose last map is twice as fine, and a saved model keeps its stride. A seed gives the same captioner at
+    either stride (checking the stride draws no random numbers), so the two grids compare from the same start."""
     torch.manual_seed(0)
     coarse = CaptionerForConditionalGeneration(tiny_config(vision_backbone=spec)).eval()
+    torch.manual_seed(0)
     fine = CaptionerForConditionalGeneration(tiny_config(vision_backbone=spec, vision_output_stride=16)).eval()
-    fine.encoder.backbone.load_state_dict(coarse.encoder.backbone.state_dict())  # strict: every tensor fits
+    coarse_weights, fine_weights = coarse.state_dict(), fine.state_dict()
+    assert coarse_weights.keys() == fine_weights.keys()
+    assert all(torch.equal(coarse_weights[name], fine_weights[name]) for name in coarse_weights)
     pixel_values = torch.randn(1, 3, 128, 128)
     with torch.no_grad():
         assert last_feature_map(coarse.encoder.library, coarse.encoder.backbone, pixel_values).shape[-2:] == (4, 4)
@@ -137,6 +141,13 @@ def test_the_fine_tuned_stages_batchnorm_keeps_its_statistics_when_asked(statist
 def test_an_output_stride_a_backbone_cannot_give_is_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=f"vision_output_stride.*{message}"):
         CaptionerForConditionalGeneration(tiny_config(**{"vision_output_stride": 16, **overrides}))
+
+
+def test_from_vision_pretrained_refuses_an_output_stride_before_fetching_weights():
+    """The network's skeleton says it cannot dilate before its ImageNet weights are asked for (offline, as here, the
+    Hub would otherwise fail first, with a message that does not name the setting)."""
+    with pytest.raises(ValueError, match="vision_output_stride=16: timm does not dilate"):
+        CaptionerForConditionalGeneration.from_vision_pretrained("timm:mobilenetv3_small_050", vision_output_stride=16)
 
 
 def test_a_backbone_that_is_not_a_layer_sequence_cannot_cache_its_bottom():

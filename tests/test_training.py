@@ -1,6 +1,7 @@
 """Training: arguments, a short run that learns, exact resume, multi-process launch, cached features."""
 
 import dataclasses
+import itertools
 import json
 import logging
 import math
@@ -16,7 +17,7 @@ from conftest import TINY_VISION, tiny_arguments
 from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor
 
-from hf_captioner import training
+from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration, training
 from hf_captioner.arguments import parse_arguments
 from hf_captioner.commands import train as train_command
 from hf_captioner.data.feature_store import FeatureStore, encode_split, feature_cache_key
@@ -304,9 +305,14 @@ def test_cached_features_give_the_first_batch_loss_of_a_frozen_end_to_end_model(
     assert feature_cache_key(AutoModel.from_pretrained(tmp_path / "model"), processor, data["train"]) == key
     model.config.grid_size = 3
     assert feature_cache_key(model, processor, data["train"]) != key
-    grid_key = feature_cache_key(model, processor, data["train"])
-    model.config.vision_output_stride = 16  # same weights, other features
-    assert feature_cache_key(model, processor, data["train"]) not in (key, grid_key)
+    # a dilated network: the same weights give other regions, but the same frozen bottom (it ends before the dilation)
+    keys = {}
+    for stride, stages in itertools.product((32, 16), (0, 1)):
+        torch.manual_seed(0)
+        lite = CaptionerForConditionalGeneration(CaptionerConfig(
+            vision_backbone="timm:tf_efficientnet_lite0", vision_output_stride=stride, encoder_trainable_stages=stages))
+        keys[stride, stages] = feature_cache_key(lite, processor, data["train"])
+    assert keys[16, 0] != keys[32, 0] and keys[16, 1] == keys[32, 1]
 
 
 def test_training_from_cached_features_saves_a_full_model(tmp_path):

@@ -57,8 +57,10 @@ def feature_cache_key(model, processor, dataset) -> str:
         bottom = model.encoder.split_layers()[0]
         weights = {f"{i}.{name}": t for i, layer in enumerate(bottom) for name, t in layer.state_dict().items()}
         stored = f"{stored} of {len(bottom)} layers"
+        computing = list(bottom)
     else:
         weights = model.encoder.state_dict()
+        computing = [model.encoder]
     digest = hashlib.sha256()
     for name, tensor in sorted(weights.items()):
         digest.update(name.encode())
@@ -70,10 +72,17 @@ def feature_cache_key(model, processor, dataset) -> str:
         "image_processor": {k: v for k, v in processor.image_processor.to_dict().items() if k not in BOOKKEEPING},
         "data": dataset._fingerprint,
     }
-    if model.config.vision_output_stride != 32:  # the same weights give other features; absent at 32 (older keys)
+    if any_dilated(computing):  # the same weights give other features; absent when undilated (older keys)
         description["vision_output_stride"] = model.config.vision_output_stride
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
+
+
+def any_dilated(modules: list[torch.nn.Module]) -> bool:
+    """Whether a convolution in `modules` is dilated: a dilated network's frozen bottom usually ends before its dilated
+    stage, and then stores the same features at either output stride."""
+    return any(isinstance(m, torch.nn.Conv2d) and max(m.dilation) > 1
+               for module in modules for m in module.modules())  # fmt: skip
 
 
 def shard_path(folder: Path, index: int) -> Path:
