@@ -12,8 +12,6 @@ from string import Template
 
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
-from .backbones import NATIVE_OUTPUT_STRIDE
-
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 FIGURES_DIR = "attention"  # attention figures saved with a model (`hf-captioner caption --attention <model>/attention`)
 METRIC_NAMES = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
@@ -141,6 +139,8 @@ def _figure_text(model_dir: Path) -> str:
 
 
 def _backbone_text(config: dict) -> str:
+    from .backbones import NATIVE_OUTPUT_STRIDE  # here: backbones imports torch, which `--help` must not
+
     if config.get("vision_backbone"):  # a timm / torchvision network: its name says it all
         stride = config.get("vision_output_stride", NATIVE_OUTPUT_STRIDE)
         dilated = f" at output stride {stride} (last stage dilated)" if stride != NATIVE_OUTPUT_STRIDE else ""

@@ -13,6 +13,7 @@ from conftest import tiny_config
 from hf_captioner import CaptionerForConditionalGeneration
 from hf_captioner.backbones import image_settings, last_feature_map
 from hf_captioner.conversion import map_by_position
+from hf_captioner.model_card import render_model_card
 
 REPO = Path(__file__).resolve().parents[1]
 SMALL_NETWORKS = [
@@ -91,7 +92,7 @@ def test_a_timm_stage_holds_the_blocks_before_its_stride_mark(output_stride):
 @pytest.mark.parametrize("spec", ["timm:resnet10t", "timm:tf_efficientnet_lite0", "torchvision:resnet50"])
 def test_output_stride_16_dilates_the_last_stage_of_the_same_weights(spec, tmp_path):
     """A 14 x 14 grid from the ImageNet weights: the stride-32 network's weights load unchanged into the dilated
-    one, whose last map is twice as fine, and a saved model keeps its stride. A seed gives the same captioner at
+    one, whose last map is twice as fine, and a saved model keeps its stride (its card says so). A seed gives the same captioner at
     either stride (checking the stride draws no random numbers), so the two grids compare from the same start."""
     torch.manual_seed(0)
     coarse = CaptionerForConditionalGeneration(tiny_config(vision_backbone=spec)).eval()
@@ -108,6 +109,7 @@ def test_output_stride_16_dilates_the_last_stage_of_the_same_weights(spec, tmp_p
     fine.save_pretrained(tmp_path)
     loaded = CaptionerForConditionalGeneration.from_pretrained(tmp_path).eval()
     assert loaded.config.vision_output_stride == 16
+    assert f"`{spec}` at output stride 16 (last stage dilated)" in render_model_card(tmp_path)
     labels = torch.tensor([[5, 6, 7, 2]])
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values=pixel_values, labels=labels).logits,
