@@ -91,9 +91,9 @@ def test_a_timm_stage_holds_the_blocks_before_its_stride_mark(output_stride):
 
 @pytest.mark.parametrize("spec", ["timm:resnet10t", "timm:tf_efficientnet_lite0", "torchvision:resnet50"])
 def test_output_stride_16_dilates_the_last_stage_of_the_same_weights(spec, tmp_path):
-    """A 14 x 14 grid from the ImageNet weights: the stride-32 network's weights load unchanged into the dilated
-    one, whose last map is twice as fine, and a saved model keeps its stride (its card says so). A seed gives the same captioner at
-    either stride (checking the stride draws no random numbers), so the two grids compare from the same start."""
+    """A 14 x 14 grid from the ImageNet weights: the stride-32 network's weights fit the dilated one unchanged, whose
+    last map is twice as fine, and a saved model keeps its stride (its card says so). A seed gives the same captioner
+    at either stride (checking the stride draws no random numbers), so the two grids compare from the same start."""
     torch.manual_seed(0)
     coarse = CaptionerForConditionalGeneration(tiny_config(vision_backbone=spec)).eval()
     torch.manual_seed(0)
