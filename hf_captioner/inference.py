@@ -49,9 +49,8 @@ def speed_options(model, bf16: bool = False, channels_last: bool = False, compil
         warn_if_bf16_is_slow(model.device)
     if channels_last:
         model.to(memory_format=torch.channels_last)
-    if compile_step:  # the step generation runs: the fused one of the fast path, or the reference one
-        name = "fast_step" if model.config.decoder_implementation == "packed" else "step"
-        setattr(model.decoder, name, torch.compile(getattr(model.decoder, name), dynamic=True))
+    if compile_step:
+        model.decoder.compile_steps()
     return torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=bf16)
 
 

@@ -11,7 +11,9 @@ nothing from `hf_captioner` except, relatively, its sibling files.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -43,7 +45,7 @@ from .backbones import (
     top_layers_start,
 )
 from .configuration_captioner import CaptionerConfig
-from .packed_decoding import DecoderProducts, compute_dtype, fused_step, packed_teacher_forcing
+from .packed_decoding import PackedProducts, packed_decoding
 
 logger = logging.get_logger(__name__)
 
@@ -111,7 +113,7 @@ class CaptionerCache:
         self.rows_per_image = rows_per_image
         self.seen_tokens = seen_tokens
         self._scratch: torch.Tensor | None = None
-        self.products: DecoderProducts | None = None  # the fast path's fused weights, made once per generate() call
+        self.products: PackedProducts | None = None  # the packed path's stacked weights, made once per generate()
 
     def scratch(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         """A buffer reused from step to step for the attention's largest temporary (B, n, k, A) when no gradient is
@@ -361,11 +363,20 @@ class CaptionerSelfAttention(nn.Module):
         return self.out(attended), weights  # (B, H), (B, heads, M)
 
 
+class LinearPiece(NamedTuple):
+    """One linear map of a decoder step, or the columns of it that read one part of a concatenated input."""
+
+    name: str  # what its output is called in the step
+    weight: nn.Parameter  # (out, in) the whole map's weight
+    columns: slice = slice(None)  # the columns of `weight` that read this part
+    bias: torch.Tensor | None = None  # (out,) added once per map, with one of its parts
+
+
 class CaptionerDecoder(nn.Module):
     """The recurrent decoder: one word per step, from the embedding, the region context and the self-attention.
 
-    `step` is the reference implementation. `config.decoder_implementation = "packed"` trains with the equivalent,
-    faster runner of packed_decoding.py and generates with `fast_step`.
+    `step` is the math, once. The runner that `config.decoder_implementation` names (`DECODER_RUNNERS`) decides how
+    the steps run; `linear_maps` tells a runner that stacks products (packed_decoding.py) what each step multiplies.
     """
 
     def __init__(self, config: CaptionerConfig, region_dim: int):
@@ -384,6 +395,7 @@ class CaptionerDecoder(nn.Module):
         self.out_context = nn.Linear(region_dim, config.embed_dim, bias=False)
         self.dropout = nn.Dropout(config.dropout)
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size)
+        self.compiled_steps: dict[Callable, Callable] | None = None  # `compile_steps()`: step -> its compiled form
 
     def start(self, regions: torch.Tensor, rows_per_image: int = 1) -> CaptionerCache:
         """The state before the first word: h_0 (and c_0) from the mean region, projections of the regions; each
@@ -429,32 +441,54 @@ class CaptionerDecoder(nn.Module):
         deep = embedded + self.out_hidden(hidden) + self.out_context(context)  # (B, T, E)
         return self.lm_head(self.dropout(deep))
 
-    def fast_step(
-        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, noise: torch.Tensor | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """`step` computed by the fast path's fused products (packed_decoding.py), for inference."""
-        dtype = compute_dtype(regions)
-        if cache.products is None or cache.products.dtype != dtype:
-            cache.products = DecoderProducts(self, dtype, memory_in_hidden=False)
-        products = cache.products
-        step_input = products.embedding(embedded)
-        return fused_step(self, products, step_input, products.regions(regions), cache, scratch=cache.scratch,
-                          noise=noise)  # fmt: skip
+    def linear_maps(self) -> dict[str, list[LinearPiece]]:
+        """The step's linear maps grouped by the vector they read, for a runner that stacks each group into one
+        product: "hidden" h_{t-1}, "embedding" E y_{t-1}, "reads" [context, attended] (the cell's input after the
+        embedding), and with self-attention "attended" (its output layer) and "new_state" h_t (its key and value). A
+        map that reads a concatenation (the cell's input, the self-attention query) appears once per part, with the
+        part's columns; its bias rides with one part. Keep it beside `step`: a new layer there is listed here."""
+        e = self.embed_tokens.embedding_dim
+        attention, memory, cell = self.cross_attention, self.self_attention, self.cell
+        hidden = [LinearPiece("query", attention.query_proj.weight, bias=attention.query_proj.bias),
+                  LinearPiece("gate", attention.gate.weight, bias=attention.gate.bias)]  # fmt: skip
+        embedding, maps = [], {}
+        if memory is not None:  # its query reads [embedding, h_{t-1}]
+            hidden.append(LinearPiece("memory_query", memory.query.weight, slice(e, None)))
+            embedding.append(LinearPiece("memory_query", memory.query.weight, slice(0, e), memory.query.bias))
+            maps["attended"] = [LinearPiece("attended", memory.out.weight, bias=memory.out.bias)]
+            maps["new_state"] = [LinearPiece("key_value", memory.key_value.weight, bias=memory.key_value.bias)]
+        hidden.append(LinearPiece("hidden_gates", cell.weight_hh, bias=cell.bias_hh))
+        embedding.append(LinearPiece("input_gates", cell.weight_ih, slice(0, e), cell.bias_ih))  # cell input: [e, ..]
+        reads = [LinearPiece("input_gates", cell.weight_ih, slice(e, None))]  # .. context, attended]
+        return {"hidden": hidden, "embedding": embedding, "reads": reads, **maps}
+
+    def compile_steps(self) -> None:
+        """From now on, the step function generation runs (the reference `step` or a runner's) is `torch.compile`d
+        (dynamic shapes), once per function."""
+        self.compiled_steps = {}
+
+    def compiled(self, step: Callable) -> Callable:
+        """`step`, compiled when `compile_steps` asked for it."""
+        if self.compiled_steps is None:
+            return step
+        if step not in self.compiled_steps:
+            self.compiled_steps[step] = torch.compile(step, dynamic=True)
+        return self.compiled_steps[step]
 
     def forward(
         self,
         input_ids: torch.LongTensor,
         regions: torch.Tensor,
         cache: CaptionerCache,
-        fast: bool = False,
         noise: torch.Tensor | None = None,
+        step: Callable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """Run the T input words through the recurrence from `cache` (teacher forcing, or steps of generation), with
-        `step`, or with `fast_step` when `fast`; `noise` (B, T) draws the regions read (hard attention). Returns logits
-        (B, T, V), cross-attention (B, T, k), self-attention (B, heads, T, P + T) or None."""
+        """Run the T input words through the recurrence from `cache` (teacher forcing, or steps of generation), one
+        `step` (default: the reference one) per word; `noise` (B, T) draws the regions read (hard attention). Returns
+        logits (B, T, V), cross-attention (B, T, k), self-attention (B, heads, T, P + T) or None."""
         past = cache.seen_tokens
         embedded = self.embed_tokens(input_ids)  # (B, T, E)
-        step = self.fast_step if fast else self.step
+        step = step if step is not None else self.compiled(self.step)
         hiddens, contexts, cross_weights, self_weights = [], [], [], []
         for t in range(input_ids.shape[1]):
             context, cross, self_w = step(embedded[:, t], regions, cache, None if noise is None else noise[:, t])
@@ -472,6 +506,29 @@ class CaptionerDecoder(nn.Module):
         if not step_weights or step_weights[0] is None:
             return None
         return torch.stack([F.pad(w, (0, memory - w.shape[-1])) for w in step_weights], dim=2)
+
+
+def reference_decoding(
+    decoder: CaptionerDecoder,
+    input_ids: torch.LongTensor,
+    regions: torch.Tensor,
+    cache: CaptionerCache | None,
+    lengths: torch.LongTensor | None = None,
+    noise: torch.Tensor | None = None,
+    keep_cache: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, CaptionerCache | None]:
+    """The paper's loop: one `decoder.step` per word, from `cache` or from a fresh start (R / B rows per image). The
+    definition every other runner is tested against. `lengths` (R,) of the real targets, and `keep_cache` (the caller
+    continues from the cache), are what a faster runner may use; this one needs neither."""
+    cache = cache if cache is not None else decoder.start(regions, input_ids.shape[0] // regions.shape[0])
+    return (*decoder(input_ids, regions, cache, noise), cache)
+
+
+# `config.decoder_implementation` -> the runner of the decoder's steps, as transformers' ALL_ATTENTION_FUNCTIONS picks
+# an attention kernel. Every runner takes (decoder, input_ids (R, T), regions (B, k, C), cache or None, lengths (R,) or
+# None, noise (R, T) or None, keep_cache) and returns logits (R, T, V), cross-attention (R, T, k), self-attention
+# (R, heads, T, P + T) or None, and the cache to continue from (None when keep_cache is False and it kept none).
+DECODER_RUNNERS: dict[str, Callable] = {"reference": reference_decoding, "packed": packed_decoding}
 
 
 class CaptionerPreTrainedModel(PreTrainedModel):
@@ -643,6 +700,44 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         use_cache = use_cache if use_cache is not None else not self.training
 
+        regions = self.regions(pixel_values, encoder_outputs, frozen_features, image_index)  # (R or B, k, C)
+        if decoder_input_ids is None:
+            if labels is None:
+                raise ValueError("CaptionerForConditionalGeneration needs `decoder_input_ids` or `labels`")
+            decoder_input_ids = self.shift_labels_right(labels)
+        self.check_rows(decoder_input_ids, regions)
+        cache = self.one_cache(cache, past_key_values)
+        noise = self.region_noise(decoder_input_ids, sample_regions)  # (R, T) or None
+        lengths = None if labels is None else (labels != -100).sum(dim=1)  # padding is on the right
+        runner = DECODER_RUNNERS[self.config.decoder_implementation]
+        logits, cross_attentions, self_attentions, cache = runner(
+            self.decoder, decoder_input_ids, regions, cache, lengths, noise, use_cache
+        )
+        token_loss = attention_loss = None
+        if labels is not None:
+            token_loss, attention_loss = self.losses(logits, labels, cross_attentions, noise)
+
+        output = CaptionerOutput(
+            loss=None if labels is None else token_loss + attention_loss,
+            logits=logits,
+            **{CACHE_NAME: cache if use_cache else None},
+            decoder_attentions=self_attentions if output_attentions else None,
+            cross_attentions=cross_attentions if output_attentions else None,
+            encoder_last_hidden_state=regions,
+            token_loss=token_loss,
+            attention_loss=attention_loss,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def regions(
+        self,
+        pixel_values: torch.FloatTensor | None,
+        encoder_outputs: BaseModelOutput | tuple | torch.Tensor | None,
+        frozen_features: torch.Tensor | None,
+        image_index: torch.LongTensor | None,
+    ) -> torch.Tensor:
+        """The region features (B, k, C) from whichever input was given, one row per caption (R, k, C) when
+        `image_index` says which image each caption reads."""
         if encoder_outputs is None:
             if pixel_values is None and frozen_features is None:
                 raise ValueError(
@@ -656,62 +751,49 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         regions = encoder_outputs.last_hidden_state  # (B, k, C)
         if image_index is not None:
             regions = regions.index_select(0, image_index.to(regions.device))  # (R, k, C)
+        return regions
 
-        if decoder_input_ids is None:
-            if labels is None:
-                raise ValueError("CaptionerForConditionalGeneration needs `decoder_input_ids` or `labels`")
-            decoder_input_ids = self.shift_labels_right(labels)
-
+    @staticmethod
+    def check_rows(decoder_input_ids: torch.LongTensor, regions: torch.Tensor) -> None:
+        """Generation runs n consecutive rows per image (beams, returned sequences): any other count is an error."""
         rows_per_image, remainder = divmod(decoder_input_ids.shape[0], regions.shape[0])
         if remainder or not rows_per_image:
             raise ValueError(
                 f"{decoder_input_ids.shape[0]} caption rows for {regions.shape[0]} images: every image needs the "
                 "same whole number of consecutive rows"
             )
-        if past_key_values is not None:  # the cache's name under transformers < 5.24
-            if cache is not None:
-                raise ValueError("Pass the decoding cache as `cache` or as `past_key_values`, not both")
-            cache = past_key_values
+
+    @staticmethod
+    def one_cache(cache: CaptionerCache | None, past_key_values: CaptionerCache | None) -> CaptionerCache | None:
+        """The decoding cache, under its name from transformers 5.24 on (`cache`) or before (`past_key_values`)."""
+        if past_key_values is None:
+            return cache
+        if cache is not None:
+            raise ValueError("Pass the decoding cache as `cache` or as `past_key_values`, not both")
+        return past_key_values
+
+    def region_noise(self, decoder_input_ids: torch.LongTensor, sample_regions: bool | None) -> torch.Tensor | None:
+        """Uniform numbers (R, T) that draw the region each word reads (hard attention), or None (soft attention).
+        By default a training batch of a `hard_attention` model samples with probability 1 -
+        `hard_attention_expectation_prob`; drawn before the steps, so that every runner reads the same regions."""
         if sample_regions is None:
             sample_regions = self.training and self.config.hard_attention and (
                 torch.rand(()).item() >= self.config.hard_attention_expectation_prob
             )
-        noise = torch.rand(decoder_input_ids.shape, device=regions.device) if sample_regions else None  # (R, T)
-        fast = self.config.decoder_implementation == "packed"
-        if fast and cache is None and not use_cache and rows_per_image == 1:
-            lengths = None if labels is None else (labels != -100).sum(dim=1)  # padding is on the right
-            logits, cross_attentions, self_attentions = packed_teacher_forcing(
-                self.decoder, decoder_input_ids, regions, lengths, noise
-            )
-        else:
-            cache = cache if cache is not None else self.decoder.start(regions, rows_per_image)
-            fast = fast and not torch.is_grad_enabled()  # the fused weights are detached: inference only
-            logits, cross_attentions, self_attentions = self.decoder(decoder_input_ids, regions, cache, fast, noise)
+        return torch.rand(decoder_input_ids.shape, device=self.device) if sample_regions else None
 
-        loss = token_loss = attention_loss = None
-        if labels is not None:
-            token_loss = F.cross_entropy(
-                logits.float().flatten(0, 1),
-                labels.flatten(),
-                ignore_index=-100,
-                label_smoothing=self.config.label_smoothing,
-            )
-            attention_loss = self.attention_penalty(cross_attentions, labels != -100)
-            if noise is not None:
-                attention_loss = attention_loss + self.hard_attention_loss(logits, labels, cross_attentions, noise)
-            loss = token_loss + attention_loss
-
-        output = CaptionerOutput(
-            loss=loss,
-            logits=logits,
-            **{CACHE_NAME: cache if use_cache else None},
-            decoder_attentions=self_attentions if output_attentions else None,
-            cross_attentions=cross_attentions if output_attentions else None,
-            encoder_last_hidden_state=regions,
-            token_loss=token_loss,
-            attention_loss=attention_loss,
+    def losses(
+        self, logits: torch.Tensor, labels: torch.Tensor, cross_attentions: torch.Tensor, noise: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The token cross-entropy (padding ignored) and the attention loss (penalty, plus hard attention's surrogate
+        when the regions were sampled), reported apart; the loss is their sum."""
+        token_loss = F.cross_entropy(
+            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=self.config.label_smoothing
         )
-        return output if return_dict else output.to_tuple()
+        attention_loss = self.attention_penalty(cross_attentions, labels != -100)
+        if noise is not None:
+            attention_loss = attention_loss + self.hard_attention_loss(logits, labels, cross_attentions, noise)
+        return token_loss, attention_loss
 
     def attention_penalty(self, cross_attentions: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """lambda times how unevenly a caption's attention covers the image, over real steps, batch mean.

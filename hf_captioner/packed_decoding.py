@@ -1,33 +1,32 @@
-"""The fast decoder path (`CaptionerConfig.decoder_implementation = "packed"`, the default).
+"""The packed decoder path (`CaptionerConfig.decoder_implementation = "packed"`, the default).
 
-It computes what the reference decoder (`CaptionerDecoder.forward` / `step`) computes, arranged for speed; the
-equivalence tests (tests/test_modeling.py) pin the two together in loss, logits, attention, gradients and captions:
-- fused products: the layers of a step that read the same vector are one matrix product by their concatenated
-  weights (`FusedProduct`). h_{t-1} feeds the attention query, the beta gate, the self-attention query, the cell's
-  hidden product (and, in teacher forcing, the self-attention key/value of h_{t-1}); the embedding's share of the
-  self-attention query and of the cell's input product runs for all steps at once before the loop. The weights are
-  concatenated, and cast to autocast's dtype, once per forward (once per `generate()` call), not at every step;
+It computes what the reference decoder (`CaptionerDecoder.step`) computes, arranged for speed; the equivalence tests
+(tests/test_modeling.py) pin the two together in loss, logits, attention, gradients and captions:
+- stacked products: the linear maps of a step that read the same vector (`CaptionerDecoder.linear_maps` says which)
+  are one matrix product by their stacked weights (`StackedProduct`). h_{t-1} feeds the attention query, the beta
+  gate, the self-attention query, the cell's hidden product (and, in teacher forcing, the self-attention key/value of
+  h_{t-1}); the embedding's share of the self-attention query and of the cell's input product runs for all steps at
+  once before the loop. The weights are stacked, and cast to autocast's dtype, once per forward (once per
+  `generate()` call), not at every step;
 - length packing (teacher forcing): captions run longest first and each step runs only on those not yet ended;
-- deferred weight gradients (teacher forcing): the per-step products multiply by detached weights, and each fused
+- deferred weight gradients (teacher forcing): the per-step products multiply by detached weights, and each stacked
   weight's gradient is summed in one matrix product after the loop (`DeferredWeightGradients`), instead of one outer
   product per step.
 
+A decoder class without an entry in `PACKED_STEPS` runs its reference steps under this implementation too.
 `save_pretrained` copies this file next to the weights with the model, so it imports nothing else from hf_captioner.
 """
 
 from __future__ import annotations
 
 import typing
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 
 if typing.TYPE_CHECKING:
-    from .modeling_captioner import CaptionerCache, CaptionerDecoder
-
-Piece = tuple[nn.Parameter, slice]  # a weight and the columns of it that a fused product uses
-ALL = slice(None)
+    from .modeling_captioner import CaptionerCache, CaptionerDecoder, LinearPiece
 
 
 def compute_dtype(reference: torch.Tensor) -> torch.dtype:
@@ -36,18 +35,19 @@ def compute_dtype(reference: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else reference.dtype
 
 
-class FusedProduct:
-    """Several linear layers that read the same input as one product y = x W^T + b, W their weights (or some of
-    their columns) stacked row-wise, made once in the compute dtype; `split` hands each layer its share of y."""
+class StackedProduct:
+    """Several linear maps that read the same input as one product y = x W^T + b, W their weights (or the columns of
+    them that read this input) stacked row-wise, made once in the compute dtype; `split` names each map's share of y."""
 
-    def __init__(self, pieces: list[Piece], biases: list[torch.Tensor | None], dtype: torch.dtype, deferred=True):
+    def __init__(self, pieces: list[LinearPiece], dtype: torch.dtype, deferred: bool = True):
         """deferred: the weight is detached (its gradient comes from `DeferredWeightGradients`); else autograd's."""
         self.pieces = pieces
-        self.sizes = [weight.shape[0] for weight, _ in pieces]
-        weight = torch.cat([weight[:, columns] for weight, columns in pieces]).to(dtype)
+        self.names = [piece.name for piece in pieces]
+        self.sizes = [piece.weight.shape[0] for piece in pieces]
+        weight = torch.cat([piece.weight[:, piece.columns] for piece in pieces]).to(dtype)
         self.weight = weight.detach() if deferred else weight
-        present = [b if b is not None else w.new_zeros(w.shape[0]) for (w, _), b in zip(pieces, biases, strict=True)]
-        self.bias = torch.cat(present)  # float32, with autograd: the biases' gradients are cheap sums
+        biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in pieces]
+        self.bias = torch.cat(biases)  # float32, with autograd: the biases' gradients are cheap sums
 
     def __call__(self, inputs: torch.Tensor, gradients: DeferredWeightGradients | None = None) -> torch.Tensor:
         product = F.linear(inputs.to(self.weight.dtype), self.weight)
@@ -55,46 +55,31 @@ class FusedProduct:
             gradients.record(self, inputs, product)
         return product.to(self.bias.dtype) + self.bias
 
-    def split(self, outputs: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        return outputs.split(self.sizes, dim=-1)
+    def split(self, outputs: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.names, outputs.split(self.sizes, dim=-1), strict=True))
 
 
-class DecoderProducts:
-    """The decoder's per-step layers as fused products, for teacher forcing (`memory_in_hidden`: the self-attention
-    key/value of h_{t-1} is computed by the step that first reads it) or for generation (after the cell, as the
-    reference does, so that the cache holds the memory of every state it has)."""
+class PackedProducts:
+    """The decoder's per-step linear maps as stacked products, for teacher forcing (`memory_in_hidden`: the
+    self-attention key/value of h_{t-1} is computed by the step that first reads it) or for generation (after the
+    cell, as the reference does, so that the cache holds the memory of every state it has)."""
 
     def __init__(self, decoder: CaptionerDecoder, dtype: torch.dtype, memory_in_hidden: bool):
-        attention, memory, cell = decoder.cross_attention, decoder.self_attention, decoder.cell
-        e = decoder.embed_tokens.embedding_dim
-        hidden: list[Piece] = [(attention.query_proj.weight, ALL), (attention.gate.weight, ALL)]
-        hidden_biases = [attention.query_proj.bias, attention.gate.bias]
-        embedding: list[Piece] = [(cell.weight_ih, slice(0, e))]
-        embedding_biases = [cell.bias_ih]
-        self.memory = self.out = None
-        if memory is not None:
-            hidden.append((memory.query.weight, slice(e, None)))
-            hidden_biases.append(None)  # the query's bias rides with its embedding share
-            embedding.insert(0, (memory.query.weight, slice(0, e)))
-            embedding_biases.insert(0, memory.query.bias)
-            self.out = FusedProduct([(memory.out.weight, ALL)], [memory.out.bias], dtype)
-            if not memory_in_hidden:
-                self.memory = FusedProduct([(memory.key_value.weight, ALL)], [memory.key_value.bias], dtype)
-        hidden.append((cell.weight_hh, ALL))
-        hidden_biases.append(cell.bias_hh)
-        if memory is not None and memory_in_hidden:
-            hidden.append((memory.key_value.weight, ALL))
-            hidden_biases.append(memory.key_value.bias)
+        maps = decoder.linear_maps()
+        if memory_in_hidden and "new_state" in maps:
+            maps["hidden"] = maps["hidden"] + maps.pop("new_state")
         self.dtype = dtype
-        self.hidden = FusedProduct(hidden, hidden_biases, dtype)
+        self.hidden = StackedProduct(maps["hidden"], dtype)
         # one product over all steps of teacher forcing: autograd's gradient is already one outer product
-        self.embedding = FusedProduct(embedding, embedding_biases, dtype, deferred=False)
-        self.cell_input = FusedProduct([(cell.weight_ih, slice(e, None))], [None], dtype)  # [context, attended]
+        self.embedding = StackedProduct(maps["embedding"], dtype, deferred=False)
+        self.reads = StackedProduct(maps["reads"], dtype)
+        self.attended = StackedProduct(maps["attended"], dtype) if "attended" in maps else None
+        self.new_state = StackedProduct(maps["new_state"], dtype) if "new_state" in maps else None
         self._regions: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def per_step(self) -> list[FusedProduct]:
+    def per_step(self) -> list[StackedProduct]:
         """The products each step makes (their weight gradients are deferred)."""
-        return [p for p in (self.hidden, self.cell_input, self.out, self.memory) if p is not None]
+        return [p for p in (self.hidden, self.reads, self.attended, self.new_state) if p is not None]
 
     def regions(self, regions: torch.Tensor) -> torch.Tensor:
         """The regions in the compute dtype, cast once for all the steps that read them."""
@@ -107,7 +92,7 @@ class DecoderProducts:
 
 def update_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cache: CaptionerCache) -> None:
     """One LSTM/GRU update of the cache's state from the gates' input and hidden products (biases included): the
-    equations of `nn.LSTMCell` / `nn.GRUCell`, written out because their products are fused with others."""
+    equations of `nn.LSTMCell` / `nn.GRUCell`, written out because their products are stacked with others."""
     if cache.cell is not None:
         i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=-1)
         cache.cell = torch.sigmoid(f) * cache.cell + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
@@ -120,9 +105,9 @@ def update_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cache: Ca
         cache.hidden = (1 - update) * new + update * cache.hidden  # (B, H)
 
 
-def fused_step(
+def packed_step(
     decoder: CaptionerDecoder,
-    products: DecoderProducts,
+    products: PackedProducts,
     embedded: torch.Tensor,
     regions: torch.Tensor,
     cache: CaptionerCache,
@@ -130,41 +115,39 @@ def fused_step(
     scratch=None,
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`CaptionerDecoder.step` with fused products. `embedded` is the step's embedding product (B, [H +] G·H) (see
-    `DecoderProducts.embedding`), not the embedding itself; `noise` (B,) draws the regions read (hard attention)."""
+    """`CaptionerDecoder.step` with stacked products. `embedded` is the step's embedding product (B, [H +] G·H) (see
+    `PackedProducts.embedding`), not the embedding itself; `noise` (B,) draws the regions read (hard attention)."""
     attention, memory = decoder.cross_attention, decoder.self_attention
-    query, gate, *rest = products.hidden.split(products.hidden(cache.hidden, gradients))
-    query = query.view(regions.shape[0], -1, query.shape[-1])  # (B images, n rows each, A)
+    from_hidden = products.hidden.split(products.hidden(cache.hidden, gradients))
+    from_embedding = products.embedding.split(embedded)
+    query = from_hidden["query"].view(regions.shape[0], -1, from_hidden["query"].shape[-1])  # (B, n rows each, A)
     cross_weights = attention.weights(query, cache.projected_regions, scratch)  # (B, n, k)
-    context = torch.sigmoid(gate) * attention.read(cross_weights, regions, noise)  # (R, C)
-    cross_weights = cross_weights.flatten(0, 1)  # (R, k)
-    self_weights = None
-    if memory is None:
-        (hidden_gates,) = rest
-        input_gates = embedded + products.cell_input(context, gradients)
-    else:
-        memory_query, input_gates = products.embedding.split(embedded)
-        if products.memory is None:  # teacher forcing: the memory of h_{t-1} comes from this step's product
-            query_h, hidden_gates, key_value = rest
-            key, value = memory.split_memory(key_value)
+    context = torch.sigmoid(from_hidden["gate"]) * attention.read(cross_weights, regions, noise)  # (R, C)
+    reads, self_weights = context, None
+    if memory is not None:
+        if "key_value" in from_hidden:  # teacher forcing: the memory of h_{t-1} comes from this step's product
+            key, value = memory.split_memory(from_hidden["key_value"])
             cache.keys = key if cache.keys is None else torch.cat([cache.keys, key], dim=2)
             cache.values = value if cache.values is None else torch.cat([cache.values, value], dim=2)
-        else:
-            query_h, hidden_gates = rest
-        attended, self_weights = memory.attend(memory_query + query_h, cache.keys, cache.values)
-        attended = products.out(attended, gradients)  # (B, H)
-        input_gates = input_gates + products.cell_input(torch.cat([context, attended], dim=-1), gradients)
-    update_cell(input_gates, hidden_gates, cache)
-    if products.memory is not None:
-        key, value = memory.split_memory(products.memory(cache.hidden))
-        cache.keys = torch.cat([cache.keys, key], dim=2)  # (B, heads, M + 1, d)
+        memory_query = from_embedding["memory_query"] + from_hidden["memory_query"]  # (R, H)
+        attended, self_weights = memory.attend(memory_query, cache.keys, cache.values)
+        reads = torch.cat([context, products.attended(attended, gradients)], dim=-1)  # (R, C + H)
+    input_gates = from_embedding["input_gates"] + products.reads(reads, gradients)  # (R, G·H)
+    update_cell(input_gates, from_hidden["hidden_gates"], cache)
+    if products.new_state is not None:  # generation: the memory of h_t, as the reference step makes it
+        key, value = memory.split_memory(products.new_state(cache.hidden))
+        cache.keys = torch.cat([cache.keys, key], dim=2)  # (R, heads, M + 1, d)
         cache.values = torch.cat([cache.values, value], dim=2)
     cache.seen_tokens += 1
-    return context, cross_weights, self_weights
+    return context, cross_weights.flatten(0, 1), self_weights
+
+
+# The decoder classes with a packed step, by class name; any other decoder runs its reference `step` here.
+PACKED_STEPS: dict[str, Callable] = {"CaptionerDecoder": packed_step}
 
 
 class DeferredWeightGradients:
-    """Weight gradients of the per-step fused products of teacher forcing, each summed in one matrix product.
+    """Weight gradients of the per-step stacked products of teacher forcing, each summed in one matrix product.
 
     Autograd would add an (out x in) outer product into each weight's gradient at every step: at a few dozen rows per
     step that is memory-bound and was most of the training step's backward. Here each step multiplies by a detached
@@ -173,18 +156,18 @@ class DeferredWeightGradients:
     back onto the layers' parameters, so optimisers, DDP and gradient accumulation see an ordinary gradient.
     """
 
-    def __init__(self, products: list[FusedProduct]):
+    def __init__(self, products: list[StackedProduct]):
         self.products = products
         self.inputs: dict[int, list[torch.Tensor]] = {id(p): [] for p in products}
         self.output_grads: dict[int, dict[int, torch.Tensor]] = {id(p): {} for p in products}
-        params = {id(w): w for p in products for w, _ in p.pieces if w.requires_grad}
+        params = {id(piece.weight): piece.weight for p in products for piece in p.pieces if piece.weight.requires_grad}
         self.parameters = list(params.values())
 
     def attach(self, state: torch.Tensor) -> torch.Tensor:
         """`state` (the recurrence's initial state) passed through the node that will receive the weight gradients."""
         return _WeightGradientSink.apply(self, state, *self.parameters)
 
-    def record(self, product: FusedProduct, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
+    def record(self, product: StackedProduct, inputs: torch.Tensor, outputs: torch.Tensor) -> None:
         kept, grads = self.inputs[id(product)], self.output_grads[id(product)]
         position = len(kept)
         kept.append(inputs.detach())
@@ -207,10 +190,10 @@ class DeferredWeightGradients:
             output_grad = torch.cat([grads[i] for i in positions]).float()  # (sum of rows, out)
             inputs = torch.cat([self.inputs[id(product)][i] for i in positions]).float()  # (sum of rows, in)
             full = output_grad.transpose(0, 1) @ inputs  # (out, in)
-            for (weight, columns), block in zip(product.pieces, full.split(product.sizes), strict=True):
-                if weight.requires_grad:
-                    gradient = gradients.setdefault(id(weight), torch.zeros_like(weight))
-                    gradient[:, columns] += block
+            for piece, block in zip(product.pieces, full.split(product.sizes), strict=True):
+                if piece.weight.requires_grad:
+                    gradient = gradients.setdefault(id(piece.weight), torch.zeros_like(piece.weight))
+                    gradient[:, piece.columns] += block
         self.inputs.clear()
         self.output_grads.clear()
         return [gradients.get(id(weight)) for weight in self.parameters]
@@ -227,8 +210,53 @@ class _WeightGradientSink(torch.autograd.Function):
         return None, state_grad, *ctx.collector.weight_gradients()
 
 
+def packed_decoding(
+    decoder: CaptionerDecoder,
+    input_ids: torch.LongTensor,
+    regions: torch.Tensor,
+    cache: CaptionerCache | None,
+    lengths: torch.LongTensor | None = None,
+    noise: torch.Tensor | None = None,
+    keep_cache: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, CaptionerCache | None]:
+    """The "packed" runner (see `modeling_captioner.DECODER_RUNNERS` for the arguments): length-packed teacher forcing
+    of whole captions, one per image, when no cache goes in or out; stacked-product steps for inference from a cache;
+    the reference steps otherwise (a gradient through cached steps: the generation products' weights are detached)."""
+    step = PACKED_STEPS.get(type(decoder).__qualname__)
+    if step is not None and cache is None and not keep_cache and input_ids.shape[0] == regions.shape[0]:
+        return (*packed_teacher_forcing(decoder, step, input_ids, regions, lengths, noise), None)
+    cache = cache if cache is not None else decoder.start(regions, input_ids.shape[0] // regions.shape[0])
+    if step is None or torch.is_grad_enabled():
+        return (*decoder(input_ids, regions, cache, noise), cache)
+    return (*packed_generation(decoder, step, input_ids, regions, cache, noise), cache)
+
+
+def packed_generation(
+    decoder: CaptionerDecoder,
+    step: Callable,
+    input_ids: torch.LongTensor,
+    regions: torch.Tensor,
+    cache: CaptionerCache,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Steps of inference from `cache` by `step` over stacked products, made once per `generate()` call (they ride
+    in the cache) and recast only when autocast changes the compute dtype."""
+    dtype = compute_dtype(regions)
+    if cache.products is None or cache.products.dtype != dtype:
+        cache.products = PackedProducts(decoder, dtype, memory_in_hidden=False)
+    products, step = cache.products, decoder.compiled(step)
+
+    def stacked_step(embedded, regions, cache, noise):
+        step_regions = products.regions(regions)
+        return step(decoder, products, products.embedding(embedded), step_regions, cache, scratch=cache.scratch,
+                    noise=noise)  # fmt: skip
+
+    return decoder(input_ids, regions, cache, noise, step=stacked_step)
+
+
 def packed_teacher_forcing(
     decoder: CaptionerDecoder,
+    step: Callable,
     input_ids: torch.LongTensor,
     regions: torch.Tensor,
     lengths: torch.LongTensor | None = None,
@@ -236,8 +264,8 @@ def packed_teacher_forcing(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Teacher forcing of whole captions (B, T) from a fresh start, one caption per image. With `lengths` (B,), the
     number of real target tokens per caption, steps past a caption's end are skipped: their outputs are zeros.
-    `noise` (B, T) draws the regions read (hard attention). Returns what `CaptionerDecoder.forward` returns (logits,
-    cross-attention, self-attention)."""
+    `noise` (B, T) draws the regions read (hard attention); `step` is the decoder's packed step. Returns what
+    `CaptionerDecoder.forward` returns (logits, cross-attention, self-attention)."""
     batch, length = input_ids.shape
     embedded = decoder.embed_tokens(input_ids)  # (B, T, E)
     cache = decoder.start(regions)
@@ -254,7 +282,7 @@ def packed_teacher_forcing(
             regions = regions.index_select(0, order)  # (B, k, C)
             noise = noise.index_select(0, order) if noise is not None else None  # (B, T)
     dtype = compute_dtype(regions)
-    products = DecoderProducts(decoder, dtype, memory_in_hidden=True)
+    products = PackedProducts(decoder, dtype, memory_in_hidden=True)
     steps_embedded = embedded if order is None else embedded.index_select(0, order)  # (B, T, E)
     steps_input = products.embedding(steps_embedded)  # (B, T, [H +] G·H): the embedding's share, all steps at once
     step_regions = products.regions(regions)  # cast once, not by autocast at every step
@@ -273,8 +301,9 @@ def packed_teacher_forcing(
         if rows < cache.hidden.shape[0]:
             keep_first_rows(cache, rows)  # captions that have ended drop out of the batch for good
         step_noise = None if noise is None else noise[:rows, t]
-        context, cross, self_w = fused_step(decoder, products, steps_input[:rows, t], step_regions[:rows], cache,
-                                            gradients, noise=step_noise)  # fmt: skip
+        context, cross, self_w = step(
+            decoder, products, steps_input[:rows, t], step_regions[:rows], cache, gradients, noise=step_noise
+        )
         hiddens.append(_pad(cache.hidden, batch, 0))
         contexts.append(_pad(context, batch, 0))
         cross_weights.append(_pad(cross, batch, 0))

@@ -11,8 +11,9 @@ from conftest import tiny_config, tiny_model
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from hf_captioner import CaptionerCache, CaptionerConfig, CaptionerForConditionalGeneration, inference
+from hf_captioner.configuration_captioner import DECODER_IMPLEMENTATIONS
 from hf_captioner.inference import speed_options
-from hf_captioner.modeling_captioner import AdditiveScores
+from hf_captioner.modeling_captioner import DECODER_RUNNERS, AdditiveScores, CaptionerDecoder
 from hf_captioner.packed_decoding import update_cell
 
 DECODER_KINDS = list(itertools.product(["lstm", "gru"], [True, False], ["additive", "dot", "scaled_dot"]))
@@ -384,8 +385,8 @@ def test_a_second_backward_through_the_packed_decoder_says_what_to_use():
 
 
 @pytest.mark.parametrize("rnn_type,self_attention,cross_attention", DECODER_KINDS)
-def test_fast_inference_step_equals_the_reference_step(rnn_type, self_attention, cross_attention):
-    """Inference runs the fused products (`fast_step`): the same logits and attention at every cached step and the
+def test_packed_inference_step_equals_the_reference_step(rnn_type, self_attention, cross_attention):
+    """Inference runs the stacked products (`packed_step`): the same logits and attention at every cached step and the
     same beam-search captions as the reference step."""
     model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention,
                        initializer_range=0.3)  # fmt: skip
@@ -397,14 +398,52 @@ def test_fast_inference_step_equals_the_reference_step(rnn_type, self_attention,
             outputs[implementation] = model(pixel_values=pixel_values, decoder_input_ids=inputs, use_cache=True,
                                             output_attentions=True)  # fmt: skip
             captions[implementation] = model.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=8)
-    fast, reference = outputs["packed"], outputs["reference"]
-    assert fast.cache.products is not None and reference.cache.products is None
-    torch.testing.assert_close(fast.logits, reference.logits, rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast.cross_attentions, reference.cross_attentions, rtol=1e-5, atol=1e-6)
+    packed, reference = outputs["packed"], outputs["reference"]
+    assert packed.cache.products is not None and reference.cache.products is None
+    torch.testing.assert_close(packed.logits, reference.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(packed.cross_attentions, reference.cross_attentions, rtol=1e-5, atol=1e-6)
     if self_attention:
-        torch.testing.assert_close(fast.self_attentions, reference.self_attentions, rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(fast.cache.keys, reference.cache.keys, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(packed.self_attentions, reference.self_attentions, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(packed.cache.keys, reference.cache.keys, rtol=1e-5, atol=1e-6)
     assert torch.equal(captions["packed"], captions["reference"])
+
+
+def test_every_configurable_decoder_implementation_has_a_runner():
+    assert set(DECODER_RUNNERS) == set(DECODER_IMPLEMENTATIONS)
+
+
+class DoubledContextDecoder(CaptionerDecoder):
+    """A decoder variant as a contributor adds one: its own reference step, no packed step."""
+
+    def step(self, embedded, regions, cache, noise=None):
+        context, cross_weights, self_weights = super().step(embedded, regions, cache, noise)
+        return 2 * context, cross_weights, self_weights
+
+
+def test_a_decoder_variant_without_a_packed_step_runs_its_own_step_under_packed():
+    """A new decoder class needs no edit of packed_decoding.py: under "packed" it trains and generates with its
+    reference step (same loss, gradients and captions as "reference"), and no stacked products are made for it."""
+    model = tiny_model(initializer_range=0.3)
+    variant = DoubledContextDecoder(model.config, region_dim=model.encoder.num_channels)
+    variant.load_state_dict(model.decoder.state_dict())
+    model.decoder = variant
+    labels, losses, grads, captions = token_ids(batch=3, length=6), {}, {}, {}
+    for implementation in ("packed", "reference"):
+        model.config.decoder_implementation = implementation
+        model.zero_grad(set_to_none=True)
+        losses[implementation] = model(pixel_values=images(), labels=labels, use_cache=False).loss
+        losses[implementation].backward()
+        grads[implementation] = variant.cell.weight_ih.grad
+        with torch.no_grad():
+            cached = model(pixel_values=images(), decoder_input_ids=labels, use_cache=True)
+            assert cached.cache.products is None
+            captions[implementation] = model.generate(pixel_values=images(), num_beams=3, max_new_tokens=6)
+    assert torch.equal(losses["packed"], losses["reference"]) and torch.equal(grads["packed"], grads["reference"])
+    assert torch.equal(captions["packed"], captions["reference"])
+    model.decoder = CaptionerDecoder(model.config, region_dim=model.encoder.num_channels)  # the same weights, the
+    model.decoder.load_state_dict(variant.state_dict())  # step it changed: the variant's loss was its own
+    model.config.decoder_implementation = "packed"
+    assert not torch.allclose(model(pixel_values=images(), labels=labels, use_cache=False).loss, losses["packed"])
 
 
 @pytest.mark.parametrize("cross_attention", ["additive", "dot"])
