@@ -19,6 +19,9 @@ _EXPORTS = {
     "CaptionerOutput": "modeling_captioner",
     "CaptionerPreTrainedModel": "modeling_captioner",
     "CaptionerProcessor": "processing_captioner",
+    "WordAttention": "inference",
+    "caption_with_attention": "inference",
+    "plot_attention": "visualize",
     "train_tokenizer": "tokenization",
 }
 _CLASS_MODULES = ("configuration_captioner", "modeling_captioner", "processing_captioner")  # each registers its own

@@ -47,16 +47,26 @@ class DataArguments:
     sample_image_size: int = option(64, "sample data: side of its pictures in pixels")
     max_train_images: int | None = option(None, "use only the first N train images (quick experiments)")
     max_eval_images: int | None = option(None, "validate on only the first N validation images")
-    # a Hub data set's layout: each unset field comes from the preset for --data (hf_captioner.data.HUB_LAYOUTS)
-    image_column: str | None = option(None, "Hub data: the picture column (image, bytes, or file names under "
-                                      "images_dir); default: the preset's, else 'image'")  # fmt: skip
-    caption_columns: list[str] | None = option(None, "Hub data: the caption column(s): one of strings, one of lists, "
-                                               "or several (caption_0 ... caption_4); default 'caption'")  # fmt: skip
-    id_column: str | None = option(None, "Hub data: the column that groups the rows of one picture")
-    split_column: str | None = option(None, "Hub data: a column naming each row's split (one Hub split holds all)")
-    split_names: list[str] | None = option(None, "Hub data: FROM=TO split renames, e.g. dev=validation")
-    image_folder_column: str | None = option(None, "Hub data: a column naming each picture's folder under "
-                                             "images_dir (COCO: filepath)")  # fmt: skip
+    # a Hub data set's layout (or a local copy's): each unset field comes from the preset for --data / --data_preset
+    data_preset: str | None = option(None, "--data is a local copy (parquet / arrow files, a save_to_disk folder) of "
+                                     "this Hub data set: read it with its layout preset, e.g. jxie/flickr8k")
+    image_column: str | None = option(None, "Hub data or a local copy: the picture column (image, bytes, or file "
+                                      "names under images_dir); default: the preset's, else 'image'")
+    caption_columns: list[str] | None = option(None, "Hub data or a local copy: the caption column(s): one of "
+                                               "strings, one of lists, or several (caption_0 ... caption_4); default "
+                                               "'caption'")
+    id_column: str | None = option(None, "Hub data or a local copy: the column that groups the rows of one picture")
+    split_column: str | None = option(None, "Hub data or a local copy: a column naming each row's split (one split "
+                                      "holds all)")
+    split_names: list[str] | None = option(None, "Hub data or a local copy: FROM=TO split renames, e.g. "
+                                           "dev=validation")
+    image_folder_column: str | None = option(None, "Hub data or a local copy: a column naming each picture's folder "
+                                             "under images_dir (COCO: filepath)")
+
+
+# the data arguments that say how to read a Hub data set or a local copy of one (`evaluate` takes them too)
+DATA_LAYOUT_ARGUMENTS = ("data_preset", "image_column", "caption_columns", "id_column", "split_column", "split_names",
+                         "image_folder_column")
 
 
 @dataclass

@@ -5,7 +5,47 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from pathlib import Path
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """Each option's default after its help (unless the help says it, or there is none to say); the command's
+    docstring as written."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        nothing = action.default is None or action.default is False or action.default == argparse.SUPPRESS
+        if "default" in text or nothing or not action.option_strings:
+            return text
+        return super()._get_help_string(action)
+
+
+class CommandParser(argparse.ArgumentParser):
+    """The argument parser of every command: each option's default in `--help`, and the dashed spellings
+    (`--num-beams`) that `hf-captioner train` (transformers' HfArgumentParser) takes as well as `--num_beams`.
+
+    The error contract of the commands (docs/training.md): bad input from the user is one line and exit 2
+    (`parser.error`); "nothing done" (every input failed) is exit 1; partial success is exit 0 with the skips counted.
+    """
+
+    def __init__(self, **kwargs):
+        kwargs.setdefault("formatter_class", HelpFormatter)
+        super().__init__(**kwargs)
+
+    def parse_known_args(self, args=None, namespace=None):
+        args = sys.argv[1:] if args is None else list(args)
+        known = {option for action in self._actions for option in action.option_strings}
+        return super().parse_known_args([self._underscored(arg, known) for arg in args], namespace)
+
+    @staticmethod
+    def _underscored(arg: str, known: set[str]) -> str:
+        """`--num-beams[=3]` -> `--num_beams[=3]` when that is an option of the command."""
+        if not arg.startswith("--") or "-" not in arg[2:].split("=", 1)[0]:
+            return arg
+        name, equals, value = arg.partition("=")
+        spelled = "--" + name[2:].replace("-", "_")
+        return spelled + equals + value if spelled in known else arg
 
 
 def configure_logging() -> None:

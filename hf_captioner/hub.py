@@ -79,6 +79,7 @@ def load_without_package(
     generate returned), and sampled ids (seed 0). `transformers_dir`, a
     folder holding another transformers release, goes first on the child's path: users load saved folders under
     their own version. Raises RuntimeError with the child's error output if it cannot."""
+    folder = Path(folder).resolve()  # the child runs elsewhere: a relative name would be looked up on the Hub
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     if transformers_dir is not None:
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(transformers_dir), env.get("PYTHONPATH")]))
@@ -89,7 +90,11 @@ def load_without_package(
             capture_output=True, text=True, env=env, cwd=scratch, timeout=timeout,
         )  # fmt: skip
     if result.returncode != 0:
-        raise RuntimeError(f"{folder} does not load through trust_remote_code:\n{result.stderr[-3000:]}")
+        lines = result.stderr.strip().splitlines() or ["(no error output)"]
+        raise RuntimeError(
+            f"{folder} did not load and caption through trust_remote_code in a fresh Python without hf_captioner: "
+            f"{lines[-1]}\n{result.stderr[-3000:]}"
+        )
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 

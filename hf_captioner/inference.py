@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from accelerate.utils import gather_object
 from tqdm.auto import tqdm
 
+from . import modeling_captioner, processing_captioner  # noqa: F401  (register the Auto classes, as the package's do)
 from .data.feature_store import FeatureStore
 from .data.pairs import image_inputs, image_item
 
@@ -109,7 +110,15 @@ def caption_batch(
 def caption_with_attention(
     model, processor, images, attention: bool = True, **generate_kwargs
 ) -> tuple[list[str], list[list[WordAttention]] | None]:
-    """`caption_batch` for a list of pictures."""
+    """Captions of a list of PIL pictures and, with `attention`, each caption's words with their (S, S) attention
+    maps (`WordAttention`), in one call; `generate_kwargs` go to `model.generate` (num_beams, max_new_tokens...).
+
+    ```python
+    from hf_captioner import caption_with_attention, plot_attention
+    captions, words = caption_with_attention(model, processor, [picture], num_beams=3)
+    plot_attention(picture, [w.word for w in words[0]], [w.attention for w in words[0]], "attention.png")
+    ```
+    """
     pixel_values = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(model.device)
     return caption_batch(model, processor, {"pixel_values": pixel_values}, attention, **generate_kwargs)
 

@@ -33,12 +33,25 @@ def evaluation_results(model_dir: Path) -> list[dict]:
     return sorted(results, key=lambda r: (r.get("split") != "test", r.get("num_beams", 0)))
 
 
-def dataset_name(data: str) -> str:
+SAMPLE_NAME = "The hf-captioner sample data set (drawn shapes)"
+
+
+def dataset_name(data: str, source: str = "local") -> str:
+    """The data set's name for the card's prose: the sample set's, a known data set's, else `data` as given."""
+    if source == "sample":
+        return SAMPLE_NAME
     lowered = data.lower()
     for key, name in KNOWN_DATASETS.items():
         if key in lowered:
             return name
-    return "The hf-captioner sample data set (drawn shapes)" if "sample" in lowered else data
+    return data
+
+
+def recorded_data_source(data: str, training_metrics: dict) -> str:
+    """What the run's `--data` was, as the run recorded it (`training.finish_run`); judged here for older folders."""
+    from .data.loaders import data_source
+
+    return training_metrics.get("data_source") or data_source(data)
 
 
 def render_model_card(model_dir: str | Path, repo_id: str | None = None, template: str | Path | None = None) -> str:
@@ -55,7 +68,8 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
     generation = _read_json(model_dir / "generation_config.json")
     repo_id = repo_id or model_dir.name
     data = args.get("data", "")
-    name = dataset_name(data) if data else "not recorded"
+    source = recorded_data_source(data, training_metrics) if data else "local"
+    name = dataset_name(data, source) if data else "not recorded"
 
     regions = config["grid_size"] ** 2
     architecture = "\n".join([
@@ -76,14 +90,14 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
         f"- Vocabulary: {config['vocab_size']} SentencePiece pieces trained on the training captions.",
     ])  # fmt: skip
     if args:
-        sizes = f" ({args['sample_sizes'][0]} training pictures)" if "sample" in data else ""
+        sizes = f" ({args['sample_sizes'][0]} training pictures)" if data == "sample" else ""
         data_text = f"{name}{sizes}, source `{data}`; every caption of a training image is one training example."
     else:
         data_text = "Not recorded (the folder has no training_args.json)."
     training = _training_text(args, training_metrics)
     results = _results_text(evaluations, name)
     return Template(template_path.read_text()).substitute(
-        yaml_header=card_data(evaluations, name, data).to_yaml(),
+        yaml_header=card_data(evaluations, name, data, source, repo_id).to_yaml(),
         title=repo_id.split("/")[-1],
         repo_id=repo_id,
         num_beams=generation.get("num_beams", 3),
@@ -93,7 +107,8 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
         training=training,
         results=results,
         data_limits=f"it was trained on {name[0].lower() + name[1:]}" if data else "its training data is not recorded",
-        intended_use=SAMPLE_USE if data == "sample" else PHOTO_USE,
+        intended_use=SAMPLE_USE if source == "sample" else PHOTO_USE,
+        citations=_citations(name),
         attention_figure=_figure_text(model_dir),
         measured_limits=_measured_limits(evaluations),
         saved_with=config.get("transformers_version", "an unrecorded version"),
@@ -106,6 +121,34 @@ SAMPLE_USE = ("Captioning the drawn pictures of hf-captioner's sample data set (
               "does not describe one.")  # fmt: skip
 PHOTO_USE = ("Describing everyday photographs in short English sentences, for research and for learning how "
              "attention-based captioning works; the attention maps show where the model looked for each word.")  # fmt: skip
+
+
+CITATIONS = {  # the paper of the method, and the papers of the data sets a card names
+    None: """@inproceedings{xu2015show,
+  title     = {Show, Attend and Tell: Neural Image Caption Generation with Visual Attention},
+  author    = {Xu, Kelvin and Ba, Jimmy and Kiros, Ryan and Cho, Kyunghyun and Courville, Aaron and
+               Salakhudinov, Ruslan and Zemel, Rich and Bengio, Yoshua},
+  booktitle = {International Conference on Machine Learning (ICML)},
+  year      = {2015}
+}""",
+    "Flickr8k": """@article{hodosh2013framing,
+  title   = {Framing Image Description as a Ranking Task: Data, Models and Evaluation Metrics},
+  author  = {Hodosh, Micah and Young, Peter and Hockenmaier, Julia},
+  journal = {Journal of Artificial Intelligence Research},
+  volume  = {47}, pages = {853--899}, year = {2013}
+}""",
+    "Flickr30k": """@article{young2014image,
+  title   = {From image descriptions to visual denotations: New similarity metrics for semantic inference over
+             event descriptions},
+  author  = {Young, Peter and Lai, Alice and Hodosh, Micah and Hockenmaier, Julia},
+  journal = {Transactions of the Association for Computational Linguistics},
+  volume  = {2}, pages = {67--78}, year = {2014}
+}""",
+}
+
+
+def _citations(name: str) -> str:
+    return "\n".join(CITATIONS[key] for key in (None, name) if key in CITATIONS)
 
 
 def _measured_limits(evaluations: list[dict]) -> str:
@@ -157,8 +200,14 @@ def _trainable(stages: int) -> str:
 def _training_text(args: dict, metrics: dict) -> str:
     if not args:
         return "Not recorded."
+    if args.get("max_train_steps"):
+        length = f"At most {args['max_train_steps']} optimizer steps (max_train_steps)"
+    else:
+        length = f"{args['num_epochs']} epochs at most"
+    if metrics.get("history"):
+        length += f"; it ran {metrics['steps']} steps, {metrics['history'][-1]['epoch']} epoch(s)"
     lines = [
-        f"- {args['num_epochs']} epochs at most, batch {args['batch_size']} per process, AdamW, learning rate "
+        f"- {length}, batch {args['batch_size']} per process, AdamW, learning rate "
         f"{args['learning_rate']} (encoder {args['encoder_learning_rate']}), {args['lr_scheduler']} schedule with "
         f"{args['warmup_steps']} warm-up steps, gradient clipping at {args['max_grad_norm']}, "
         f"mixed precision: {args['mixed_precision']}, seed {args['seed']}.",
@@ -214,12 +263,11 @@ def decoding(evaluation: dict) -> str:
     return f"{evaluation['num_beams']} beams{options}"
 
 
-def card_data(evaluations: list[dict], name: str, data: str) -> ModelCardData:
+def card_data(evaluations: list[dict], name: str, data: str, source: str, repo_id: str) -> ModelCardData:
     """The card's metadata, built and checked by huggingface_hub: Hub data set ids only for data that came from the
-    Hub (local data is named in the card's prose), one model-index result per evaluation (split and beam size)."""
-    from .data.loaders import is_hub_name
-
-    hub_dataset = data if data and is_hub_name(data) else None
+    Hub (`source`, see `recorded_data_source`; local data is named in the card's prose), one model-index result per
+    evaluation (split and beam size), under the repository's name."""
+    hub_dataset = data if data and source == "hub" else None
     results = [
         EvalResult(task_type=PIPELINE_TASK, task_name="Image captioning", dataset_type=hub_dataset or "local",
                    dataset_name=name, dataset_split=e["split"], metric_type=HUB_METRIC_TYPES[key],
@@ -237,7 +285,7 @@ def card_data(evaluations: list[dict], name: str, data: str) -> ModelCardData:
         tags=["image-captioning", "show-attend-and-tell", "attention", "custom_code", "hf-captioner"],
         datasets=[hub_dataset] if hub_dataset else None,
         metrics=["bleu", "meteor", "rouge", "cider"],
-        model_name="hf-captioner" if results else None,
+        model_name=repo_id.split("/")[-1] if results else None,
         eval_results=results or None,
     )
 

@@ -46,6 +46,7 @@ from .backbones import (
 )
 from .configuration_captioner import CaptionerConfig
 from .packed_decoding import PackedProducts, packed_decoding
+from .pipeline_captioner import CUSTOM_PIPELINES
 
 logger = logging.get_logger(__name__)
 
@@ -626,12 +627,14 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         return model
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Also map `AutoModelForImageTextToText` in `auto_map` when the code is saved for `trust_remote_code`."""
+        """Also map `AutoModelForImageTextToText` in `auto_map`, and the pipeline tasks to the captioner's pipeline
+        class (pipeline_captioner.py), when the code is saved for `trust_remote_code`."""
         if self._auto_class is not None:
             class_path = f"{type(self).__module__.split('.')[-1]}.{type(self).__name__}"
             auto_map = dict(getattr(self.config, "auto_map", None) or {})
             auto_map.setdefault("AutoModelForImageTextToText", class_path)
             self.config.auto_map = auto_map
+            self.config.custom_pipelines = CUSTOM_PIPELINES
         return super().save_pretrained(save_directory, *args, **kwargs)
 
     def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):

@@ -155,7 +155,14 @@ class CaptionerProcessor(ProcessorMixin):
         encoded = [[start, *ids] for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         for prompt, ids in zip(prompts, encoded, strict=True):
             if unknown in ids:  # the caption could not start with it: <unk> decodes to nothing
-                raise ValueError(f"Prompt {prompt!r} has words outside the captioner's vocabulary")
+                words = prompt.split()
+                pieces = self.tokenizer(words, add_special_tokens=False)["input_ids"] if words else []
+                unknown_words = [word for word, word_ids in zip(words, pieces, strict=True) if unknown in word_ids]
+                raise ValueError(
+                    f"Prompt {prompt!r} has words outside the captioner's vocabulary: "
+                    f"{', '.join(map(repr, unknown_words or [prompt]))} (a prompt is the start of the caption; to "
+                    "caption a picture with no prompt, pass text=\"\")"
+                )
         if len({len(ids) for ids in encoded}) > 1:
             raise ValueError(
                 f"Prompts of one batch must have the same number of tokens, got {[len(ids) - 1 for ids in encoded]} "

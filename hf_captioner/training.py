@@ -29,7 +29,7 @@ from .arguments import SettingsError, TrainingArguments, parse_arguments
 from .backbones import image_settings, is_backbone_name
 from .configuration_captioner import CaptionerConfig
 from .data.feature_store import encode_split, stored_input
-from .data.loaders import DataError, detect_and_load, hub_layout
+from .data.loaders import DataError, data_source, detect_and_load, hub_layout
 from .data.pairs import (
     CaptionCollator,
     CaptionedImages,
@@ -441,17 +441,21 @@ def train(args: TrainingArguments) -> dict:
             save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
     progress.close()
 
-    metrics = finish_run(accelerator, output_dir, state, time.perf_counter() - started)
+    metrics = finish_run(accelerator, output_dir, state, time.perf_counter() - started, args.data)
     accelerator.end_training()
     return metrics
 
 
-def finish_run(accelerator: Accelerator, output_dir: Path, state: TrainerState, train_seconds: float) -> dict:
-    """Write metrics.json and final/ (the best model, its processor and the run's records); return the metrics."""
+def finish_run(
+    accelerator: Accelerator, output_dir: Path, state: TrainerState, train_seconds: float, data: str
+) -> dict:
+    """Write metrics.json and final/ (the best model, its processor and the run's records); return the metrics.
+    `data_source` records what `data` was here (the model card, rendered elsewhere, could not tell a relative path
+    from a Hub id)."""
     best = max(state.history, key=lambda h: h["cider"])
     metrics = {"best": best, "history": state.history, "log_history": state.log_history,
                "steps": state.global_step, "num_processes": accelerator.num_processes,
-               "train_seconds_this_session": round(train_seconds, 1)}  # fmt: skip
+               "train_seconds_this_session": round(train_seconds, 1), "data_source": data_source(data)}  # fmt: skip
     if not (output_dir / "best" / "model.safetensors").is_file():  # every process stops, none waits for the others
         raise RuntimeError(f"{output_dir / 'best'} holds no complete model: final/ was not written")
     if accelerator.is_main_process:
@@ -459,7 +463,10 @@ def finish_run(accelerator: Accelerator, output_dir: Path, state: TrainerState, 
 
         def write_final(folder: Path) -> None:
             shutil.copytree(output_dir / "best", folder)
-            shutil.copy(output_dir / "training_args.json", folder)  # the model card and evaluate.py read it
+            # the run's settings, as the model card's "to reproduce" line uses them: a resume is not one of them
+            settings = json.loads((output_dir / "training_args.json").read_text())
+            (folder / "training_args.json").write_text(json.dumps({**settings, "resume_from_checkpoint": None},
+                                                                  indent=2))  # fmt: skip
             shutil.copy(output_dir / "metrics.json", folder / "training_metrics.json")  # travels with the model
 
         replace_folder(output_dir / "final", write_final)

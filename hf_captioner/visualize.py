@@ -13,23 +13,43 @@ from PIL import Image
 PANEL_INCHES = 2.4  # side of one panel
 DPI = 100
 COLUMNS = 5
+PREVIEW_PIXELS = round(2 * PANEL_INCHES * DPI)  # the longest side a panel's picture and heat map are drawn at
+HEAT_MAP = "gray"  # bright where the word looks, dark elsewhere (Show, Attend and Tell's figures)
+HEAT_ALPHA = 0.6
+
+
+def preview(image: Image.Image, longest_side: int = PREVIEW_PIXELS) -> Image.Image:
+    """The picture at most `longest_side` pixels on its longest side: a panel shows no more, and the heat map's cost
+    then does not grow with the photo (a 6000 x 4000 one would take seconds per word at full size)."""
+    image = image.convert("RGB")
+    if max(image.size) <= longest_side:
+        return image
+    scale = longest_side / max(image.size)
+    size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+    return image.resize(size, Image.Resampling.BILINEAR, reducing_gap=2.0)
 
 
 def attention_overlay(image: Image.Image, attention: np.ndarray, blur: float | None = None) -> np.ndarray:
     """The (S, S) attention as an (H, W) map over the picture: bicubic upsampling, then a Gaussian blur of about a
-    third of a cell, normalised to [0, 1]."""
+    third of a cell (separable: two 1-D passes), normalised to [0, 1]. Draw it over a `preview`, not a full photo."""
     import torch
     import torch.nn.functional as F
-    from torchvision.transforms.functional import gaussian_blur
 
     width, height = image.size
     grid = torch.as_tensor(np.asarray(attention, dtype=np.float32))[None, None]  # (1, 1, S, S)
-    upsampled = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False).clamp(min=0)
+    smooth = F.interpolate(grid, size=(height, width), mode="bicubic", align_corners=False).clamp(min=0)
     sigma = blur if blur is not None else max(width, height) / grid.shape[-1] / 3
-    kernel = 2 * math.ceil(3 * sigma) + 1
-    # the blur pads by reflection, which needs a kernel radius below each side (1 x 1 or 4000 x 10 pictures)
-    kernels = [min(kernel, 2 * width - 1), min(kernel, 2 * height - 1)]
-    smooth = gaussian_blur(upsampled, kernels, [sigma, sigma])[0, 0].numpy()  # (H, W)
+    for dim, side in ((3, width), (2, height)):
+        # reflection padding needs a kernel radius below the side (1 x 1 or 4000 x 10 pictures)
+        radius = min(math.ceil(3 * sigma), side - 1)
+        if radius == 0 or sigma <= 0:
+            continue
+        offsets = torch.arange(-radius, radius + 1, dtype=torch.float32)
+        kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
+        kernel = (kernel / kernel.sum()).view(1, 1, *((1, -1) if dim == 3 else (-1, 1)))  # (1, 1, 1, K) or (K, 1)
+        padding = (radius, radius, 0, 0) if dim == 3 else (0, 0, radius, radius)
+        smooth = F.conv2d(F.pad(smooth, padding, mode="reflect"), kernel)  # (1, 1, H, W)
+    smooth = smooth[0, 0].numpy()
     return smooth / max(float(smooth.max()), 1e-12)
 
 
@@ -41,11 +61,13 @@ def plot_attention(
     columns: int = COLUMNS,
     boxes: Sequence[Sequence[tuple[float, float, float, float]] | None] | None = None,
 ):
-    """One panel per word (attention over the picture, the word as its caption); saved as PNG when `path` is given.
-    `boxes`: per word, the boxes (x0, y0, x1, y1, inclusive picture pixels) of what it names, drawn on its panel.
+    """One panel per word (attention over the picture, the word as its caption), the caption as the title and a
+    colour scale; saved as PNG when `path` is given. `boxes`: per word, the boxes (x0, y0, x1, y1, inclusive picture
+    pixels) of what it names, drawn on its panel.
 
     The figure is `min(len(words), columns)` panels wide and `ceil(len(words) / columns)` high, 240 pixels each.
-    Returns the matplotlib figure.
+    The picture and its heat maps are drawn from a `preview` in the picture's own pixel coordinates. Returns the
+    matplotlib figure; `panel_axes(figure)` are the word panels.
     """
     import matplotlib
 
@@ -58,21 +80,35 @@ def plot_attention(
                          + (f" and {len(boxes)} box lists" if boxes is not None else ""))  # fmt: skip
     if not words:
         raise ValueError("No words to draw: the caption is empty")
-    image = image.convert("RGB")
+    width, height = image.size
+    small = preview(image)
+    extent = (-0.5, width - 0.5, height - 0.5, -0.5)  # the preview spans the whole picture's pixel coordinates
     cols = min(len(words), columns)
     rows = math.ceil(len(words) / cols)
     figure = plt.figure(figsize=(cols * PANEL_INCHES, rows * PANEL_INCHES), dpi=DPI)
+    heat = None
     for index, (word, attention) in enumerate(zip(words, attentions, strict=True)):
         axes = figure.add_subplot(rows, cols, index + 1)
-        axes.imshow(image)
-        axes.imshow(attention_overlay(image, attention), cmap="gray", alpha=0.6, vmin=0, vmax=1)
+        axes.imshow(small, extent=extent)
+        heat = axes.imshow(attention_overlay(small, attention), cmap=HEAT_MAP, alpha=HEAT_ALPHA, vmin=0, vmax=1,
+                           extent=extent)  # fmt: skip
         for x0, y0, x1, y1 in (boxes[index] or []) if boxes is not None else []:
             axes.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor="yellow",
                                      linewidth=1.5))  # fmt: skip
         axes.set_title(word, fontsize=12, y=-0.14)
         axes.set_axis_off()
-    figure.subplots_adjust(left=0.02, right=0.98, top=0.98, bottom=0.1, wspace=0.05, hspace=0.2)
+    title_room = 0.3 / (rows * PANEL_INCHES)  # a line of title, in figure fractions
+    figure.subplots_adjust(left=0.02, right=0.9, top=1 - title_room, bottom=0.1, wspace=0.05, hspace=0.2)
+    figure.suptitle(" ".join(words), fontsize=11, y=1 - title_room / 8, va="top")
+    scale = figure.add_axes((0.92, 0.15, 0.015, 0.7 - title_room))
+    figure.colorbar(heat, cax=scale).set_label("attention (1 = the word's peak)", fontsize=8)
+    scale.tick_params(labelsize=7)
     if path is not None:
         figure.savefig(path, dpi=DPI)
         plt.close(figure)
     return figure
+
+
+def panel_axes(figure) -> list:
+    """The word panels of a `plot_attention` figure (not its colour scale)."""
+    return figure.axes[:-1]

@@ -102,11 +102,11 @@ def test_bad_entities_files_fail_in_one_line(tmp_path):
 
 
 def test_attention_figures_draw_the_named_things_boxes_on_their_words_panels():
-    from hf_captioner.visualize import plot_attention
+    from hf_captioner.visualize import panel_axes, plot_attention
 
     attention = np.full((4, 4), 1 / 16)
     figure = plot_attention(PILImage.new("RGB", (100, 100)), ["a", "dog"], [attention, attention],
                             boxes=[None, [(0, 0, 49, 49), (60, 60, 69, 69)]])  # fmt: skip
-    assert [len(axes.patches) for axes in figure.axes] == [0, 2]
+    assert [len(axes.patches) for axes in panel_axes(figure)] == [0, 2]
     with pytest.raises(ValueError, match="1 box lists"):
         plot_attention(PILImage.new("RGB", (100, 100)), ["a", "dog"], [attention, attention], boxes=[None])

@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import HF_CAPTIONER, python_snippets, run_snippets_without_package, write_truncated_jpeg
+from conftest import HF_CAPTIONER, python_snippets, run_snippets_without_package, tiny_arguments, write_truncated_jpeg
 from PIL import Image
 from transformers import AutoModel, AutoProcessor
 
 from hf_captioner.attention_measures import cell_centres
-from hf_captioner.data import make_sample_dataset
+from hf_captioner.data import make_sample_dataset, write_sample_dataset
 from hf_captioner.evaluation import repetition_rates
 from hf_captioner.hub import load_without_package, stage_for_hub
 from hf_captioner.inference import word_attention
 from hf_captioner.model_card import TESTED_TRANSFORMERS, card_data, check_model_card, render_model_card
-from hf_captioner.visualize import DPI, PANEL_INCHES, attention_overlay, plot_attention
+from hf_captioner.training import train
+from hf_captioner.visualize import DPI, PANEL_INCHES, attention_overlay, panel_axes, plot_attention
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -123,8 +124,9 @@ def test_attention_figure_and_word_maps(trained_tiny_model):
     for item in words:
         assert item.attention.shape == (2, 2) and item.attention.sum() == pytest.approx(1.0, abs=1e-5)
     figure = plot_attention(image, [w.word for w in words], [w.attention for w in words])
-    assert len(figure.axes) == len(words)
-    assert [axes.get_title() for axes in figure.axes] == [w.word for w in words]
+    assert len(panel_axes(figure)) == len(words)
+    assert [axes.get_title() for axes in panel_axes(figure)] == [w.word for w in words]
+    assert figure.get_suptitle() == " ".join(w.word for w in words)
 
 
 @pytest.mark.parametrize("size", [(1, 1), (4000, 10)])
@@ -133,7 +135,7 @@ def test_attention_figures_of_extreme_picture_shapes(size):
     attention[0, 0] = 0.4
     overlay = attention_overlay(Image.new("RGB", size, (9, 9, 9)), attention)
     assert overlay.shape == (size[1], size[0]) and overlay.max() == pytest.approx(1.0)
-    assert len(plot_attention(Image.new("RGB", size), ["a", "dot"], [attention, attention]).axes) == 2
+    assert len(panel_axes(plot_attention(Image.new("RGB", size), ["a", "dot"], [attention, attention]))) == 2
 
 
 def test_grid_cells_map_back_to_picture_coordinates():
@@ -161,7 +163,8 @@ def test_model_card_renders_real_values(trained_tiny_model, evaluated, tmp_path)
         100 * metrics["bleu_4"], 2
     )
     assert f"{100 * metrics['cider']:.1f}" in card and "me/tiny" in card and "${" not in card
-    assert "Show, Attend and Tell" in card and "hodosh2013framing" in card and "young2014image" in card
+    assert "Show, Attend and Tell" in card and "hodosh2013framing" not in card  # trained on the sample set
+    assert "never shown a photograph" in card
     saved_with = json.loads((folder / "config.json").read_text())["transformers_version"]
     assert f"saved with transformers {saved_with}." in card.replace("\n", " ")
     assert f"tested with transformers {' and '.join(TESTED_TRANSFORMERS)}" in card.replace("\n", " ")
@@ -181,21 +184,38 @@ def test_model_card_renders_real_values(trained_tiny_model, evaluated, tmp_path)
     assert "![Where the model looked for each word](attention/0001.png)" in (staged / "README.md").read_text()
 
 
+def test_the_card_of_a_short_run_on_a_written_sample_folder_says_what_it_is(tmp_path, monkeypatch):
+    """Trained from a folder make-sample-data wrote (by a relative path, which elsewhere looks like a Hub id) and
+    stopped by max_train_steps: the card names the sample set and its use, cites no Flickr paper, puts no data set
+    in the Hub metadata and says how long the run was."""
+    monkeypatch.chdir(tmp_path)
+    write_sample_dataset("shapes", 24, 8, 4, seed=0, image_size=32)
+    train(tiny_arguments(tmp_path / "run", data="shapes", max_train_steps=3))
+    monkeypatch.chdir(REPO)  # rendered elsewhere, as publish does
+    card = render_model_card(tmp_path / "run" / "final", repo_id="me/shapes")
+    header = yaml.safe_load(card.split("---")[1])
+    assert "datasets" not in header and "never shown a photograph" in card and "everyday photographs" not in card
+    assert "hodosh2013framing" not in card and "young2014image" not in card
+    assert "At most 3 optimizer steps" in card and "epochs at most" not in card
+
+
 def test_card_metadata_names_hub_data_sets_by_their_ids_and_local_data_in_prose(tmp_path):
     evaluation = {"split": "test", "num_beams": 3, "metrics": {"bleu_4": 0.2, "cider": 0.5}}
-    hub = card_data([evaluation], "Flickr8k", "jxie/flickr8k")
+    hub = card_data([evaluation], "Flickr8k", "jxie/flickr8k", "hub", "me/sat-flickr8k")
     assert hub.datasets == ["jxie/flickr8k"] and {r.dataset_type for r in hub.eval_results} == {"jxie/flickr8k"}
-    (tmp_path / "flickr8k").mkdir()
-    local = card_data([evaluation], "Flickr8k", str(tmp_path / "flickr8k"))
+    assert hub.model_name == "sat-flickr8k"  # the model-index is named after the repository
+    local = card_data([evaluation], "Flickr8k", "data/flickr8k", "local", "me/sat-flickr8k")  # relative: Hub-shaped
     assert local.datasets is None and {r.dataset_name for r in local.eval_results} == {"Flickr8k"}
     assert [(r.metric_type, r.metric_value) for r in hub.eval_results] == [("bleu", 20.0), ("cider", 50.0)]
 
 
 def test_publish_dry_run_writes_a_folder_that_loads_without_the_package(trained_tiny_model, tmp_path):
+    """As the README prints it: from a folder outside the checkout, with relative paths."""
     out = tmp_path / "staged"
     secret = "hf_do_not_print_this_token_123"
-    result = run_command("publish", "--model", str(trained_tiny_model), "--repo_id", "me/tiny", "--dry_run", str(out),
-                        env={**ENV, "HF_TOKEN": secret})  # fmt: skip
+    model = os.path.relpath(trained_tiny_model, tmp_path)
+    result = run_command("publish", "--model", model, "--repo_id", "me/tiny", "--dry_run", "staged", cwd=tmp_path,
+                         env={**ENV, "HF_TOKEN": secret})
     assert secret not in result.stdout + result.stderr
     names = {p.name for p in out.iterdir()}
     assert {

@@ -6,7 +6,6 @@ import pytest
 import torch
 from conftest import python_snippets, run_snippets_without_package
 from transformers import pipeline
-from transformers.utils import logging as transformers_logging
 
 from hf_captioner import CaptionerForConditionalGeneration, CaptionerProcessor
 from hf_captioner.data import make_sample_dataset
@@ -29,18 +28,18 @@ def captions(model, processor, images, **generate_kwargs) -> list[str]:
         return processor.batch_decode(model.generate(**processor(images=images, return_tensors="pt"), **generate_kwargs))
 
 
-@pytest.mark.parametrize("task", ["image-text-to-text", "image-to-text"])  # transformers 5 sends the second to the first
-def test_the_pipeline_without_a_prompt_captions_exactly_as_generate(trained_tiny_model, saved, task):
-    verbosity = transformers_logging.get_verbosity()
-    transformers_logging.set_verbosity_error()  # 5.24 logs the task rename with a format error (a UserWarning arg)
-    try:
-        captioner = pipeline(task, model=str(trained_tiny_model))
-    finally:
-        transformers_logging.set_verbosity(verbosity)
+@pytest.mark.parametrize("task", ["image-text-to-text", "image-to-text"])  # both reach the folder's pipeline class
+def test_the_pipeline_without_a_prompt_captions_exactly_as_generate(trained_tiny_model, saved, task, tmp_path):
+    captioner = pipeline(task, model=str(trained_tiny_model), trust_remote_code=True)
+    assert type(captioner).__name__ == "CaptionerPipeline"
     images = pictures()
     expected = captions(*saved, images)  # the saved generation config: 3 beams
     one = captioner(images[0], text="")
     assert [record["generated_text"] for record in one] == expected[:1]
+    images[0].save(tmp_path / "photo.png")  # the first call a user types: a picture alone, by path or as an object
+    for alone in (str(tmp_path / "photo.png"), images[0]):
+        assert [record["generated_text"] for record in captioner(alone)] == expected[:1]
+    assert [record["generated_text"] for record in captioner(images)] == expected
     batch = captioner(images, text=[""] * len(images), batch_size=len(images))
     assert [record["generated_text"] for record in batch] == expected
     short = captioner(images[0], text="", generate_kwargs={"max_new_tokens": 2, "num_beams": 1})
@@ -48,7 +47,7 @@ def test_the_pipeline_without_a_prompt_captions_exactly_as_generate(trained_tiny
 
 
 def test_a_prompt_is_the_forced_start_of_the_caption(trained_tiny_model, saved):
-    captioner = pipeline("image-text-to-text", model=str(trained_tiny_model))
+    captioner = pipeline("image-text-to-text", model=str(trained_tiny_model), trust_remote_code=True)
     image = pictures(1)[0]
     greedy = captions(*saved, [image], num_beams=1)[0]
     start = greedy.split()[0]  # the model's own first word: greedy decoding from it must give the same caption
@@ -60,6 +59,8 @@ def test_a_prompt_is_the_forced_start_of_the_caption(trained_tiny_model, saved):
     assert ids[0, :3].tolist() == inputs["decoder_input_ids"][0].tolist()  # <s> the purple, then the model's words
     forced = captioner(image, text="the purple", generate_kwargs={"num_beams": 1})[0]["generated_text"]
     assert forced == processor.decode(ids[0]) and forced.startswith("the purple")
+    with pytest.raises(ValueError, match="vocabulary: 'zebra' .*text=\"\""):
+        captioner(image, text="the zebra")
 
 
 def test_the_readme_usage_snippets_run_as_written(trained_tiny_model, tmp_path):

@@ -126,6 +126,8 @@ def test_a_kill_after_the_last_steps_checkpoint_still_gets_its_final_validation(
     finals = [load_file(tmp_path / run / "final" / "model.safetensors") for run in ("whole", "split")]
     for key in finals[0]:
         torch.testing.assert_close(finals[1][key], finals[0][key], rtol=1e-5, atol=1e-6, msg=key)
+    # the record the model card's "to reproduce: --config training_args.json" uses starts a run, not a resume
+    assert json.loads((tmp_path / "split" / "final" / "training_args.json").read_text())["resume_from_checkpoint"] is None
 
 
 def test_a_kill_while_a_model_folder_is_replaced_leaves_a_complete_one(tmp_path, monkeypatch):

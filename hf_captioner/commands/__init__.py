@@ -22,19 +22,26 @@ COMMANDS = {
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in ("-V", "--version"):
+        from hf_captioner import __version__
+
+        print(f"hf-captioner {__version__}")
+        return
     if argv and argv[0] in COMMANDS:
         name = argv[0]
         sys.argv[0] = f"hf-captioner {name}"  # what the command's own --help and errors call it
         importlib.import_module(f"{__name__}.{name.replace('-', '_')}").main(argv[1:])
         return
     width = max(map(len, COMMANDS))
-    usage = "usage: hf-captioner <command> [options]   (hf-captioner <command> --help for its options)\n\ncommands:\n"
+    usage = ("usage: hf-captioner <command> [options]   (hf-captioner <command> --help for its options; "
+             "hf-captioner --version)\n\ncommands:\n")
     usage += "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
     if argv and argv[0] in ("-h", "--help"):
         print(usage)
         return
     problem = f"unknown command {argv[0]!r}" if argv else "no command given"
-    sys.exit(f"{usage}\n\nhf-captioner: error: {problem}")
+    print(f"{usage}\n\nhf-captioner: error: {problem}", file=sys.stderr)
+    sys.exit(2)  # a usage error, as argparse's
 
 
 if __name__ == "__main__":

@@ -20,13 +20,14 @@ process's level after building the model and inputs is its own. `--quick` shrink
 the whole run takes about a minute; its figures are rougher.
 """
 
-import argparse
 import json
 from pathlib import Path
 
+from hf_captioner.cli import CommandParser
+
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="about a minute, rougher figures")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON report")
     args = parser.parse_args(argv)

@@ -12,7 +12,6 @@ the first). Stores and data are deleted when done.
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import re
@@ -27,7 +26,7 @@ from pathlib import Path
 
 import yaml
 
-from hf_captioner.cli import configure_logging, positive_int
+from hf_captioner.cli import CommandParser, configure_logging, positive_int
 
 ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerate" / "cpu_2_processes.yaml"
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO [\w.]+: (.*)$")
@@ -182,7 +181,7 @@ def table(rows: list[dict], channels: int, dtype: str, workers: int) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], prog="hf-captioner benchmark-scale")
+    parser = CommandParser(description=__doc__.splitlines()[0], prog="hf-captioner benchmark-scale")
     parser.add_argument("--sizes", type=positive_int, nargs="+", default=[2500, 10000, 40000],
                         help="numbers of training images, one run each")  # fmt: skip
     parser.add_argument("--channels", type=positive_int, default=1280, help="feature channels (1280 or 2048)")

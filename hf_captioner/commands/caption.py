@@ -3,16 +3,17 @@
 With `--attention DIR`, one figure per picture shows, word by word, where the model looked.
 """
 
-import argparse
 import io
 import logging
+import sys
 import urllib.request
 from pathlib import Path
 
 from PIL import Image
+from tqdm.auto import tqdm
 
 from hf_captioner.attention_measures import load_flickr30k_entities, named_boxes, picture_regions
-from hf_captioner.cli import add_model_arguments, add_speed_arguments, load_captioner, positive_int
+from hf_captioner.cli import CommandParser, add_model_arguments, add_speed_arguments, load_captioner, positive_int
 
 logger = logging.getLogger("hf_captioner.caption")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
@@ -31,17 +32,19 @@ def fetch(url: str, timeout: float = 15.0) -> Image.Image:
 
 
 def collect(inputs: list[str]) -> list[str]:
-    """Every file, every picture in a folder (sorted by name), and every URL, in the order given."""
+    """Every file, every picture in a folder and its sub-folders (sorted by path), and every URL, in the order given.
+    A ValueError names an input that is none of these, or inputs that hold no picture."""
     found = []
     for item in inputs:
         if item.startswith(("http://", "https://")) or Path(item).is_file():
             found.append(item)
         elif Path(item).is_dir():
-            found += [str(p) for p in sorted(Path(item).iterdir()) if p.suffix.lower() in IMAGE_SUFFIXES]
+            pictures = (p for p in Path(item).rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+            found += [str(p) for p in sorted(pictures)]
         else:
-            raise SystemExit(f"Not a file, folder or URL: {item}")
+            raise ValueError(f"not a file, folder or URL: {item}")
     if not found:
-        raise SystemExit("No pictures found in " + ", ".join(inputs))
+        raise ValueError(f"no pictures ({', '.join(sorted(IMAGE_SUFFIXES))}) found in {', '.join(inputs)}")
     return found
 
 
@@ -53,18 +56,22 @@ def load_picture(name: str) -> Image.Image:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("inputs", nargs="+", help="image files, folders of images, or URLs")
     add_model_arguments(parser)
-    parser.add_argument("--num_beams", type=positive_int, default=3)
-    parser.add_argument("--max_new_tokens", type=positive_int, default=30)
-    parser.add_argument("--batch_size", type=positive_int, default=16)
+    parser.add_argument("--num_beams", type=positive_int, default=3, help="beam search width (1: greedy)")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=30, help="the longest caption, in tokens")
+    parser.add_argument("--batch_size", type=positive_int, default=16, help="pictures read and captioned at once")
     parser.add_argument("--attention", metavar="DIR", help="write one attention figure per picture here")
     parser.add_argument("--entities", metavar="FILE",
                         help="Flickr30k Entities boxes (JSON): on each word's panel, draw the reference boxes of what "
                              "it names (pictures matched by file name)")  # fmt: skip
     add_speed_arguments(parser)
     args = parser.parse_args(argv)
+    try:
+        names = collect(args.inputs)  # a wrong path is said before the model loads
+    except ValueError as error:
+        parser.error(str(error))
     from hf_captioner.inference import caption_with_attention, speed_options  # torch: only once there is work
     from hf_captioner.visualize import plot_attention
 
@@ -74,10 +81,10 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
     speed = speed_options(model, args.bf16, args.channels_last, args.compile)
-    names = collect(args.inputs)
     if args.attention:
         Path(args.attention).mkdir(parents=True, exist_ok=True)
     skipped = 0
+    progress = tqdm(total=len(names), unit="picture", desc="Captioning", disable=None)  # stderr; off when not a tty
     for start in range(0, len(names), args.batch_size):  # pictures are read batch by batch, not all at once
         batch = []
         for name in names[start : start + args.batch_size]:
@@ -87,6 +94,7 @@ def main(argv: list[str] | None = None) -> None:
                 logger.warning("skipped: %s", err)
                 skipped += 1
         if not batch:
+            progress.update(len(names[start : start + args.batch_size]))
             continue
         with speed:
             captions, attentions = caption_with_attention(model, processor, [image for _, image in batch],
@@ -103,7 +111,12 @@ def main(argv: list[str] | None = None) -> None:
                 boxes = [named_boxes(regions, words, i) for i in range(len(words))] if regions else None
                 plot_attention(image, [w.word for w in words], [w.attention for w in words], figure, boxes=boxes)
                 line += f"\t{figure}"
-            print(line, flush=True)
+            progress.write(line, file=sys.stdout)
+        progress.update(len(names[start : start + args.batch_size]))
+    progress.close()
+    if skipped == len(names):
+        logger.error("none of the %d picture(s) could be read: nothing captioned", len(names))
+        sys.exit(1)
     if skipped:
         logger.warning("%d of %d picture(s) could not be read and were skipped", skipped, len(names))
 

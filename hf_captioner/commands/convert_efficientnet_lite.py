@@ -9,14 +9,15 @@ The two state dicts hold the same tensors in the same order; the check runs both
 variant's own input size) and reports the largest logit difference and the top ImageNet classes.
 """
 
-import argparse
 from pathlib import Path
+
+from hf_captioner.cli import CommandParser
 
 VARIANTS = ("lite0", "lite1", "lite2")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--variant", choices=VARIANTS, default="lite0", help="which network (default: lite0)")
     parser.add_argument("--out", default=None, help="output folder (default: checkpoints/tf_efficientnet_VARIANT)")
     parser.add_argument("--photos", default=None, help="folder of real photos for the check")

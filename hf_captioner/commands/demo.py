@@ -5,25 +5,24 @@ measure where attention points, and draw attention figures.
 goes through Accelerate, the model is saved and loaded back with the Auto classes).
 """
 
-import argparse
 import json
 import logging
 import time
 from pathlib import Path
 
 from hf_captioner.arguments import parse_arguments
-from hf_captioner.cli import configure_logging
+from hf_captioner.cli import CommandParser, configure_logging
 from hf_captioner.model_card import FIGURES_DIR
 
 logger = logging.getLogger("demo")
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("--config", default="configs/sample.yaml")
-    parser.add_argument("--data_dir", default="data/sample")
-    parser.add_argument("--output_dir", default="runs/sample")
-    parser.add_argument("--num_beams", type=int, default=3)
+    parser = CommandParser(description=__doc__)
+    parser.add_argument("--config", default="configs/sample.yaml", help="the training run's YAML config")
+    parser.add_argument("--data_dir", default="data/sample", help="where the sample data set is written (once)")
+    parser.add_argument("--output_dir", default="runs/sample", help="the run's folder (trained afresh each time)")
+    parser.add_argument("--num_beams", type=int, default=3, help="beam search width of the captions scored")
     options = parser.parse_args(argv)
     configure_logging()
     from transformers import AutoModel, AutoProcessor  # torch: only once there is work

@@ -7,11 +7,15 @@ the attention goes) and prints a table. Deterministic for a fixed model and sett
 """
 
 import argparse
+import dataclasses
 import json
+import typing
 from pathlib import Path
 
+from hf_captioner.arguments import DATA_LAYOUT_ARGUMENTS, DataArguments
 from hf_captioner.attention_measures import ENTITIES_FILE, load_flickr30k_entities
 from hf_captioner.cli import (
+    CommandParser,
     add_model_arguments,
     add_speed_arguments,
     configure_logging,
@@ -21,33 +25,50 @@ from hf_captioner.cli import (
 )
 
 
-def load_split(data: str, split: str, model_dir: str, images_dir: str | None, strict: bool):
-    """The split to score. The sample data set is redrawn as the model's training run drew it (with its boxes); the
-    run's own data is read with the run's Hub layout settings."""
+def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """The training run's options for reading a Hub data set or a local copy of one, with their help texts."""
+    group = parser.add_argument_group("Hub data or a local copy (default: the preset of --data / --data_preset, or "
+                                      "the model's training run when it read the same --data)")
+    for field in dataclasses.fields(DataArguments):
+        if field.name in DATA_LAYOUT_ARGUMENTS:
+            many = typing.get_origin(field.type) is not None and list in typing.get_args(field.type)
+            group.add_argument(f"--{field.name}", nargs="+" if many else None, default=None,
+                               help=field.metadata["help"])  # fmt: skip
+
+
+def load_split(args: argparse.Namespace):
+    """The split to score. The sample data set is redrawn as the model's training run drew it (with its boxes); other
+    data is read with the run's layout settings when the run read the same --data, then the ones given here."""
     from hf_captioner.data import detect_and_load, hub_layout, make_sample_dataset
 
-    args_file = Path(model_dir) / "training_args.json"
+    args_file = Path(args.model) / "training_args.json"
     trained = json.loads(args_file.read_text()) if args_file.is_file() else {}
+    data, split = args.data, args.split
     if data != "sample":  # --strict is about the split being scored, not the others
-        layout = hub_layout(data, trained if trained.get("data") == data else None)
-        return detect_and_load(data, images_dir=images_dir, strict=[split] if strict else False, layout=layout)[split]
+        settings = {name: trained.get(name) for name in DATA_LAYOUT_ARGUMENTS} if trained.get("data") == data else {}
+        settings.update({name: getattr(args, name) for name in DATA_LAYOUT_ARGUMENTS if getattr(args, name)})
+        layout = hub_layout(data, settings)
+        return detect_and_load(data, images_dir=args.images_dir, strict=[split] if args.strict else False,
+                               layout=layout)[split]  # fmt: skip
     sizes = trained.get("sample_sizes", [2000, 200, 200])
     return make_sample_dataset(*sizes, seed=trained.get("sample_seed", 0),
                                image_size=trained.get("sample_image_size", 64))[split]  # fmt: skip
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CommandParser(description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--data", default="sample", help="'sample', a data folder/file in a known layout, or a Hub id")
-    parser.add_argument("--images_dir", default=None)
-    parser.add_argument("--split", default="test", choices=["train", "validation", "test"])
-    parser.add_argument("--num_beams", type=positive_int, default=3)
-    parser.add_argument("--batch_size", type=positive_int, default=32)
-    parser.add_argument("--max_new_tokens", type=positive_int, default=30)
+    parser.add_argument("--images_dir", default=None, help="where the images are, when not in the layout's default place")
+    parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="the split to score")
+    parser.add_argument("--num_beams", type=positive_int, default=3, help="beam search width (1: greedy)")
+    parser.add_argument("--batch_size", type=positive_int, default=32, help="images captioned at once")
+    parser.add_argument("--max_new_tokens", type=positive_int, default=30, help="the longest caption, in tokens")
     parser.add_argument("--max_images", type=positive_int, default=None, help="score only the first N images")
     parser.add_argument("--output_dir", default=None, help="default: <model>/eval-<split>-beam<N>")
-    parser.add_argument("--strict", action="store_true")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="replace the predictions and metrics an earlier evaluation wrote there")
+    parser.add_argument("--strict", action="store_true", help="a missing or unreadable image of the split is an error, not a counted skip")
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR even where Java is present")
     parser.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=None,
                         help="forbid repeating any n-gram of this size, 0: allow (default: the model's generation "
@@ -59,14 +80,26 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--entities", default=None,
                         help=f"Flickr30k Entities boxes (JSON) for the attention measures; default: {ENTITIES_FILE} "
                              "in the --data folder when it is there")  # fmt: skip
+    add_layout_arguments(parser)
     add_speed_arguments(parser)
     args = parser.parse_args(argv)
+    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
+        parser.error(f"argument --repetition_penalty: expected a number > 0, got {args.repetition_penalty}")
+    output_dir = args.output_dir or str(Path(args.model) / f"eval-{args.split}-beam{args.num_beams}")
+    earlier = [name for name in ("predictions.jsonl", "metrics.json") if (Path(output_dir) / name).is_file()]
+    if earlier and not args.overwrite_output_dir:
+        parser.error(f"{output_dir} already holds an evaluation ({', '.join(earlier)}): pass --overwrite_output_dir "
+                     "to replace it, or --output_dir for another folder")  # fmt: skip
     configure_logging()
+    from hf_captioner.data import DataError
     from hf_captioner.evaluation import evaluate_split, format_table  # torch: only once there is work
     from hf_captioner.inference import speed_options
 
     model, processor = load_captioner(args, parser)
-    dataset = load_split(args.data, args.split, args.model, args.images_dir, args.strict)
+    try:
+        dataset = load_split(args)
+    except DataError as error:
+        parser.error(f"--data {args.data}: {error}")
     if len(dataset) == 0:
         parser.error(f"the {args.split} split of {args.data} has no images")
     if args.max_images:
@@ -80,9 +113,6 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(str(error))
     decoding = {name: getattr(args, name) for name in ("no_repeat_ngram_size", "repetition_penalty", "length_penalty")
                 if getattr(args, name) is not None}  # fmt: skip
-    if args.repetition_penalty is not None and args.repetition_penalty <= 0:
-        parser.error(f"argument --repetition_penalty: expected a number > 0, got {args.repetition_penalty}")
-    output_dir = args.output_dir or str(Path(args.model) / f"eval-{args.split}-beam{args.num_beams}")
     extra = {"model": args.model, "data": args.data, "bf16": args.bf16, "compile": args.compile,
              "entities": entities_file}  # fmt: skip
     with speed_options(model, args.bf16, args.channels_last, args.compile):

@@ -6,13 +6,14 @@ original, then pushes it. `--dry_run OUT` writes the staged folder to OUT
 and uploads nothing. The token comes from HF_TOKEN or `hf auth login` and is never printed.
 """
 
-import argparse
 import logging
 import sys
 import tempfile
 from pathlib import Path
 
 from PIL import Image
+
+from hf_captioner.cli import CommandParser
 
 logger = logging.getLogger("publish")
 
@@ -30,12 +31,12 @@ def original_captions(model_dir: str, images: list[Path]) -> list[list[int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = CommandParser(description=__doc__)
     parser.add_argument("--model", required=True, help="saved model folder (with its processor)")
     parser.add_argument("--repo_id", required=True, help="Hub repository, e.g. me/sat-flickr8k")
-    parser.add_argument("--private", action="store_true")
+    parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--dry_run", metavar="OUT", help="write the staged folder here and upload nothing")
-    parser.add_argument("--commit_message", default="Upload hf-captioner model")
+    parser.add_argument("--commit_message", default="Upload hf-captioner model", help="the Hub commit's message")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not (Path(args.model) / "config.json").is_file():
@@ -46,7 +47,10 @@ def main(argv: list[str] | None = None) -> None:
         stage = Path(args.dry_run) if args.dry_run else Path(scratch) / "stage"
         stage_for_hub(args.model, stage, args.repo_id)
         images = probe_images(Path(scratch))
-        remote = load_without_package(stage, images)
+        try:
+            remote = load_without_package(stage, images)
+        except RuntimeError as error:  # the staged copy failed where a Hub user would: not publishing, exit 1
+            sys.exit(f"Not publishing: {error}")
         if remote["ids"] != original_captions(args.model, images):
             sys.exit(f"The staged folder captions differently from {args.model}: not publishing")
         if remote["image_text_ids"] != remote["ids"] or remote["pipeline"] != remote["captions"]:

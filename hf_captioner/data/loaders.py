@@ -239,6 +239,14 @@ def load_captions_csv(
     """
     csv_path = _require_file(Path(csv_path), "captions CSV")
     images_dir = Path(images_dir) if images_dir is not None else csv_path.parent / "Images"
+    try:
+        return _read_captions_csv(csv_path, images_dir, split_fractions, seed, strict)
+    except UnicodeDecodeError:
+        raise DataError(f"{csv_path}: not a UTF-8 text file, so not an image,caption CSV (parquet and arrow files "
+                        "are read by their .parquet / .arrow suffix)") from None
+
+
+def _read_captions_csv(csv_path: Path, images_dir: Path, split_fractions, seed: int, strict):
     report = LoadReport(str(csv_path))
     captions: dict[str, list[str]] = defaultdict(list)
     with open(csv_path, encoding="utf-8", newline="") as handle:
@@ -299,9 +307,12 @@ LAYOUT_FIELDS = ("image_column", "caption_columns", "id_column", "split_column",
 
 
 def hub_layout(name: str, settings: Mapping | None = None) -> HubLayout:
-    """The preset layout of `name` (else the default one) with the fields `settings` sets (not None) replaced:
-    a run's arguments or its training_args.json (split_names there as FROM=TO strings)."""
-    given = {key: settings[key] for key in LAYOUT_FIELDS if (settings or {}).get(key) is not None}
+    """The preset layout of `name`, or of the Hub data set `settings["data_preset"]` names (a local copy of one), else
+    the default layout, with the fields `settings` sets (not None) replaced: a run's arguments or its
+    training_args.json (split_names there as FROM=TO strings)."""
+    settings = settings or {}
+    name = settings.get("data_preset") or name
+    given = {key: settings[key] for key in LAYOUT_FIELDS if settings.get(key) is not None}
     if "caption_columns" in given:
         given["caption_columns"] = tuple(given["caption_columns"])
     if "split_names" in given and not isinstance(given["split_names"], Mapping):
@@ -343,11 +354,23 @@ def load_hub_dataset(
     """A data set from the Hub (or any `datasets.load_dataset` path), read through `layout` (default: the preset for
     `name`, see `HUB_LAYOUTS`, or `HubLayout()`). Every caption column of a row is kept; rows of one picture are
     grouped; splits come from the split column when there is one, else from the Hub splits."""
-    from datasets import Image as ImageFeature
     from datasets import load_dataset
 
+    return read_datasets_layout(load_dataset(name, **(load_kwargs or {})), name, images_dir, strict, layout)
+
+
+def read_datasets_layout(
+    loaded: Mapping,
+    name: str,
+    images_dir: str | os.PathLike | None = None,
+    strict: bool | Collection[str] = False,
+    layout: HubLayout | None = None,
+):
+    """`datasets` splits (a `DatasetDict`, from the Hub or a local copy) -> the normalised schema, read through
+    `layout` (see `load_hub_dataset`)."""
+    from datasets import Image as ImageFeature
+
     layout = layout or hub_layout(name)
-    loaded = load_dataset(name, **(load_kwargs or {}))
     report = LoadReport(name)
     images_dir = Path(images_dir) if images_dir is not None else None
     grouped: dict[tuple[str, str], dict] = {}
@@ -389,6 +412,9 @@ def detect_and_load(
     read through `layout` (default: its preset, see `HUB_LAYOUTS`). `strict`: True, or the names of the splits
     whose missing or unreadable images are errors (see `LoadReport`)."""
     path = Path(source)
+    local_copy = load_local_datasets_copy(path)  # save_to_disk folders, parquet / arrow files and folders of them
+    if local_copy is not None:
+        return read_datasets_layout(local_copy, str(path), images_dir, strict, layout)
     if path.is_file():
         if path.suffix == ".json":
             return load_karpathy_json(path, images_dir or path.parent / "images", strict=strict)
@@ -396,17 +422,56 @@ def detect_and_load(
             return load_flickr8k_text(path.parent, images_dir, strict=strict)
         return load_captions_csv(path, images_dir, strict=strict, **kwargs)
     if path.is_dir():
-        karpathy = sorted(path.glob("dataset_*.json"))
+        karpathy = [p for p in sorted(path.glob("dataset_*.json")) if p.name not in DATASETS_LIBRARY_FILES]
         if karpathy:
             return load_karpathy_json(karpathy[0], images_dir or path / "images", strict=strict)
         if (path / "Flickr8k.token.txt").is_file():
             return load_flickr8k_text(path, images_dir, strict=strict)
         if (path / "captions.txt").is_file():
             return load_captions_csv(path / "captions.txt", images_dir, strict=strict, **kwargs)
-        raise DataError(f"{path} holds no known caption layout (dataset_*.json, Flickr8k.token.txt or captions.txt)")
+        raise DataError(f"{path} holds no known caption layout (dataset_*.json, Flickr8k.token.txt, captions.txt, "
+                        "parquet / arrow files, or a datasets save_to_disk folder)")
     if not is_hub_name(source):
         raise DataError(f"Data source not found: {source}")
     return load_hub_dataset(str(source), images_dir, strict, layout, load_kwargs=kwargs)
+
+
+DATASETS_LIBRARY_FILES = ("dataset_dict.json", "dataset_info.json")  # save_to_disk's, not Karpathy's dataset_*.json
+DATASETS_FILE_FORMATS = {".parquet": "parquet", ".arrow": "arrow"}
+
+
+def load_local_datasets_copy(path: Path):
+    """A local copy of a Hub data set as `datasets` splits, or None when `path` is none: a `save_to_disk` folder, a
+    folder of parquet or arrow files (splits from their names, as the Hub names them: data/train-00000-of-00001...)
+    and none of the text layouts' files, or one such file (a single "train" split; a split column can divide it)."""
+    from datasets import DatasetDict, load_dataset, load_from_disk
+
+    if path.is_dir() and any((path / name).is_file() for name in ("dataset_dict.json", "state.json")):
+        loaded = load_from_disk(str(path))
+        return loaded if isinstance(loaded, DatasetDict) else DatasetDict({"train": loaded})
+    if path.is_file() and path.suffix in DATASETS_FILE_FORMATS:
+        return load_dataset(DATASETS_FILE_FORMATS[path.suffix], data_files={"train": str(path)})
+    text_layouts = ("Flickr8k.token.txt", "captions.txt")
+    if path.is_dir() and not any((path / name).is_file() for name in text_layouts) and not any(
+        p.name not in DATASETS_LIBRARY_FILES for p in path.glob("dataset_*.json")
+    ):
+        suffixes = {p.suffix for p in path.rglob("*") if not p.name.startswith(".")}
+        formats = {DATASETS_FILE_FORMATS[suffix] for suffix in suffixes & set(DATASETS_FILE_FORMATS)}
+        if len(formats) == 1:
+            return load_dataset(formats.pop(), data_dir=str(path))
+    return None
+
+
+SAMPLE_FILE = "dataset_sample.json"  # what `write_sample_dataset` (make-sample-data) writes beside the pictures
+
+
+def data_source(source: str | os.PathLike) -> str:
+    """What `--data` is, judged where the run starts (the model card reads it later, elsewhere): "sample" (drawn in
+    memory, or a folder or file that make-sample-data wrote), "hub" (a Hub data set id) or "local"."""
+    path = Path(source)
+    if str(source) == "sample" or (path / SAMPLE_FILE).is_file() or path.name == SAMPLE_FILE:
+        return "sample"
+    return "hub" if is_hub_name(source) else "local"
 
 
 def is_hub_name(source: str | os.PathLike) -> bool:

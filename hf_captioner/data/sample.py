@@ -14,6 +14,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from .loaders import SAMPLE_FILE
+
 KINDS = ("circle", "square", "triangle", "star")
 COLOURS = {
     "red": (215, 40, 40),
@@ -204,6 +206,6 @@ def write_sample_dataset(
                 "objects": record["objects"],
             }
         )
-    path = folder / "dataset_sample.json"
+    path = folder / SAMPLE_FILE
     path.write_text(json.dumps({"dataset": "sample", "images": entries}))
     return path
