@@ -170,8 +170,8 @@ def test_bleu_also_reports_evaluates_own_bleu_keys():
         assert scores[f"bleu_{n}"] == pytest.approx(scores["brevity_penalty"] * mean, rel=1e-6, abs=1e-9)
 
 
-def test_the_readme_metric_snippet_runs_and_shows_its_real_results():
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+def test_the_documented_metric_snippet_runs_and_shows_its_real_results():
+    readme = (Path(__file__).resolve().parents[1] / "docs" / "evaluation.md").read_text()
     (snippet,) = [s for s in python_snippets(readme) if "hf_captioner.metrics" in s]
     namespace: dict = {}
     exec(snippet, namespace)
