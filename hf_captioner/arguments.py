@@ -6,8 +6,10 @@
 when the arguments are made, so a bad one is one line before any data is read or any picture encoded.
 """
 
+import argparse
 import copy
 import dataclasses
+import logging
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,11 +19,19 @@ from transformers import HfArgumentParser  # torch-free, like this module: `hf-c
 
 from .cli import model_folder_problem
 
+logger = logging.getLogger(__name__)
+
 OBJECTIVES = ("cross_entropy", "self_critical")
 MIXED_PRECISION = ("no", "fp16", "bf16")
 # CaptionerConfig fields that the trained tokenizer decides (the run's vocab_size bounds its size)
-TOKENIZER_FIELDS = ("vocab_size", "pad_token_id", "bos_token_id", "eos_token_id", "unk_token_id",
-                    "decoder_start_token_id")  # fmt: skip
+TOKENIZER_FIELDS = (
+    "vocab_size",
+    "pad_token_id",
+    "bos_token_id",
+    "eos_token_id",
+    "unk_token_id",
+    "decoder_start_token_id",
+)
 
 
 class SettingsError(ValueError):
@@ -48,25 +58,42 @@ class DataArguments:
     max_train_images: int | None = option(None, "use only the first N train images (quick experiments)")
     max_eval_images: int | None = option(None, "validate on only the first N validation images")
     # a Hub data set's layout (or a local copy's): each unset field comes from the preset for --data / --data_preset
-    data_preset: str | None = option(None, "--data is a local copy (parquet / arrow files, a save_to_disk folder) of "
-                                     "this Hub data set: read it with its layout preset, e.g. jxie/flickr8k")
-    image_column: str | None = option(None, "Hub data or a local copy: the picture column (image, bytes, or file "
-                                      "names under images_dir); default: the preset's, else 'image'")
-    caption_columns: list[str] | None = option(None, "Hub data or a local copy: the caption column(s): one of "
-                                               "strings, one of lists, or several (caption_0 ... caption_4); default "
-                                               "'caption'")
+    data_preset: str | None = option(
+        None,
+        "--data is a local copy (parquet / arrow files, a save_to_disk folder) of "
+        "this Hub data set: read it with its layout preset, e.g. jxie/flickr8k",
+    )
+    image_column: str | None = option(
+        None,
+        "Hub data or a local copy: the picture column (image, bytes, or file "
+        "names under images_dir); default: the preset's, else 'image'",
+    )
+    caption_columns: list[str] | None = option(
+        None,
+        "Hub data or a local copy: the caption column(s): one of "
+        "strings, one of lists, or several (caption_0 ... caption_4); default "
+        "'caption'",
+    )
     id_column: str | None = option(None, "Hub data or a local copy: the column that groups the rows of one picture")
-    split_column: str | None = option(None, "Hub data or a local copy: a column naming each row's split (one split "
-                                      "holds all)")
-    split_names: list[str] | None = option(None, "Hub data or a local copy: FROM=TO split renames, e.g. "
-                                           "dev=validation")
-    image_folder_column: str | None = option(None, "Hub data or a local copy: a column naming each picture's folder "
-                                             "under images_dir (COCO: filepath)")
+    split_column: str | None = option(
+        None, "Hub data or a local copy: a column naming each row's split (one split holds all)"
+    )
+    split_names: list[str] | None = option(None, "Hub data or a local copy: FROM=TO split renames, e.g. dev=validation")
+    image_folder_column: str | None = option(
+        None, "Hub data or a local copy: a column naming each picture's folder under images_dir (COCO: filepath)"
+    )
 
 
 # the data arguments that say how to read a Hub data set or a local copy of one (`evaluate` takes them too)
-DATA_LAYOUT_ARGUMENTS = ("data_preset", "image_column", "caption_columns", "id_column", "split_column", "split_names",
-                         "image_folder_column")
+DATA_LAYOUT_ARGUMENTS = (
+    "data_preset",
+    "image_column",
+    "caption_columns",
+    "id_column",
+    "split_column",
+    "split_names",
+    "image_folder_column",
+)
 
 
 @dataclass
@@ -82,9 +109,10 @@ class ProcessorArguments:
 
 @dataclass
 class ModelArguments:
-    _argument_group_name = "model (and --model KEY=VALUE: one CaptionerConfig field, e.g. --model rnn_type=gru)"
-    vision_pretrained: str | None = option(None, "start the encoder from this backbone, e.g. microsoft/resnet-101 "
-                                           "or timm:tf_efficientnet_lite0")  # fmt: skip
+    _argument_group_name = "model (and --model_config KEY=VALUE: one CaptionerConfig field, e.g. rnn_type=gru)"
+    vision_pretrained: str | None = option(
+        None, "start the encoder from this backbone, e.g. microsoft/resnet-101 or timm:tf_efficientnet_lite0"
+    )
     vision_checkpoint: str | None = option(None, "the backbone's weights from this local file (timm), e.g. offline")
     init_from: str | None = option(None, "start from a saved captioner folder (e.g. to fine-tune it)")
 
@@ -92,8 +120,10 @@ class ModelArguments:
 @dataclass
 class ObjectiveArguments:
     _argument_group_name = "objective"
-    objective: str = option("cross_entropy", f"one of {OBJECTIVES}; self_critical rewards sampled captions with "
-                            "their CIDEr-D (see the README)")  # fmt: skip
+    objective: str = option(
+        "cross_entropy",
+        f"one of {OBJECTIVES}; self_critical rewards sampled captions with their CIDEr-D (see the README)",
+    )
     self_critical_samples: int = option(5, "self_critical: captions sampled per image")
     self_critical_max_new_tokens: int = option(30, "self_critical: the longest sampled caption, in tokens")
 
@@ -114,9 +144,12 @@ class OptimizationArguments:
     mixed_precision: str = option("no", f"one of {MIXED_PRECISION}: autocast (see the README's speed section)")
     channels_last: bool = option(False, "NHWC convolutions in the encoder (images through it, feature caching)")
     seed: int = option(42, "seed of the weights, the data order and dropout")
-    group_captions_by_image: bool = option(False, "cross-entropy batches hold all captions of their images (shuffled "
-                                           "image by image), so the encoder, or its fine-tuned top, runs once per "
-                                           "image instead of once per caption")
+    group_captions_by_image: bool = option(
+        False,
+        "cross-entropy batches hold all captions of their images (shuffled "
+        "image by image), so the encoder, or its fine-tuned top, runs once per "
+        "image instead of once per caption",
+    )
     num_workers: int = option(0, "DataLoader workers per process")
 
 
@@ -127,8 +160,11 @@ class EvaluationArguments:
     eval_num_beams: int = option(1, "beams of the validation captions")
     eval_max_new_tokens: int = option(30, "the longest validation caption, in tokens")
     early_stopping_patience: int = option(3, "validations without a better CIDEr-D before stopping (0: never)")
-    no_repeat_ngram_size: int = option(0, "saved in generation_config.json, so every caption of the model (validation "
-                                       "included) never repeats an n-gram of this size; 0: off")  # fmt: skip
+    no_repeat_ngram_size: int = option(
+        0,
+        "saved in generation_config.json, so every caption of the model (validation "
+        "included) never repeats an n-gram of this size; 0: off",
+    )
 
 
 @dataclass
@@ -144,8 +180,11 @@ class CheckpointArguments:
 @dataclass
 class FeatureCacheArguments:
     _argument_group_name = "feature caching"
-    cache_features: bool = option(False, "run the encoder (or, when its last stages fine-tune, its frozen bottom) "
-                                  "once over the data into an on-disk feature store")
+    cache_features: bool = option(
+        False,
+        "run the encoder (or, when its last stages fine-tune, its frozen bottom) "
+        "once over the data into an on-disk feature store",
+    )
     feature_cache_dir: str = option("~/.cache/hf_captioner/features", "where feature stores live")
     feature_cache_dtype: str = option("float32", "float32, bfloat16 or float16: how the store keeps features")
 
@@ -157,8 +196,17 @@ class LoggingArguments:
     report_to: str = option("auto", "'auto' (TensorBoard when installed), 'none', or an Accelerate tracker name")
 
 
-GROUPS = (DataArguments, ProcessorArguments, ModelArguments, ObjectiveArguments, OptimizationArguments,
-          EvaluationArguments, CheckpointArguments, FeatureCacheArguments, LoggingArguments)  # fmt: skip
+GROUPS = (
+    DataArguments,
+    ProcessorArguments,
+    ModelArguments,
+    ObjectiveArguments,
+    OptimizationArguments,
+    EvaluationArguments,
+    CheckpointArguments,
+    FeatureCacheArguments,
+    LoggingArguments,
+)
 
 
 @dataclass
@@ -173,17 +221,40 @@ class TrainingArguments(*reversed(GROUPS)):  # dataclass fields follow the bases
 
         from .data.feature_store import STORE_DTYPES
 
-        for name, choices in (("objective", OBJECTIVES), ("lr_scheduler", [kind.value for kind in SchedulerType]),
-                              ("mixed_precision", MIXED_PRECISION), ("feature_cache_dtype", tuple(STORE_DTYPES))):  # fmt: skip
+        for name, choices in (
+            ("objective", OBJECTIVES),
+            ("lr_scheduler", [kind.value for kind in SchedulerType]),
+            ("mixed_precision", MIXED_PRECISION),
+            ("feature_cache_dtype", tuple(STORE_DTYPES)),
+        ):
             if getattr(self, name) not in choices:
                 raise ValueError(f"{name}: expected one of {list(choices)}, got {getattr(self, name)!r}")
-        for name in ("num_epochs", "batch_size", "eval_batch_size", "gradient_accumulation_steps", "eval_num_beams",
-                     "eval_max_new_tokens", "self_critical_samples", "self_critical_max_new_tokens",
-                     "log_every_steps", "image_size", "max_caption_tokens", "sample_image_size"):  # fmt: skip
+        for name in (
+            "num_epochs",
+            "batch_size",
+            "eval_batch_size",
+            "gradient_accumulation_steps",
+            "eval_num_beams",
+            "eval_max_new_tokens",
+            "self_critical_samples",
+            "self_critical_max_new_tokens",
+            "log_every_steps",
+            "image_size",
+            "max_caption_tokens",
+            "sample_image_size",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name}: expected a whole number >= 1, got {getattr(self, name)!r}")
-        for name in ("warmup_steps", "num_workers", "no_repeat_ngram_size", "checkpoint_every_steps", "keep_checkpoints",
-                     "early_stopping_patience", "weight_decay", "max_grad_norm"):  # fmt: skip
+        for name in (
+            "warmup_steps",
+            "num_workers",
+            "no_repeat_ngram_size",
+            "checkpoint_every_steps",
+            "keep_checkpoints",
+            "early_stopping_patience",
+            "weight_decay",
+            "max_grad_norm",
+        ):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name}: expected a number >= 0, got {getattr(self, name)!r}")
         for name in ("max_train_steps", "max_train_images", "max_eval_images", "resize_size"):
@@ -202,9 +273,11 @@ class TrainingArguments(*reversed(GROUPS)):  # dataclass fields follow the bases
             raise ValueError(f"sample_sizes: expected three numbers (train, validation, test), got {self.sample_sizes}")
         self._check_model()
         if self.cache_features and self.model.get("encoder_trainable_stages") == -1:
-            raise ValueError("cache_features: with model.encoder_trainable_stages=-1 the whole encoder fine-tunes and "
-                             "nothing frozen is left to cache; use encoder_trainable_stages > 0 (the input of the "
-                             "trainable stages is cached) or cache_features false")  # fmt: skip
+            raise ValueError(
+                "cache_features: with model.encoder_trainable_stages=-1 the whole encoder fine-tunes and "
+                "nothing frozen is left to cache; use encoder_trainable_stages > 0 (the input of the "
+                "trainable stages is cached) or cache_features false"
+            )
         for name, required in (("init_from", "config.json"), ("processor_path", "tokenizer.json")):
             problem = model_folder_problem(getattr(self, name), required)
             if problem:
@@ -272,18 +345,29 @@ def _check_file_values(values: dict, where: str, error) -> dict:
 
 
 def build_parser() -> HfArgumentParser:
-    parser = HfArgumentParser(GROUPS, prog="hf-captioner train",
-                              usage="%(prog)s [--config FILE.yaml] [--FIELD VALUE ...] [--model KEY=VALUE ...]",
-                              description="Train the captioner. Values come from --config FILE.yaml (flat field: "
-                              "value), then from the command line.")  # fmt: skip
+    parser = HfArgumentParser(
+        GROUPS,
+        prog="hf-captioner train",
+        usage="%(prog)s [--config FILE.yaml] [--FIELD VALUE ...] [--model_config KEY=VALUE ...]",
+        description="Train the captioner. Values come from --config FILE.yaml (flat field: "
+        "value), then from the command line.",
+    )
     parser.add_argument("--config", help="YAML file of field: value (any field below; model: a mapping)")
-    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE",
-                        help="one CaptionerConfig field, e.g. --model rnn_type=gru (repeatable; over the YAML's)")  # fmt: skip
+    parser.add_argument(
+        "--model_config",
+        "--model-config",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="one CaptionerConfig field, e.g. --model_config rnn_type=gru (repeatable; over the YAML's)",
+    )
+    # the earlier spelling, which other commands' --model (a saved model folder) contradicted: kept, with a warning
+    parser.add_argument("--model", action="append", default=[], dest="deprecated_model", help=argparse.SUPPRESS)
     return parser
 
 
 def parse_arguments(argv: list[str] | None = None) -> TrainingArguments:
-    """`--config file.yaml` then `--field value` overrides; `--model key=value` sets one model config field."""
+    """`--config file.yaml` then `--field value` overrides; `--model_config key=value` sets one model config field."""
     parser = build_parser()
     config = parser.parse_known_args(argv)[0].config  # the file's values become the parser's defaults
     file_values: dict = {}
@@ -301,10 +385,16 @@ def parse_arguments(argv: list[str] | None = None) -> TrainingArguments:
     model = dict(file_values.pop("model", None) or {})
     parser.set_defaults(**file_values)
     namespace = vars(parser.parse_args(argv))
-    for item in namespace.pop("model"):
+    deprecated = namespace.pop("deprecated_model")
+    if deprecated:
+        logger.warning(
+            "train --model KEY=VALUE is now --model_config KEY=VALUE (--model names a saved model folder "
+            "in the other commands); the old spelling still works for now"
+        )
+    for item in deprecated + namespace.pop("model_config"):
         key, sep, value = item.partition("=")
         if not sep:
-            parser.error(f"--model expects KEY=VALUE, got {item!r}")
+            parser.error(f"--model_config expects KEY=VALUE, got {item!r}")
         model[key] = _yaml_value(value)
     namespace.pop("config")
     for name, value in namespace.items():  # "none" on the command line clears a field that may be empty

@@ -80,8 +80,9 @@ class AttentionMeasures:
     row and words, so a split's maps are never held. `regions_of(row)` gives that image's named regions and its
     picture size (width, height); `result()` gives the rates."""
 
-    def __init__(self, regions_of: Callable[[int], tuple[list[NamedRegion], tuple[int, int]]], grid_size: int,
-                 image_processor):  # fmt: skip
+    def __init__(
+        self, regions_of: Callable[[int], tuple[list[NamedRegion], tuple[int, int]]], grid_size: int, image_processor
+    ):
         self.regions_of, self.grid_size, self.image_processor = regions_of, grid_size, image_processor
         self.named_words, self.hits, self.mass, self.chance = 0, 0, 0.0, 0.0
         self.words, self.entropy, self.pairs, self.moves = 0, 0.0, 0, 0
@@ -156,8 +157,9 @@ def load_flickr30k_entities(path: str | os.PathLike) -> dict[str, dict]:
         annotations = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as error:
         raise ValueError(f"{path}: not a JSON file of Flickr30k Entities annotations ({error})") from None
-    if not isinstance(annotations, dict) or not all({"width", "height", "boxes", "phrases"} <= set(a)
-                                                    for a in annotations.values()):  # fmt: skip
+    if not isinstance(annotations, dict) or not all(
+        {"width", "height", "boxes", "phrases"} <= set(a) for a in annotations.values()
+    ):
         raise ValueError(f"{path}: expected {{image file: {{width, height, boxes, phrases}}}} per image")
     return {Path(name).stem: entry for name, entry in annotations.items()}
 
@@ -174,9 +176,13 @@ def picture_regions(entry: dict, picture_size: tuple[int, int]) -> list[NamedReg
         if noun and entry["boxes"].get(entity):
             names.setdefault(entity, set()).add(noun)
     # inclusive pixel boxes: pixel x spans [x, x + 1), so the right edge x1 + 1 scales to (x1 + 1) * sx
-    return [NamedRegion(nouns, [(x0 * sx, y0 * sy, (x1 + 1) * sx - 1, (y1 + 1) * sy - 1)
-                                for x0, y0, x1, y1 in entry["boxes"][entity]])
-            for entity, nouns in names.items()]  # fmt: skip
+    return [
+        NamedRegion(
+            nouns,
+            [(x0 * sx, y0 * sy, (x1 + 1) * sx - 1, (y1 + 1) * sy - 1) for x0, y0, x1, y1 in entry["boxes"][entity]],
+        )
+        for entity, nouns in names.items()
+    ]
 
 
 def entity_regions(entities: dict[str, dict], dataset) -> Callable[[int], tuple[list[NamedRegion], tuple[int, int]]]:

@@ -61,8 +61,10 @@ def check_output_stride(spec: str, output_stride: int) -> None:
     library, name = parse_backbone(spec)
     refusal = f"vision_backbone={spec!r} cannot run at vision_output_stride={output_stride}"
     if library == "torchvision":
-        refusal += (": of torchvision's networks only bottleneck ResNets (ResNet-50 and deeper, ResNeXt, Wide ResNet) "
-                    "dilate their last stage")  # fmt: skip
+        refusal += (
+            ": of torchvision's networks only bottleneck ResNets (ResNet-50 and deeper, ResNeXt, Wide ResNet) "
+            "dilate their last stage"
+        )
     else:
         refusal += ": timm does not dilate this network"
     try:
@@ -91,8 +93,9 @@ def create_network(library: str, name: str, pretrained: bool, output_stride: int
     return torchvision.models.get_model(name, weights=weights, **dilation_kwargs(library, output_stride))
 
 
-def build_backbone(spec: str, pretrained: bool = False, output_stride: int = NATIVE_OUTPUT_STRIDE, **load_kwargs
-                   ) -> tuple[nn.Module, int]:  # fmt: skip
+def build_backbone(
+    spec: str, pretrained: bool = False, output_stride: int = NATIVE_OUTPUT_STRIDE, **load_kwargs
+) -> tuple[nn.Module, int]:
     """A timm or torchvision network cut to its last feature map, with its channel count. Saved captioners rebuild
     it randomly initialised (their checkpoint holds the weights); `pretrained` (timm: also `checkpoint_path=...`;
     torchvision: `weights=...`) is for starting a new captioner. At `output_stride` 16 the last stride-2 stage
@@ -183,6 +186,7 @@ def top_layers_start(layers: list[nn.Module], stages: list[nn.Module], num_stage
     """Where the last `num_stages` of `stages` begin in the `layers` of `layer_sequence`: right after the last layer
     of the stage before them (timm's stage modules mark where a stride ends, so the blocks between two marks belong to
     the later stage), or at the first stage when all of them train."""
+
     def overlaps(layer: nn.Module, stage: nn.Module) -> bool:
         return any(m is stage for m in layer.modules()) or any(m is layer for m in stage.modules())
 
@@ -216,7 +220,10 @@ def image_settings(name: str | None) -> dict:
         import torchvision
 
         transforms = torchvision.models.get_model_weights(architecture).DEFAULT.transforms()
-        settings.update(mean=tuple(transforms.mean), std=tuple(transforms.std),
-                        crop_pct=transforms.crop_size[0] / transforms.resize_size[0],
-                        interpolation=transforms.interpolation.value)  # fmt: skip
+        settings.update(
+            mean=tuple(transforms.mean),
+            std=tuple(transforms.std),
+            crop_pct=transforms.crop_size[0] / transforms.resize_size[0],
+            interpolation=transforms.interpolation.value,
+        )
     return settings

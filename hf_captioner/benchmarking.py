@@ -98,8 +98,15 @@ def make_labels(batch: int, generator: torch.Generator, vocab: int = VOCAB) -> t
 
 
 def sat_config(trainable_stages: int = 0) -> CaptionerConfig:
-    return CaptionerConfig(vocab_size=VOCAB, grid_size=GRID, embed_dim=WIDTH, hidden_size=WIDTH, attention_dim=WIDTH,
-                           encoder_trainable_stages=trainable_stages, dropout=0.5)  # fmt: skip
+    return CaptionerConfig(
+        vocab_size=VOCAB,
+        grid_size=GRID,
+        embed_dim=WIDTH,
+        hidden_size=WIDTH,
+        attention_dim=WIDTH,
+        encoder_trainable_stages=trainable_stages,
+        dropout=0.5,
+    )
 
 
 def sat_model(trainable_stages: int = 0) -> CaptionerForConditionalGeneration:
@@ -111,10 +118,19 @@ def lite0_model(trainable_stages: int = 0, output_stride: int = 32) -> Captioner
     """The model of configs/flickr8k_cpu.yaml: EfficientNet-Lite0 (7 x 7 x 1280 regions; 14 x 14 at output stride
     16) and 4,000 words."""
     torch.manual_seed(0)
-    return CaptionerForConditionalGeneration(CaptionerConfig(
-        vocab_size=LITE0_VOCAB, grid_size=224 // output_stride, vision_backbone="timm:tf_efficientnet_lite0",
-        vision_output_stride=output_stride, embed_dim=WIDTH, hidden_size=WIDTH, attention_dim=WIDTH,
-        encoder_trainable_stages=trainable_stages, dropout=0.5))  # fmt: skip
+    return CaptionerForConditionalGeneration(
+        CaptionerConfig(
+            vocab_size=LITE0_VOCAB,
+            grid_size=224 // output_stride,
+            vision_backbone="timm:tf_efficientnet_lite0",
+            vision_output_stride=output_stride,
+            embed_dim=WIDTH,
+            hidden_size=WIDTH,
+            attention_dim=WIDTH,
+            encoder_trainable_stages=trainable_stages,
+            dropout=0.5,
+        )
+    )
 
 
 def decoder_flops(config: CaptionerConfig, region_dim: int) -> tuple[float, float]:
@@ -132,8 +148,16 @@ def decoder_flops(config: CaptionerConfig, region_dim: int) -> tuple[float, floa
     return 2.0 * macs, 2.0 * start_macs
 
 
-def train_case(batch: int, repeats: int, inputs: str, trainable_stages: int = 0, variant: str = "",
-               lite0: bool = False, captions_per_image: int = 1, output_stride: int = 32) -> dict:  # fmt: skip
+def train_case(
+    batch: int,
+    repeats: int,
+    inputs: str,
+    trainable_stages: int = 0,
+    variant: str = "",
+    lite0: bool = False,
+    captions_per_image: int = 1,
+    output_stride: int = 32,
+) -> dict:
     """One training step from `inputs`: "features" (cached regions), "images", or "bottom" (the cached output of the
     encoder's frozen bottom, its top stages fine-tuning); the SAT-sized model, or with `lite0` the Flickr8k CPU one
     (at `output_stride` 16: its 14 x 14 grid). With `captions_per_image` > 1 the batch's captions come that many per
@@ -167,8 +191,14 @@ def train_case(batch: int, repeats: int, inputs: str, trainable_stages: int = 0,
     step_flops, start_flops = decoder_flops(model.config, channels)
     # backward ~ 2x forward: 3x in all for the steps; 2x for the start (the regions need no gradient)
     gflops = (3 * step_flops * tokens + 2 * start_flops * batch) / seconds / 1e9
-    return {"batch": batch, "ms_per_step": 1e3 * seconds, "captions_per_s": batch / seconds, "tokens_per_step": tokens,
-            "decoder_gflops": gflops, "peak_mib": memory.mib}  # fmt: skip
+    return {
+        "batch": batch,
+        "ms_per_step": 1e3 * seconds,
+        "captions_per_s": batch / seconds,
+        "tokens_per_step": tokens,
+        "decoder_gflops": gflops,
+        "peak_mib": memory.mib,
+    }
 
 
 @torch.no_grad()
@@ -187,8 +217,15 @@ def generate_case(batch: int, beams: int, repeats: int, encoder: bool, variant: 
 
     with PeakMemory() as memory:
         seconds = timed(run, repeats)
-    return {"batch": batch, "beams": beams, "encoder": encoder, "variant": variant, "images_per_s": batch / seconds,
-            "ms_per_image": 1e3 * seconds / batch, "peak_mib": memory.mib}  # fmt: skip
+    return {
+        "batch": batch,
+        "beams": beams,
+        "encoder": encoder,
+        "variant": variant,
+        "images_per_s": batch / seconds,
+        "ms_per_image": 1e3 * seconds / batch,
+        "peak_mib": memory.mib,
+    }
 
 
 RUNNERS = {"matmul": matmul_gflops, "train": train_case, "generate": generate_case}
@@ -200,8 +237,9 @@ def run(quick: bool) -> dict:
     fast_bf16 = cpu_multiplies_bf16_fast()
     matmul = in_fresh_process({"kind": "matmul", "size": size, "repeats": repeats * 2})
     # without bf16 instructions a 2048 product takes most of a minute: a small one tells the rate
-    bf16_matmul = in_fresh_process({"kind": "matmul", "size": size if fast_bf16 else 256, "repeats": 2,
-                                    "dtype": "bfloat16"})  # fmt: skip
+    bf16_matmul = in_fresh_process(
+        {"kind": "matmul", "size": size if fast_bf16 else 256, "repeats": 2, "dtype": "bfloat16"}
+    )
     step_flops, start_flops = decoder_flops(sat_config(), REGION_DIM)
     report = {
         "mode": "quick" if quick else "full",
@@ -210,7 +248,7 @@ def run(quick: bool) -> dict:
             "threads": matmul["threads"],
             "torch": torch.__version__,
             "bf16_matrix_instructions": fast_bf16,
-        },  # fmt: skip
+        },
         "matmul_gflops": {"float32": matmul["gflops"], "bfloat16": bf16_matmul["gflops"]},
         "decoder_gflop_per_token": step_flops / 1e9,
         "decoder_gflop_per_caption_start": start_flops / 1e9,
@@ -220,8 +258,15 @@ def run(quick: bool) -> dict:
     end_to_end_repeats = 1 if quick else repeats
     cached = {}
     for precision in precisions:
-        case = in_fresh_process({"kind": "train", "batch": train_batch, "repeats": repeats, "inputs": "features",
-                                 "variant": "bf16" if precision == "bfloat16" else ""})  # fmt: skip
+        case = in_fresh_process(
+            {
+                "kind": "train",
+                "batch": train_batch,
+                "repeats": repeats,
+                "inputs": "features",
+                "variant": "bf16" if precision == "bfloat16" else "",
+            }
+        )
         case["fraction_of_matmul_rate"] = case["decoder_gflops"] / report["matmul_gflops"][precision]
         cached[precision] = case
     frozen = {"kind": "train", "batch": end_to_end_batch, "repeats": end_to_end_repeats, "inputs": "images"}
@@ -234,34 +279,53 @@ def run(quick: bool) -> dict:
     # the Flickr8k CPU recipe's model with its last stage fine-tuning: from the images, or from the cached output of
     # its frozen bottom; against its frozen decoder-only step on cached regions
     lite0 = {"kind": "train", "batch": 8 if quick else 64, "repeats": end_to_end_repeats, "lite0": True}
-    report["training"].update({
-        "lite0_cached_regions": in_fresh_process({**lite0, "inputs": "features"}),
-        "lite0_14x14_cached_regions": in_fresh_process({**lite0, "inputs": "features", "output_stride": 16}),
-        "lite0_top_stage_from_cached_bottom": in_fresh_process({**lite0, "inputs": "bottom", "trainable_stages": 1}),
-        "lite0_top_stage_from_images": in_fresh_process({**lite0, "inputs": "images", "trainable_stages": 1}),
-        "lite0_top_stage_from_cached_bottom_5_captions_per_image": in_fresh_process(
-            {**lite0, "inputs": "bottom", "trainable_stages": 1, "captions_per_image": 5}),
-    })  # fmt: skip
+    report["training"].update(
+        {
+            "lite0_cached_regions": in_fresh_process({**lite0, "inputs": "features"}),
+            "lite0_14x14_cached_regions": in_fresh_process({**lite0, "inputs": "features", "output_stride": 16}),
+            "lite0_top_stage_from_cached_bottom": in_fresh_process(
+                {**lite0, "inputs": "bottom", "trainable_stages": 1}
+            ),
+            "lite0_top_stage_from_images": in_fresh_process({**lite0, "inputs": "images", "trainable_stages": 1}),
+            "lite0_top_stage_from_cached_bottom_5_captions_per_image": in_fresh_process(
+                {**lite0, "inputs": "bottom", "trainable_stages": 1, "captions_per_image": 5}
+            ),
+        }
+    )
     batches = [1, 8] if quick else [1, 32, 64]
     cases = []
     for precision in precisions:
         for beams in (1, 3) if quick else (1, 3, 5):
             for batch in batches:
                 for encoder in (False,) if quick else (False, True):
-                    cases.append(in_fresh_process({"kind": "generate", "batch": batch, "beams": beams,
-                                                   "repeats": 1 if quick else 3, "encoder": encoder,
-                                                   "variant": "bf16" if precision == "bfloat16" else ""}))  # fmt: skip
+                    cases.append(
+                        in_fresh_process(
+                            {
+                                "kind": "generate",
+                                "batch": batch,
+                                "beams": beams,
+                                "repeats": 1 if quick else 3,
+                                "encoder": encoder,
+                                "variant": "bf16" if precision == "bfloat16" else "",
+                            }
+                        )
+                    )
     report["generation"] = cases
     three_beams = {c["batch"]: c for c in cases if c["beams"] == 3 and not c["encoder"] and not c["variant"]}
     largest = max(three_beams)
     report["variants"] = [] if quick else measure_variants(report, repeats, fast_bf16)
     report["ratios"] = {
-        f"beam3_batch{largest}_vs_batch1_images_per_s": three_beams[largest]["images_per_s"] / three_beams[1]["images_per_s"],
-        "cached_vs_frozen_end_to_end_per_caption": cached["float32"]["captions_per_s"] / report["training"]["frozen_encoder"]["captions_per_s"],
+        f"beam3_batch{largest}_vs_batch1_images_per_s": three_beams[largest]["images_per_s"]
+        / three_beams[1]["images_per_s"],
+        "cached_vs_frozen_end_to_end_per_caption": cached["float32"]["captions_per_s"]
+        / report["training"]["frozen_encoder"]["captions_per_s"],
         "training_fraction_of_matmul_rate": cached["float32"]["fraction_of_matmul_rate"],
-        **({"training_bf16_fraction_of_bf16_matmul_rate": cached["bfloat16"]["fraction_of_matmul_rate"]}
-           if "bfloat16" in cached else {}),
-    }  # fmt: skip
+        **(
+            {"training_bf16_fraction_of_bf16_matmul_rate": cached["bfloat16"]["fraction_of_matmul_rate"]}
+            if "bfloat16" in cached
+            else {}
+        ),
+    }
     return report
 
 
@@ -285,35 +349,55 @@ def measure_variants(report: dict, repeats: int, fast_bf16: bool) -> list[dict]:
     results = []
     for label, plain, spec, figure in trials:
         case = in_fresh_process(spec)
-        results.append({"case": label, "variant": spec["variant"], "unit": figure.replace("_per_s", "/s"),
-                        "value": case[figure], "plain": plain[figure], "peak_mib": case["peak_mib"]})  # fmt: skip
+        results.append(
+            {
+                "case": label,
+                "variant": spec["variant"],
+                "unit": figure.replace("_per_s", "/s"),
+                "value": case[figure],
+                "plain": plain[figure],
+                "peak_mib": case["peak_mib"],
+            }
+        )
     return results
 
 
 def table(report: dict) -> str:
     rates = report["matmul_gflops"]
-    bf16_note = "" if report["machine"]["bf16_matrix_instructions"] else (
-        " (no AVX512-BF16/AMX on this CPU: the bf16 cases are skipped)")  # fmt: skip
-    lines = [f"matrix multiply ({report['machine']['threads']} threads): float32 {rates['float32']:.0f} GFLOP/s, "
-             f"bf16 {rates['bfloat16']:.1f} GFLOP/s{bf16_note}",
-             f"decoder: {report['decoder_gflop_per_token'] * 1e3:.1f} MFLOP per token, "
-             f"{report['decoder_gflop_per_caption_start'] * 1e3:.0f} MFLOP per caption start (forward)", "",
-             "| training (batch) | ms/step | captions/s | share of the matmul rate | peak MiB |",
-             "|---|---|---|---|---|"]  # fmt: skip
+    bf16_note = (
+        ""
+        if report["machine"]["bf16_matrix_instructions"]
+        else (" (no AVX512-BF16/AMX on this CPU: the bf16 cases are skipped)")
+    )
+    lines = [
+        f"matrix multiply ({report['machine']['threads']} threads): float32 {rates['float32']:.0f} GFLOP/s, "
+        f"bf16 {rates['bfloat16']:.1f} GFLOP/s{bf16_note}",
+        f"decoder: {report['decoder_gflop_per_token'] * 1e3:.1f} MFLOP per token, "
+        f"{report['decoder_gflop_per_caption_start'] * 1e3:.0f} MFLOP per caption start (forward)",
+        "",
+        "| training (batch) | ms/step | captions/s | share of the matmul rate | peak MiB |",
+        "|---|---|---|---|---|",
+    ]
     for name, case in report["training"].items():
         share = f"{case['fraction_of_matmul_rate']:.0%}" if "fraction_of_matmul_rate" in case else ""
-        lines.append(f"| {name} ({case['batch']}) | {case['ms_per_step']:.0f} | {case['captions_per_s']:.1f} | "
-                     f"{share} | {case['peak_mib']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {name} ({case['batch']}) | {case['ms_per_step']:.0f} | {case['captions_per_s']:.1f} | "
+            f"{share} | {case['peak_mib']:.0f} |"
+        )
     lines += ["", "| generation | batch | images/s | ms/image | peak MiB |", "|---|---|---|---|---|"]
     for case in report["generation"]:
         label = f"{'greedy' if case['beams'] == 1 else str(case['beams']) + ' beams'}, encoder {'in' if case['encoder'] else 'out'}"
         label += ", bf16" if case["variant"] else ""
-        lines.append(f"| {label} | {case['batch']} | {case['images_per_s']:.1f} | {case['ms_per_image']:.1f} | "
-                     f"{case['peak_mib']:.0f} |")  # fmt: skip
+        lines.append(
+            f"| {label} | {case['batch']} | {case['images_per_s']:.1f} | {case['ms_per_image']:.1f} | "
+            f"{case['peak_mib']:.0f} |"
+        )
     if report["variants"]:
         lines += ["", "| option | case | plain | with option | speed-up | peak MiB |", "|---|---|---|---|---|---|"]
         for v in report["variants"]:
-            lines.append(f"| {v['variant']} | {v['case']} | {v['plain']:.1f} {v['unit']} | {v['value']:.1f} | "
-                         f"{v['value'] / v['plain']:.2f}x | {v['peak_mib']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {v['variant']} | {v['case']} | {v['plain']:.1f} {v['unit']} | {v['value']:.1f} | "
+                f"{v['value'] / v['plain']:.2f}x | {v['peak_mib']:.0f} |"
+            )
     lines += ["", *(f"{name}: {value:.2f}" for name, value in report["ratios"].items())]
     return "\n".join(lines)

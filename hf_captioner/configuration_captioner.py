@@ -92,8 +92,10 @@ class CaptionerConfig(PreTrainedConfig):
         """A saved config must state its grid size: nothing in the weights does, so a missing one would silently
         load as the default (14 x 14 regions) for a model trained on another grid."""
         if "grid_size" not in config_dict and "grid_size" not in kwargs:
-            raise ValueError("CaptionerConfig: this config.json has no grid_size; nothing in the weights records it, "
-                             "so add the grid the model was trained with (e.g. \"grid_size\": 7)")  # fmt: skip
+            raise ValueError(
+                "CaptionerConfig: this config.json has no grid_size; nothing in the weights records it, "
+                'so add the grid the model was trained with (e.g. "grid_size": 7)'
+            )
         return super().from_dict(config_dict, **kwargs)
 
     def __post_init__(self, **kwargs):
@@ -141,11 +143,15 @@ class CaptionerConfig(PreTrainedConfig):
 
     def _validate_vision(self) -> None:
         if self.vision_output_stride not in OUTPUT_STRIDES:
-            raise ValueError(f"CaptionerConfig.vision_output_stride must be one of {OUTPUT_STRIDES}, "
-                             f"got {self.vision_output_stride!r}")  # fmt: skip
+            raise ValueError(
+                f"CaptionerConfig.vision_output_stride must be one of {OUTPUT_STRIDES}, "
+                f"got {self.vision_output_stride!r}"
+            )
         if self.vision_output_stride != NATIVE_OUTPUT_STRIDE and self.vision_backbone is None:
-            raise ValueError("CaptionerConfig.vision_output_stride: only a timm / torchvision backbone "
-                             "(vision_backbone) can dilate its last stage; transformers backbones keep their stride")
+            raise ValueError(
+                "CaptionerConfig.vision_output_stride: only a timm / torchvision backbone "
+                "(vision_backbone) can dilate its last stage; transformers backbones keep their stride"
+            )
         if self.vision_backbone is not None:
             try:
                 parse_backbone(self.vision_backbone)

@@ -104,6 +104,8 @@ def convert_efficientnet_lite(variant: str, out: Path, photos: Path | None = Non
             probabilities = timm_logits.softmax(-1)
             for name, row in zip(names, probabilities, strict=True):
                 top = row.topk(3)
-                classes = ", ".join(f"{labels.index_to_description(int(i)).split(',')[0]} {p:.2f}"
-                                    for p, i in zip(top.values, top.indices, strict=True))  # fmt: skip
+                classes = ", ".join(
+                    f"{labels.index_to_description(int(i)).split(',')[0]} {p:.2f}"
+                    for p, i in zip(top.values, top.indices, strict=True)
+                )
                 print(f"  {name}: {classes}")

@@ -27,8 +27,10 @@ def repetition_rates(captions: list[str]) -> dict:
 
     split = [caption.lower().split() for caption in captions]
     count = max(len(split), 1)
-    return {f"repeated_{name}_rate": sum(repeats(words, n) for words in split) / count
-            for n, name in ((2, "bigram"), (3, "trigram"))}  # fmt: skip
+    return {
+        f"repeated_{name}_rate": sum(repeats(words, n) for words in split) / count
+        for n, name in ((2, "bigram"), (3, "trigram"))
+    }
 
 
 def evaluate_split(
@@ -57,8 +59,16 @@ def evaluate_split(
     if "objects" in dataset.column_names or entities is not None:
         regions_of = shape_regions(dataset) if entities is None else entity_regions(entities, dataset)
         measures = AttentionMeasures(regions_of, model.config.grid_size, processor.image_processor)
-    captions = generate_captions(model, processor, dataset, batch_size=batch_size, on_attention=measures,
-                                 num_beams=num_beams, max_new_tokens=max_new_tokens, **(generate_kwargs or {}))  # fmt: skip
+    captions = generate_captions(
+        model,
+        processor,
+        dataset,
+        batch_size=batch_size,
+        on_attention=measures,
+        num_beams=num_beams,
+        max_new_tokens=max_new_tokens,
+        **(generate_kwargs or {}),
+    )
     references = dataset["captions"]
     with open(output_dir / "predictions.jsonl", "w", encoding="utf-8") as handle:
         for image_id, caption, refs in zip(dataset["image_id"], captions, references, strict=True):
@@ -85,8 +95,15 @@ def evaluate_split(
 def format_table(metrics: dict) -> str:
     """The scores as a small Markdown table (x100, as papers report them; CIDEr-D too)."""
     scores = metrics["metrics"]
-    names = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
-             "rouge_l": "ROUGE-L", "cider": "CIDEr-D"}  # fmt: skip
+    names = {
+        "bleu_1": "BLEU-1",
+        "bleu_2": "BLEU-2",
+        "bleu_3": "BLEU-3",
+        "bleu_4": "BLEU-4",
+        "meteor": "METEOR",
+        "rouge_l": "ROUGE-L",
+        "cider": "CIDEr-D",
+    }
     header = "| split | beams | " + " | ".join(names[k] for k in names if k in scores) + " |"
     rule = "|" + "---|" * (2 + sum(k in scores for k in names))
     values = (
@@ -97,13 +114,17 @@ def format_table(metrics: dict) -> str:
     lines = [header, rule, values]
     if "repetition" in metrics:
         r = metrics["repetition"]
-        lines.append(f"\nCaptions repeating a word bigram: {100 * r['repeated_bigram_rate']:.1f}%, a trigram: "
-                     f"{100 * r['repeated_trigram_rate']:.1f}%")  # fmt: skip
+        lines.append(
+            f"\nCaptions repeating a word bigram: {100 * r['repeated_bigram_rate']:.1f}%, a trigram: "
+            f"{100 * r['repeated_trigram_rate']:.1f}%"
+        )
     if metrics.get("attention", {}).get("pointing_nouns"):
         a = metrics["attention"]
         moves = "n/a" if a["peak_moves"] is None else f"{100 * a['peak_moves']:.1f}%"
-        lines.append(f"\nPointing accuracy {100 * a['pointing_accuracy']:.1f}% and attention in the boxes "
-                     f"{100 * a['attention_in_boxes']:.1f}% over {a['pointing_nouns']} named words (chance of both "
-                     f"{100 * a['pointing_chance']:.1f}%); normalised entropy {a['normalised_entropy']:.2f}, peak moves "
-                     f"between words {moves}")  # fmt: skip
+        lines.append(
+            f"\nPointing accuracy {100 * a['pointing_accuracy']:.1f}% and attention in the boxes "
+            f"{100 * a['attention_in_boxes']:.1f}% over {a['pointing_nouns']} named words (chance of both "
+            f"{100 * a['pointing_chance']:.1f}%); normalised entropy {a['normalised_entropy']:.2f}, peak moves "
+            f"between words {moves}"
+        )
     return "\n".join(lines)

@@ -87,8 +87,12 @@ def load_without_package(
         env["HF_MODULES_CACHE"] = str(Path(scratch) / "modules")
         result = subprocess.run(
             [sys.executable, "-c", REMOTE_CHECK, str(folder), *map(str, images)],
-            capture_output=True, text=True, env=env, cwd=scratch, timeout=timeout,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            env=env,
+            cwd=scratch,
+            timeout=timeout,
+        )
     if result.returncode != 0:
         lines = result.stderr.strip().splitlines() or ["(no error output)"]
         raise RuntimeError(

@@ -14,8 +14,15 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 
 TEMPLATE = Path(__file__).resolve().parent / "model_card_template.md"
 FIGURES_DIR = "attention"  # attention figures saved with a model (`hf-captioner caption --attention <model>/attention`)
-METRIC_NAMES = {"bleu_1": "BLEU-1", "bleu_2": "BLEU-2", "bleu_3": "BLEU-3", "bleu_4": "BLEU-4", "meteor": "METEOR",
-                "rouge_l": "ROUGE-L", "cider": "CIDEr-D"}  # fmt: skip
+METRIC_NAMES = {
+    "bleu_1": "BLEU-1",
+    "bleu_2": "BLEU-2",
+    "bleu_3": "BLEU-3",
+    "bleu_4": "BLEU-4",
+    "meteor": "METEOR",
+    "rouge_l": "ROUGE-L",
+    "cider": "CIDEr-D",
+}
 HUB_METRIC_TYPES = {"bleu_4": "bleu", "meteor": "meteor", "rouge_l": "rouge", "cider": "cider"}
 KNOWN_DATASETS = {"flickr8k": "Flickr8k", "flickr30k": "Flickr30k", "coco": "MS COCO"}  # names for the prose
 # The transformers releases a saved folder's code is tested under (tests/test_save_load.py runs one under each): the
@@ -72,23 +79,32 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
     name = dataset_name(data, source) if data else "not recorded"
 
     regions = config["grid_size"] ** 2
-    architecture = "\n".join([
-        f"- Encoder: {_backbone_text(config)}, last feature map average-pooled to {config['grid_size']} x "
-        f"{config['grid_size']} = {regions} regions; {_trainable(config['encoder_trainable_stages'])}.",
-        f"- Decoder: {config['rnn_type'].upper()} with {config['hidden_size']} units, {config['embed_dim']}-d word "
-        f"embeddings, {config['cross_attention']} cross-attention ({config['attention_dim']}-d) with a sigmoid gate, "
-        + (f"{config['self_attention_heads']}-head self-attention over its earlier states" if config["self_attention"]
-           else "no self-attention (the classic Show, Attend and Tell decoder)")
-        + f", deep output layer, dropout {config['dropout']}.",
-        f"- Loss: token cross-entropy (label smoothing {config['label_smoothing']}) + "
-        f"{config.get('attention_penalty_form', 'doubly_stochastic').replace('_', ' ')} attention penalty "
-        f"(lambda = {config['attention_penalty']})"
-        + (", trained with hard (stochastic) attention: each word read one region drawn from its attention weights, "
-           "REINFORCE with a moving-average baseline and an entropy bonus (Show, Attend and Tell section 4.1); "
-           "captions read the expected context" if config.get("hard_attention") else "")
-        + ".",
-        f"- Vocabulary: {config['vocab_size']} SentencePiece pieces trained on the training captions.",
-    ])  # fmt: skip
+    architecture = "\n".join(
+        [
+            f"- Encoder: {_backbone_text(config)}, last feature map average-pooled to {config['grid_size']} x "
+            f"{config['grid_size']} = {regions} regions; {_trainable(config['encoder_trainable_stages'])}.",
+            f"- Decoder: {config['rnn_type'].upper()} with {config['hidden_size']} units, {config['embed_dim']}-d word "
+            f"embeddings, {config['cross_attention']} cross-attention ({config['attention_dim']}-d) with a sigmoid gate, "
+            + (
+                f"{config['self_attention_heads']}-head self-attention over its earlier states"
+                if config["self_attention"]
+                else "no self-attention (the classic Show, Attend and Tell decoder)"
+            )
+            + f", deep output layer, dropout {config['dropout']}.",
+            f"- Loss: token cross-entropy (label smoothing {config['label_smoothing']}) + "
+            f"{config.get('attention_penalty_form', 'doubly_stochastic').replace('_', ' ')} attention penalty "
+            f"(lambda = {config['attention_penalty']})"
+            + (
+                ", trained with hard (stochastic) attention: each word read one region drawn from its attention weights, "
+                "REINFORCE with a moving-average baseline and an entropy bonus (Show, Attend and Tell section 4.1); "
+                "captions read the expected context"
+                if config.get("hard_attention")
+                else ""
+            )
+            + ".",
+            f"- Vocabulary: {config['vocab_size']} SentencePiece pieces trained on the training captions.",
+        ]
+    )
     if args:
         sizes = f" ({args['sample_sizes'][0]} training pictures)" if data == "sample" else ""
         data_text = f"{name}{sizes}, source `{data}`; every caption of a training image is one training example."
@@ -116,11 +132,15 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
     )
 
 
-SAMPLE_USE = ("Captioning the drawn pictures of hf-captioner's sample data set (coloured shapes on a plain "
-              "background): a model for demonstrating and testing the code. It was never shown a photograph and "
-              "does not describe one.")  # fmt: skip
-PHOTO_USE = ("Describing everyday photographs in short English sentences, for research and for learning how "
-             "attention-based captioning works; the attention maps show where the model looked for each word.")  # fmt: skip
+SAMPLE_USE = (
+    "Captioning the drawn pictures of hf-captioner's sample data set (coloured shapes on a plain "
+    "background): a model for demonstrating and testing the code. It was never shown a photograph and "
+    "does not describe one."
+)
+PHOTO_USE = (
+    "Describing everyday photographs in short English sentences, for research and for learning how "
+    "attention-based captioning works; the attention maps show where the model looked for each word."
+)
 
 
 CITATIONS = {  # the paper of the method, and the papers of the data sets a card names
@@ -157,13 +177,17 @@ def _measured_limits(evaluations: list[dict]) -> str:
     for e in evaluations:
         where = f"{e['split']} split, {decoding(e)}"
         if "repetition" in e:
-            lines.append(f"- {100 * e['repetition']['repeated_bigram_rate']:.1f}% of its captions repeat a word "
-                         f"bigram ({where}).")  # fmt: skip
+            lines.append(
+                f"- {100 * e['repetition']['repeated_bigram_rate']:.1f}% of its captions repeat a word "
+                f"bigram ({where})."
+            )
         attention = e.get("attention", {})
         if attention.get("normalised_entropy") is not None:
-            lines.append(f"- The normalised entropy of its attention maps is {attention['normalised_entropy']:.2f} "
-                         f"(1 = spread evenly over the regions), {where}: the closer to 1, the rougher the maps "
-                         "are as a pointer.")  # fmt: skip
+            lines.append(
+                f"- The normalised entropy of its attention maps is {attention['normalised_entropy']:.2f} "
+                f"(1 = spread evenly over the regions), {where}: the closer to 1, the rougher the maps "
+                "are as a pointer."
+            )
         if lines:
             break
     return "\n".join(lines) if lines else "- Not measured yet: run `hf-captioner evaluate` on this folder."
@@ -177,8 +201,10 @@ def _figure_text(model_dir: Path) -> str:
     figures = attention_figures(model_dir)
     if not figures:
         return ""
-    return (f"![Where the model looked for each word]({FIGURES_DIR}/{figures[0].name})\n\nWhere the model looked "
-            "while writing each word of its caption (one panel per word; `hf-captioner caption --attention`).\n")  # fmt: skip
+    return (
+        f"![Where the model looked for each word]({FIGURES_DIR}/{figures[0].name})\n\nWhere the model looked "
+        "while writing each word of its caption (one panel per word; `hf-captioner caption --attention`).\n"
+    )
 
 
 def _backbone_text(config: dict) -> str:
@@ -189,8 +215,10 @@ def _backbone_text(config: dict) -> str:
         dilated = f" at output stride {stride} (last stage dilated)" if stride != NATIVE_OUTPUT_STRIDE else ""
         return f"`{config['vision_backbone']}`{dilated}"
     vision = config.get("vision_config", {})
-    return (f"{vision.get('model_type', '?')} backbone (stages {vision.get('depths', '?')}, widths "
-            f"{vision.get('hidden_sizes', '?')})")  # fmt: skip
+    return (
+        f"{vision.get('model_type', '?')} backbone (stages {vision.get('depths', '?')}, widths "
+        f"{vision.get('hidden_sizes', '?')})"
+    )
 
 
 def _trainable(stages: int) -> str:
@@ -215,22 +243,32 @@ def _training_text(args: dict, metrics: dict) -> str:
         "epoch's weights are the ones published.",
     ]
     if args.get("objective") == "self_critical":
-        lines.insert(0, f"- Self-critical sequence training: {args['self_critical_samples']} captions sampled per "
-                        "image, each rewarded with its CIDEr-D against the image's references, baseline the mean "
-                        "reward of the other samples.")  # fmt: skip
+        lines.insert(
+            0,
+            f"- Self-critical sequence training: {args['self_critical_samples']} captions sampled per "
+            "image, each rewarded with its CIDEr-D against the image's references, baseline the mean "
+            "reward of the other samples.",
+        )
     else:
         lines.insert(0, "- Cross-entropy on the reference captions (teacher forcing).")
     if args.get("init_from"):
         lines.insert(0, f"- Started from the captioner `{args['init_from']}`.")
     processes = metrics.get("num_processes", 1)
-    command = ("hf-captioner train" if processes == 1 else
-               f"accelerate launch --num_processes {processes} -m hf_captioner.commands.train")  # fmt: skip
-    lines.append(f"- To reproduce: `{command} --config training_args.json` (the file in this repository holds every "
-                 "setting of the run; the data and output paths are the original machine's).")  # fmt: skip
+    command = (
+        "hf-captioner train"
+        if processes == 1
+        else f"accelerate launch --num_processes {processes} -m hf_captioner.commands.train"
+    )
+    lines.append(
+        f"- To reproduce: `{command} --config training_args.json` (the file in this repository holds every "
+        "setting of the run; the data and output paths are the original machine's)."
+    )
     if metrics.get("best"):
         best = metrics["best"]
-        lines.append(f"- Best validation epoch {best['epoch']} (step {best['step']}): CIDEr-D {100 * best['cider']:.1f}, "
-                     f"BLEU-4 {100 * best['bleu_4']:.1f}, validation loss {best['val_loss']:.3f}.")  # fmt: skip
+        lines.append(
+            f"- Best validation epoch {best['epoch']} (step {best['step']}): CIDEr-D {100 * best['cider']:.1f}, "
+            f"BLEU-4 {100 * best['bleu_4']:.1f}, validation loss {best['val_loss']:.3f}."
+        )
     return "\n".join(lines)
 
 
@@ -238,17 +276,21 @@ def _results_text(evaluations: list[dict], name: str) -> str:
     if not evaluations:
         return "No evaluation recorded yet: run `hf-captioner evaluate` on this folder and render the card again."
     keys = [k for k in METRIC_NAMES if any(k in e["metrics"] for e in evaluations)]
-    lines = ["| data | split | images | decoding | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
-             "|---|---|---|---|" + "---|" * len(keys)]  # fmt: skip
+    lines = [
+        "| data | split | images | decoding | " + " | ".join(METRIC_NAMES[k] for k in keys) + " |",
+        "|---|---|---|---|" + "---|" * len(keys),
+    ]
     for e in evaluations:
         values = " | ".join(f"{100 * e['metrics'][k]:.1f}" if k in e["metrics"] else "n/a" for k in keys)
         lines.append(f"| {name} | {e['split']} | {e['images']} | {decoding(e)} | {values} |")
     for e in evaluations:
         if e.get("attention", {}).get("pointing_nouns"):
             a = e["attention"]
-            lines.append(f"\nAttention: while a word that names a boxed thing is emitted, the most-attended region "
-                         f"lies inside its box in {100 * a['pointing_accuracy']:.1f}% of {a['pointing_nouns']} cases "
-                         f"(chance {100 * a['pointing_chance']:.1f}%), {e['split']} split, {decoding(e)}.")  # fmt: skip
+            lines.append(
+                f"\nAttention: while a word that names a boxed thing is emitted, the most-attended region "
+                f"lies inside its box in {100 * a['pointing_accuracy']:.1f}% of {a['pointing_nouns']} cases "
+                f"(chance {100 * a['pointing_chance']:.1f}%), {e['split']} split, {decoding(e)}."
+            )
             break
     return "\n".join(lines)
 
@@ -269,10 +311,16 @@ def card_data(evaluations: list[dict], name: str, data: str, source: str, repo_i
     evaluation (split and beam size), under the repository's name."""
     hub_dataset = data if data and source == "hub" else None
     results = [
-        EvalResult(task_type=PIPELINE_TASK, task_name="Image captioning", dataset_type=hub_dataset or "local",
-                   dataset_name=name, dataset_split=e["split"], metric_type=HUB_METRIC_TYPES[key],
-                   metric_name=f"{METRIC_NAMES[key]} ({decoding(e)})",
-                   metric_value=round(100 * e["metrics"][key], 2))  # fmt: skip
+        EvalResult(
+            task_type=PIPELINE_TASK,
+            task_name="Image captioning",
+            dataset_type=hub_dataset or "local",
+            dataset_name=name,
+            dataset_split=e["split"],
+            metric_type=HUB_METRIC_TYPES[key],
+            metric_name=f"{METRIC_NAMES[key]} ({decoding(e)})",
+            metric_value=round(100 * e["metrics"][key], 2),
+        )
         for e in evaluations
         for key in HUB_METRIC_TYPES
         if key in e["metrics"]

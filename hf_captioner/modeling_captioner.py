@@ -162,8 +162,9 @@ class CaptionerGridEncoder(nn.Module):
             self.backbone = AutoBackbone.from_config(config.vision_config)
             self.num_channels = self.backbone.channels[-1]
         else:
-            self.backbone, self.num_channels = build_backbone(config.vision_backbone,
-                                                              output_stride=config.vision_output_stride)
+            self.backbone, self.num_channels = build_backbone(
+                config.vision_backbone, output_stride=config.vision_output_stride
+            )
         self.pool = nn.AdaptiveAvgPool2d(config.grid_size)
         self.norm_statistics = config.encoder_norm_statistics
         self.set_trainable_stages(config.encoder_trainable_stages)
@@ -241,7 +242,7 @@ class AdditiveScores(torch.autograd.Function):
     The same values and gradients as autograd through `tanh` and a linear layer (tests/test_modeling.py checks it), in
     fewer passes over the (B, n, k, A) sum, the step's largest tensor: tanh(x) = 2 sigmoid(2x) - 1, so the forward is
     one sum, one in-place sigmoid and one product, and the backward uses tanh'(x) = 4 s (1 - s) with s = sigmoid(2x),
-    the only tensor kept. (torch's tanh also runs about 4x slower than its sigmoid on AVX2 CPUs.)
+    the only tensor kept. (torch's tanh also runs slower than its sigmoid on the CPUs measured: docs/performance.md.)
     """
 
     @staticmethod
@@ -450,8 +451,10 @@ class CaptionerDecoder(nn.Module):
         part's columns; its bias rides with one part. Keep it beside `step`: a new layer there is listed here."""
         e = self.embed_tokens.embedding_dim
         attention, memory, cell = self.cross_attention, self.self_attention, self.cell
-        hidden = [LinearPiece("query", attention.query_proj.weight, bias=attention.query_proj.bias),
-                  LinearPiece("gate", attention.gate.weight, bias=attention.gate.bias)]  # fmt: skip
+        hidden = [
+            LinearPiece("query", attention.query_proj.weight, bias=attention.query_proj.bias),
+            LinearPiece("gate", attention.gate.weight, bias=attention.gate.bias),
+        ]
         embedding, maps = [], {}
         if memory is not None:  # its query reads [embedding, h_{t-1}]
             hidden.append(LinearPiece("memory_query", memory.query.weight, slice(e, None)))
@@ -616,8 +619,11 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         materialises fresh parameters (all trainable) after `__init__` froze them, and refuses weights that are not
         finite (a corrupted file otherwise loads silently and captions nonsense)."""
         model = super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
-        broken = [name for name, tensor in model.state_dict().items()
-                  if tensor.is_floating_point() and not torch.isfinite(tensor).all()]  # fmt: skip
+        broken = [
+            name
+            for name, tensor in model.state_dict().items()
+            if tensor.is_floating_point() and not torch.isfinite(tensor).all()
+        ]
         if broken:
             raise ValueError(
                 f"{pretrained_model_name_or_path}: {len(broken)} weight tensor(s) hold NaN or infinite values "
@@ -780,8 +786,10 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         By default a training batch of a `hard_attention` model samples with probability 1 -
         `hard_attention_expectation_prob`; drawn before the steps, so that every runner reads the same regions."""
         if sample_regions is None:
-            sample_regions = self.training and self.config.hard_attention and (
-                torch.rand(()).item() >= self.config.hard_attention_expectation_prob
+            sample_regions = (
+                self.training
+                and self.config.hard_attention
+                and (torch.rand(()).item() >= self.config.hard_attention_expectation_prob)
             )
         return torch.rand(decoder_input_ids.shape, device=self.device) if sample_regions else None
 
@@ -791,7 +799,10 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         """The token cross-entropy (padding ignored) and the attention loss (penalty, plus hard attention's surrogate
         when the regions were sampled), reported apart; the loss is their sum."""
         token_loss = F.cross_entropy(
-            logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100, label_smoothing=self.config.label_smoothing
+            logits.float().flatten(0, 1),
+            labels.flatten(),
+            ignore_index=-100,
+            label_smoothing=self.config.label_smoothing,
         )
         attention_loss = self.attention_penalty(cross_attentions, labels != -100)
         if noise is not None:
@@ -838,6 +849,7 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         reinforce = -((caption_log_likelihood - baseline) * region_log_prob).sum()
         surrogate = config.hard_attention_reinforce_weight * reinforce - config.hard_attention_entropy_weight * entropy
         return surrogate / targets.sum().clamp(min=1)
+
 
 CaptionerForConditionalGeneration.register_for_auto_class("AutoModel")  # saved: auto_map (see the config's file)
 if __name__.startswith("hf_captioner."):

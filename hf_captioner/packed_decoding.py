@@ -248,8 +248,9 @@ def packed_generation(
 
     def stacked_step(embedded, regions, cache, noise):
         step_regions = products.regions(regions)
-        return step(decoder, products, products.embedding(embedded), step_regions, cache, scratch=cache.scratch,
-                    noise=noise)  # fmt: skip
+        return step(
+            decoder, products, products.embedding(embedded), step_regions, cache, scratch=cache.scratch, noise=noise
+        )
 
     return decoder(input_ids, regions, cache, noise, step=stacked_step)
 

@@ -161,7 +161,7 @@ class CaptionerProcessor(ProcessorMixin):
                 raise ValueError(
                     f"Prompt {prompt!r} has words outside the captioner's vocabulary: "
                     f"{', '.join(map(repr, unknown_words or [prompt]))} (a prompt is the start of the caption; to "
-                    "caption a picture with no prompt, pass text=\"\")"
+                    'caption a picture with no prompt, pass text="")'
                 )
         if len({len(ids) for ids in encoded}) > 1:
             raise ValueError(

@@ -44,9 +44,8 @@ class CiderDReward:
         for captions in references:  # an image counts once per n-gram
             self.document_frequency.update(set().union(*(_ngram_counts(ptb_tokenize(c)) for c in captions)))
         self.log_corpus_size = math.log(len(references))
-        # an image's reference vectors are made when a batch first needs them and the last `cached_images` kept (all
-        # of Flickr8k's, 177 MB measured; ~460 MB at most, estimated): held for a whole split they would grow with it
-        # (~3.6 GB for COCO, scaled from Flickr8k)
+        # an image's reference vectors are made when a batch first needs them and the last `cached_images` kept (the
+        # sizes are in docs/performance.md): held for a whole split they would grow with it
         self._reference_vectors = functools.lru_cache(maxsize=cached_images)(self._image_vectors)
 
     def _image_vectors(self, image: int) -> list[tuple[list[dict], list[float], int]]:
@@ -104,9 +103,14 @@ class SelfCriticalObjective:
             images = dict(pixel_values=batch.get("pixel_values"), frozen_features=batch.get("frozen_features"))
             regions = unwrapped.encoder(**images).last_hidden_state  # (B, k, C)
         with torch.no_grad():
-            samples = unwrapped.generate(encoder_outputs=regions.detach(), do_sample=True, num_beams=1,
-                                         num_return_sequences=self.num_samples, **PURE_SAMPLING,
-                                         max_new_tokens=self.max_new_tokens)  # fmt: skip
+            samples = unwrapped.generate(
+                encoder_outputs=regions.detach(),
+                do_sample=True,
+                num_beams=1,
+                num_return_sequences=self.num_samples,
+                **PURE_SAMPLING,
+                max_new_tokens=self.max_new_tokens,
+            )
         captions = self.processor.batch_decode(samples)
         images = batch["rows"].repeat_interleave(self.num_samples).tolist()
         rewards = torch.tensor([self.reward(c, i) for c, i in zip(captions, images, strict=True)])
@@ -116,8 +120,12 @@ class SelfCriticalObjective:
 
         labels = self.sample_labels(samples, unwrapped.config.eos_token_id)  # (B * K, T)
         # the expected context (hard attention's too): the policy whose captions were sampled and are rewarded
-        outputs = model(encoder_outputs=regions.repeat_interleave(self.num_samples, dim=0), labels=labels,
-                        use_cache=False, sample_regions=False)  # fmt: skip
+        outputs = model(
+            encoder_outputs=regions.repeat_interleave(self.num_samples, dim=0),
+            labels=labels,
+            use_cache=False,
+            sample_regions=False,
+        )
         target = labels.clamp(min=0).unsqueeze(-1)
         log_probs = F.log_softmax(outputs.logits.float(), dim=-1).gather(-1, target).squeeze(-1)  # (B * K, T)
         sequence_log_probs = (log_probs * (labels != -100)).sum(dim=1)

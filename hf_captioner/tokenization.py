@@ -54,8 +54,10 @@ def train_sentencepiece(
     # every special token and (unigram) every character, the space's "▁" included, needs a piece of its own
     needed = 4 + (1 if model_type == "word" else len(set("".join(lines)) | {" "}))
     if vocab_size < needed:
-        raise ValueError(f"vocab_size {vocab_size} is too small for a {model_type} tokenizer of these captions: "
-                         f"it needs at least {needed} (the 4 special tokens and the pieces every caption needs)")  # fmt: skip
+        raise ValueError(
+            f"vocab_size {vocab_size} is too small for a {model_type} tokenizer of these captions: "
+            f"it needs at least {needed} (the 4 special tokens and the pieces every caption needs)"
+        )
     corpus = model_prefix.with_suffix(".txt")
     corpus.write_text("\n".join(lines) + "\n", encoding="utf-8")
     spm.SentencePieceTrainer.train(

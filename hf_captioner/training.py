@@ -148,8 +148,8 @@ def _build_model(args: TrainingArguments, processor: CaptionerProcessor) -> Capt
 
 def build_optimizer(model: CaptionerForConditionalGeneration, args: TrainingArguments) -> torch.optim.AdamW:
     """AdamW over the trainable parameters: the decoder at `learning_rate`, fine-tuned encoder stages at
-    `encoder_learning_rate`. The fused kernel: on this CPU the default per-tensor loop took 594 ms a step for 30M
-    parameters, the fused one 33 ms."""
+    `encoder_learning_rate`. The fused kernel: the default per-tensor loop costs a large share of a CPU training step
+    (docs/performance.md)."""
     encoder_params = [p for p in model.encoder.parameters() if p.requires_grad]
     decoder_params = [p for p in model.decoder.parameters() if p.requires_grad]
     groups = [{"params": decoder_params, "lr": args.learning_rate}]
@@ -334,23 +334,33 @@ def train(args: TrainingArguments) -> dict:
         raise SettingsError(str(err)) from err
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    logger.info("Model: %.2fM parameters (%.2fM trainable)", model.num_parameters() / 1e6,
-                model.num_parameters(only_trainable=True) / 1e6)  # fmt: skip
+    logger.info(
+        "Model: %.2fM parameters (%.2fM trainable)",
+        model.num_parameters() / 1e6,
+        model.num_parameters(only_trainable=True) / 1e6,
+    )
 
     objective = cross_entropy
     if args.objective == "self_critical":  # built before any feature caching, so that a bad setting fails at once
-        objective = SelfCriticalObjective(processor, data["train"]["captions"], args.self_critical_samples,
-                                          args.self_critical_max_new_tokens)  # fmt: skip
+        objective = SelfCriticalObjective(
+            processor, data["train"]["captions"], args.self_critical_samples, args.self_critical_max_new_tokens
+        )
 
     train_features = val_features = None
     if args.cache_features:
         with accelerator.main_process_first():
             model.to(accelerator.device)
             train_features, val_features = (
-                encode_split(model, processor, data[split], args.feature_cache_dir, args.eval_batch_size,
-                             args.feature_cache_dtype)
+                encode_split(
+                    model,
+                    processor,
+                    data[split],
+                    args.feature_cache_dir,
+                    args.eval_batch_size,
+                    args.feature_cache_dtype,
+                )
                 for split in ("train", "validation")
-            )  # fmt: skip
+            )
 
     collator = CaptionCollator(processor, args.max_caption_tokens)
     groups = None  # shuffled as units, when they are
@@ -388,13 +398,17 @@ def train(args: TrainingArguments) -> dict:
         before = torch.get_rng_state()
         accelerator.load_state(str(checkpoint))
         if torch.equal(before, torch.get_rng_state()):  # Accelerate only logs this at INFO and goes on
-            logger.warning("%s: the random number state (random_states_*.pkl) could not be restored: the resumed "
-                           "run will not repeat the uninterrupted one exactly", checkpoint)  # fmt: skip
+            logger.warning(
+                "%s: the random number state (random_states_*.pkl) could not be restored: the resumed "
+                "run will not repeat the uninterrupted one exactly",
+                checkpoint,
+            )
         state = TrainerState.from_json((checkpoint / STATE_FILE).read_text())
         logger.info("Resumed from %s at step %d (epoch %d)", checkpoint, state.global_step, state.epoch)
 
-    progress = tqdm(total=total_steps, initial=state.global_step, desc="Training",
-                    disable=not accelerator.is_local_main_process)  # fmt: skip
+    progress = tqdm(
+        total=total_steps, initial=state.global_step, desc="Training", disable=not accelerator.is_local_main_process
+    )
     started, stop = time.perf_counter(), False
     last_log = (started, state.global_step)  # (time, step) of the last log: the training rate between logs
     # a run killed after its last step's checkpoint but before that step's validation still owes the validation
@@ -453,9 +467,15 @@ def finish_run(
     `data_source` records what `data` was here (the model card, rendered elsewhere, could not tell a relative path
     from a Hub id)."""
     best = max(state.history, key=lambda h: h["cider"])
-    metrics = {"best": best, "history": state.history, "log_history": state.log_history,
-               "steps": state.global_step, "num_processes": accelerator.num_processes,
-               "train_seconds_this_session": round(train_seconds, 1), "data_source": data_source(data)}  # fmt: skip
+    metrics = {
+        "best": best,
+        "history": state.history,
+        "log_history": state.log_history,
+        "steps": state.global_step,
+        "num_processes": accelerator.num_processes,
+        "train_seconds_this_session": round(train_seconds, 1),
+        "data_source": data_source(data),
+    }
     if not (output_dir / "best" / "model.safetensors").is_file():  # every process stops, none waits for the others
         raise RuntimeError(f"{output_dir / 'best'} holds no complete model: final/ was not written")
     if accelerator.is_main_process:
@@ -465,13 +485,18 @@ def finish_run(
             shutil.copytree(output_dir / "best", folder)
             # the run's settings, as the model card's "to reproduce" line uses them: a resume is not one of them
             settings = json.loads((output_dir / "training_args.json").read_text())
-            (folder / "training_args.json").write_text(json.dumps({**settings, "resume_from_checkpoint": None},
-                                                                  indent=2))  # fmt: skip
+            (folder / "training_args.json").write_text(
+                json.dumps({**settings, "resume_from_checkpoint": None}, indent=2)
+            )
             shutil.copy(output_dir / "metrics.json", folder / "training_metrics.json")  # travels with the model
 
         replace_folder(output_dir / "final", write_final)
-        logger.info("Best validation CIDEr %.3f at epoch %d; model saved to %s", best["cider"], best["epoch"],
-                    output_dir / "final")  # fmt: skip
+        logger.info(
+            "Best validation CIDEr %.3f at epoch %d; model saved to %s",
+            best["cider"],
+            best["epoch"],
+            output_dir / "final",
+        )
     accelerator.wait_for_everyone()
     return metrics
 
@@ -479,8 +504,11 @@ def finish_run(
 def cross_entropy(model, batch: dict, unwrapped=None) -> tuple[torch.Tensor, dict]:
     """Teacher forcing on reference captions: (loss, logs); the logs stay tensors until they are logged."""
     outputs = model(**batch)
-    logs = {"train/loss": outputs.loss.detach(), "train/token_loss": outputs.token_loss.detach(),
-            "train/attention_loss": outputs.attention_loss.detach()}  # fmt: skip
+    logs = {
+        "train/loss": outputs.loss.detach(),
+        "train/token_loss": outputs.token_loss.detach(),
+        "train/attention_loss": outputs.attention_loss.detach(),
+    }
     return outputs.loss, logs
 
 
@@ -491,16 +519,32 @@ def _validate(args, accelerator, model, processor, data, val_loader, val_feature
     """Validation loss and caption scores; keep the best model; return whether to stop early."""
     validation = data["validation"]
     captions = generate_captions(
-        model, processor, validation, accelerator, features=val_features, batch_size=args.eval_batch_size,
-        num_beams=args.eval_num_beams, max_new_tokens=args.eval_max_new_tokens,
-    )  # fmt: skip
+        model,
+        processor,
+        validation,
+        accelerator,
+        features=val_features,
+        batch_size=args.eval_batch_size,
+        num_beams=args.eval_num_beams,
+        max_new_tokens=args.eval_max_new_tokens,
+    )
     scores = score_captions(captions, validation["captions"], meteor=False)  # METEOR (Java) is for final scores
-    record = {"epoch": state.epoch, "step": state.global_step, "val_loss": validation_loss(model, val_loader, accelerator),
-              **scores}  # fmt: skip
+    record = {
+        "epoch": state.epoch,
+        "step": state.global_step,
+        "val_loss": validation_loss(model, val_loader, accelerator),
+        **scores,
+    }
     state.history.append(record)
     accelerator.log({f"val/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=state.global_step)
-    logger.info("epoch %d step %d: val loss %.4f, BLEU-4 %.4f, CIDEr %.4f", record["epoch"], record["step"],
-                record["val_loss"], record["bleu_4"], record["cider"])  # fmt: skip
+    logger.info(
+        "epoch %d step %d: val loss %.4f, BLEU-4 %.4f, CIDEr %.4f",
+        record["epoch"],
+        record["step"],
+        record["val_loss"],
+        record["bleu_4"],
+        record["cider"],
+    )
     if state.best_cider is None or record["cider"] > state.best_cider:
         state.best_cider, state.bad_epochs = record["cider"], 0
         if accelerator.is_main_process:

@@ -76,8 +76,10 @@ def plot_attention(
     from matplotlib.patches import Rectangle
 
     if len(words) != len(attentions) or (boxes is not None and len(boxes) != len(words)):
-        raise ValueError(f"{len(words)} words but {len(attentions)} attention maps"
-                         + (f" and {len(boxes)} box lists" if boxes is not None else ""))  # fmt: skip
+        raise ValueError(
+            f"{len(words)} words but {len(attentions)} attention maps"
+            + (f" and {len(boxes)} box lists" if boxes is not None else "")
+        )
     if not words:
         raise ValueError("No words to draw: the caption is empty")
     width, height = image.size
@@ -90,11 +92,13 @@ def plot_attention(
     for index, (word, attention) in enumerate(zip(words, attentions, strict=True)):
         axes = figure.add_subplot(rows, cols, index + 1)
         axes.imshow(small, extent=extent)
-        heat = axes.imshow(attention_overlay(small, attention), cmap=HEAT_MAP, alpha=HEAT_ALPHA, vmin=0, vmax=1,
-                           extent=extent)  # fmt: skip
+        heat = axes.imshow(
+            attention_overlay(small, attention), cmap=HEAT_MAP, alpha=HEAT_ALPHA, vmin=0, vmax=1, extent=extent
+        )
         for x0, y0, x1, y1 in (boxes[index] or []) if boxes is not None else []:
-            axes.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor="yellow",
-                                     linewidth=1.5))  # fmt: skip
+            axes.add_patch(
+                Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor="yellow", linewidth=1.5)
+            )
         axes.set_title(word, fontsize=12, y=-0.14)
         axes.set_axis_off()
     title_room = 0.3 / (rows * PANEL_INCHES)  # a line of title, in figure fractions

@@ -137,8 +137,9 @@ def run_snippets_without_package(snippets: list[str], cwd: Path) -> list[list]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": ""}
     printed = []
     for snippet in snippets:
-        result = subprocess.run([sys.executable, "-c", blocker + snippet], capture_output=True, text=True, cwd=cwd,
-                                env=env, timeout=300)  # fmt: skip
+        result = subprocess.run(
+            [sys.executable, "-c", blocker + snippet], capture_output=True, text=True, cwd=cwd, env=env, timeout=300
+        )
         assert result.returncode == 0, f"{snippet}\n{result.stderr[-3000:]}"
         printed.append([ast.literal_eval(line) for line in result.stdout.strip().splitlines()])
     return printed

@@ -34,8 +34,14 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZ
 
 def write_config(workdir: Path) -> Path:
     """A tiny run (about 15 optimizer steps a epoch, 3 epochs) that checkpoints every 2 steps."""
-    args = tiny_arguments(workdir / "unused", sample_sizes=[32, 8, 4], num_epochs=3, checkpoint_every_steps=2,
-                          keep_checkpoints=2, early_stopping_patience=0)  # fmt: skip
+    args = tiny_arguments(
+        workdir / "unused",
+        sample_sizes=[32, 8, 4],
+        num_epochs=3,
+        checkpoint_every_steps=2,
+        keep_checkpoints=2,
+        early_stopping_patience=0,
+    )
     values = {k: v for k, v in vars(args).items() if k != "output_dir"}
     config = workdir / "tiny.yaml"
     config.write_text(yaml.safe_dump(values))
@@ -99,8 +105,10 @@ def main() -> None:
     if process.returncode != 0:
         sys.exit(failed(reference, "the reference run"))
     duration = time.perf_counter() - started
-    print(f"reference run: {duration:.1f} s, writing from {begins:.1f} s; each trial is killed at a random moment "
-          "between the two")  # fmt: skip
+    print(
+        f"reference run: {duration:.1f} s, writing from {begins:.1f} s; each trial is killed at a random moment "
+        "between the two"
+    )
 
     failures, largest = 0, 0.0
     for trial in range(options.kills):
@@ -120,11 +128,16 @@ def main() -> None:
         ok = same and difference <= 1e-5
         failures += not ok
         largest = max(largest, difference)
-        print(f"trial {trial:2d}: killed at {moment:5.1f} s (last checkpoint: {checkpoints[-1] if checkpoints else '-'}), "
-              f"{how}; max weight difference {difference:.2e}, history {'same' if same else 'DIFFERENT'}"
-              f"{'' if ok else '  <-- FAILED'}", flush=True)  # fmt: skip
-    print(f"\n{options.kills - failures}/{options.kills} trials ended with the uninterrupted run's weights and "
-          f"metrics; largest weight difference {largest:.2e}; {time.perf_counter() - started:.0f} s in all")  # fmt: skip
+        print(
+            f"trial {trial:2d}: killed at {moment:5.1f} s (last checkpoint: {checkpoints[-1] if checkpoints else '-'}), "
+            f"{how}; max weight difference {difference:.2e}, history {'same' if same else 'DIFFERENT'}"
+            f"{'' if ok else '  <-- FAILED'}",
+            flush=True,
+        )
+    print(
+        f"\n{options.kills - failures}/{options.kills} trials ended with the uninterrupted run's weights and "
+        f"metrics; largest weight difference {largest:.2e}; {time.perf_counter() - started:.0f} s in all"
+    )
     sys.exit(1 if failures else 0)
 
 

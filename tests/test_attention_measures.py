@@ -37,8 +37,9 @@ def measure(regions, words, size=(100, 100)) -> dict:
 def test_pointing_mass_and_chance_against_a_box():
     dog = NamedRegion({"dog"}, [(0, 0, 49, 49)])  # the top-left quarter: 4 of the 16 cell centres
     uniform = np.full((4, 4), 1 / 16)
-    result = measure([dog], [WordAttention("a", uniform), WordAttention("dog", one_hot(5)),
-                             WordAttention("runs", one_hot(15))])  # fmt: skip
+    result = measure(
+        [dog], [WordAttention("a", uniform), WordAttention("dog", one_hot(5)), WordAttention("runs", one_hot(15))]
+    )
     assert result["pointing_nouns"] == 1 and result["pointing_accuracy"] == 1.0  # cell 5 = (37.5, 37.5)
     assert result["attention_in_boxes"] == pytest.approx(1.0) and result["pointing_chance"] == pytest.approx(0.25)
     # uniform: 1, one cell: 0 -> mean 1/3; the peak moved from word 2 to word 3 (word 1's argmax is cell 0)
@@ -70,18 +71,27 @@ def test_head_noun_is_the_phrase_s_last_word():
 
 
 def test_flickr30k_entities_boxes_are_scaled_onto_the_loaded_pictures(tmp_path):
-    annotations = {"42_abc.jpg": {
-        "width": 400, "height": 200,  # the original picture; the loaded copy is squashed to 100 x 100
-        "boxes": {"7": [[0, 0, 199, 99]], "8": [[200, 100, 399, 199]]},
-        "phrases": [[0, "7", "animals", "A brown dog"], [1, "7", "animals", "a puppy"],
-                    [0, "8", "other", "a ball"], [0, "9", "scene", "the park"]],
-    }}  # fmt: skip
+    annotations = {
+        "42_abc.jpg": {
+            "width": 400,
+            "height": 200,  # the original picture; the loaded copy is squashed to 100 x 100
+            "boxes": {"7": [[0, 0, 199, 99]], "8": [[200, 100, 399, 199]]},
+            "phrases": [
+                [0, "7", "animals", "A brown dog"],
+                [1, "7", "animals", "a puppy"],
+                [0, "8", "other", "a ball"],
+                [0, "9", "scene", "the park"],
+            ],
+        }
+    }
     path = tmp_path / "entities.json"
     path.write_text(json.dumps(annotations))
     entities = load_flickr30k_entities(path)
     assert set(entities) == {"42_abc"}  # keyed by image id, as the loaders name images
-    dataset = Dataset.from_dict({"image": [PILImage.new("RGB", (100, 100))], "image_id": ["42_abc"]},
-                                features=Features({"image": Image(), "image_id": Value("string")}))  # fmt: skip
+    dataset = Dataset.from_dict(
+        {"image": [PILImage.new("RGB", (100, 100))], "image_id": ["42_abc"]},
+        features=Features({"image": Image(), "image_id": Value("string")}),
+    )
     regions, size = entity_regions(entities, dataset)(0)
     assert size == (100, 100)
     by_name = {frozenset(r.names): r.boxes for r in regions}
@@ -105,8 +115,12 @@ def test_attention_figures_draw_the_named_things_boxes_on_their_words_panels():
     from hf_captioner.visualize import panel_axes, plot_attention
 
     attention = np.full((4, 4), 1 / 16)
-    figure = plot_attention(PILImage.new("RGB", (100, 100)), ["a", "dog"], [attention, attention],
-                            boxes=[None, [(0, 0, 49, 49), (60, 60, 69, 69)]])  # fmt: skip
+    figure = plot_attention(
+        PILImage.new("RGB", (100, 100)),
+        ["a", "dog"],
+        [attention, attention],
+        boxes=[None, [(0, 0, 49, 49), (60, 60, 69, 69)]],
+    )
     assert [len(axes.patches) for axes in panel_axes(figure)] == [0, 2]
     with pytest.raises(ValueError, match="1 box lists"):
         plot_attention(PILImage.new("RGB", (100, 100)), ["a", "dog"], [attention, attention], boxes=[None])

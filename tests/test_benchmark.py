@@ -9,18 +9,29 @@ from conftest import HF_CAPTIONER
 
 def test_quick_benchmark_reports_every_case(tmp_path):
     out = tmp_path / "report.json"
-    result = subprocess.run([HF_CAPTIONER, "benchmark", "--quick", "--out", str(out)],
-                            capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"})  # fmt: skip
+    result = subprocess.run(
+        [HF_CAPTIONER, "benchmark", "--quick", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     report = json.loads(out.read_text())
     assert report["mode"] == "quick" and report["decoder_gflop_per_token"] > 0
     assert report["matmul_gflops"]["float32"] > 0 and report["matmul_gflops"]["bfloat16"] > 0
     assert report["decoder_gflop_per_caption_start"] > 0 and report["variants"] == []  # options: full mode only
     bf16 = report["machine"]["bf16_matrix_instructions"]  # the bf16 cases run only where the CPU has bf16 instructions
-    expected = {"cached_features", "frozen_encoder", "fine_tuned_encoder", "lite0_cached_regions",
-                "lite0_14x14_cached_regions", "lite0_top_stage_from_cached_bottom", "lite0_top_stage_from_images",
-                "lite0_top_stage_from_cached_bottom_5_captions_per_image"}
+    expected = {
+        "cached_features",
+        "frozen_encoder",
+        "fine_tuned_encoder",
+        "lite0_cached_regions",
+        "lite0_14x14_cached_regions",
+        "lite0_top_stage_from_cached_bottom",
+        "lite0_top_stage_from_images",
+        "lite0_top_stage_from_cached_bottom_5_captions_per_image",
+    }
     expected |= {"cached_features_bf16"} if bf16 else set()
     assert set(report["training"]) == expected
     for case in report["training"].values():
@@ -30,24 +41,52 @@ def test_quick_benchmark_reports_every_case(tmp_path):
     assert {(1, 1), (3, 1), (1, 8), (3, 8)} <= beams
     assert all(c["images_per_s"] > 0 and c["peak_mib"] > 0 for c in report["generation"])  # each in its own process
     assert {c["variant"] for c in report["generation"]} == ({"", "bf16"} if bf16 else {""})
-    assert set(report["ratios"]) >= {"beam3_batch8_vs_batch1_images_per_s", "cached_vs_frozen_end_to_end_per_caption",
-                                     "training_fraction_of_matmul_rate"}  # fmt: skip
+    assert set(report["ratios"]) >= {
+        "beam3_batch8_vs_batch1_images_per_s",
+        "cached_vs_frozen_end_to_end_per_caption",
+        "training_fraction_of_matmul_rate",
+    }
     assert "| training (batch) |" in result.stdout and "images/s" in result.stdout
 
 
 def test_scale_benchmark_runs_the_real_commands_and_cleans_up(tmp_path):
     """A tiny run of `benchmark-scale`: every figure present, the store measured, nothing left on disk."""
     out, work = tmp_path / "scale.json", tmp_path / "work"
-    command = [HF_CAPTIONER, "benchmark-scale", "--sizes", "48", "--channels", "64", "--steps", "4",
-               "--batch_size", "8", "--work_dir", str(work), "--out", str(out)]  # fmt: skip
-    result = subprocess.run(command, capture_output=True, text=True, timeout=900,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"})  # fmt: skip
+    command = [
+        HF_CAPTIONER,
+        "benchmark-scale",
+        "--sizes",
+        "48",
+        "--channels",
+        "64",
+        "--steps",
+        "4",
+        "--batch_size",
+        "8",
+        "--work_dir",
+        str(work),
+        "--out",
+        str(out),
+    ]
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]
     assert row["images"] == 48
     assert row["store_gb"] * 1e9 >= 48 * 14 * 14 * 64 * 4  # float32 features of every image, on disk
-    for name in ("caching_peak_mb", "training_1p_peak_mb", "training_2p_peak_mb", "training_1p_captions_per_s",
-                 "training_2p_captions_per_s", "caching_mb_per_s"):  # fmt: skip
+    for name in (
+        "caching_peak_mb",
+        "training_1p_peak_mb",
+        "training_2p_peak_mb",
+        "training_1p_captions_per_s",
+        "training_2p_captions_per_s",
+        "caching_mb_per_s",
+    ):
         assert row[name] > 0
     assert not work.exists()
     assert "| 48 |" in result.stdout

@@ -41,13 +41,16 @@ def test_evaluate_refuses_bad_data_and_settings_in_one_line(trained_tiny_model, 
     model = os.path.relpath(trained_tiny_model, tmp_path)
     (tmp_path / "empty").mkdir()
     refused_in_one_line(hf_captioner("evaluate", "--model", model, "--data", "/nothere", cwd=tmp_path), "/nothere")
-    refused_in_one_line(hf_captioner("evaluate", "--model", model, "--data", "empty", cwd=tmp_path), "empty",
-                        "no known caption layout")  # fmt: skip
+    refused_in_one_line(
+        hf_captioner("evaluate", "--model", model, "--data", "empty", cwd=tmp_path), "empty", "no known caption layout"
+    )
     # refused before anything loads: no model folder is needed to hear it
-    refused_in_one_line(hf_captioner("evaluate", "--model", "none", "--repetition-penalty", "0", cwd=tmp_path),
-                        "--repetition_penalty")  # fmt: skip
-    first = hf_captioner("evaluate", "--model", model, "--max-images", "2", "--no_meteor", "--output_dir", "scores",
-                         cwd=tmp_path)  # fmt: skip
+    refused_in_one_line(
+        hf_captioner("evaluate", "--model", "none", "--repetition-penalty", "0", cwd=tmp_path), "--repetition_penalty"
+    )
+    first = hf_captioner(
+        "evaluate", "--model", model, "--max-images", "2", "--no_meteor", "--output_dir", "scores", cwd=tmp_path
+    )
     assert first.returncode == 0, first.stderr[-2000:]
     again = ("evaluate", "--model", model, "--max_images", "2", "--no_meteor", "--output_dir", "scores")
     refused_in_one_line(hf_captioner(*again, cwd=tmp_path), "already holds an evaluation", "--overwrite_output_dir")
@@ -116,8 +119,19 @@ def test_evaluate_reads_a_local_parquet_copy_from_the_command_line(trained_tiny_
     model = os.path.relpath(trained_tiny_model, tmp_path)
     without = hf_captioner("evaluate", "--model", model, "--data", "copy", "--no_meteor", cwd=tmp_path)
     refused_in_one_line(without, "caption_columns")  # the default layout has a "caption" column, this one has not
-    result = hf_captioner("evaluate", "--model", model, "--data", "copy", "--data_preset", "jxie/flickr8k",
-                          "--no_meteor", "--output_dir", "scores", cwd=tmp_path)  # fmt: skip
+    result = hf_captioner(
+        "evaluate",
+        "--model",
+        model,
+        "--data",
+        "copy",
+        "--data_preset",
+        "jxie/flickr8k",
+        "--no_meteor",
+        "--output_dir",
+        "scores",
+        cwd=tmp_path,
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     assert json.loads((tmp_path / "scores" / "metrics.json").read_text())["images"] == 3
 

@@ -129,13 +129,19 @@ def test_hub_style_data_sets_are_grouped_and_split(tmp_path, layout):
                 "which": [FIXTURE[n][0] for n in names],
             }
         ).to_parquet(str(tmp_path / "all.parquet"))
-        data = load_hub_dataset("parquet", layout=HubLayout(caption_columns=("captions",), split_column="which"),
-                                load_kwargs={"data_files": {"train": str(tmp_path / "all.parquet")}})  # fmt: skip
+        data = load_hub_dataset(
+            "parquet",
+            layout=HubLayout(caption_columns=("captions",), split_column="which"),
+            load_kwargs={"data_files": {"train": str(tmp_path / "all.parquet")}},
+        )
     assert rows(data) == EXPECTED
     assert splits(data) == {name.split(".")[0]: split for name, (split, _) in FIXTURE.items()}
     with pytest.raises(DataError, match=r"no column\(s\) \['nope'\]; it has \['image', "):
-        load_hub_dataset("parquet", layout=HubLayout(caption_columns=("nope",)),
-                         load_kwargs={"data_files": {"train": str(next(tmp_path.glob("*.parquet")))}})  # fmt: skip
+        load_hub_dataset(
+            "parquet",
+            layout=HubLayout(caption_columns=("nope",)),
+            load_kwargs={"data_files": {"train": str(next(tmp_path.glob("*.parquet")))}},
+        )
 
 
 def image_bytes(folder, name) -> dict:
@@ -168,11 +174,16 @@ def test_the_nlphuji_flickr30k_layout_splits_by_its_column_and_keeps_train_out_o
     folder = write_images(tmp_path / "img")
     names = list(FIXTURE)
     karpathy = {"train": "train", "validation": "val", "test": "test"}
-    Dataset.from_dict({
-        "image": [image_bytes(folder, n) for n in names], "caption": [FIXTURE[n][1] for n in names],
-        "sentids": [[str(i)] for i in range(len(names))], "split": [karpathy[FIXTURE[n][0]] for n in names],
-        "img_id": [n.split(".")[0] for n in names], "filename": names,
-    }).to_parquet(str(tmp_path / "flickr30k.parquet"))  # fmt: skip
+    Dataset.from_dict(
+        {
+            "image": [image_bytes(folder, n) for n in names],
+            "caption": [FIXTURE[n][1] for n in names],
+            "sentids": [[str(i)] for i in range(len(names))],
+            "split": [karpathy[FIXTURE[n][0]] for n in names],
+            "img_id": [n.split(".")[0] for n in names],
+            "filename": names,
+        }
+    ).to_parquet(str(tmp_path / "flickr30k.parquet"))
     files = {"test": str(tmp_path / "flickr30k.parquet")}
     data = load_hub_dataset("parquet", layout=HUB_LAYOUTS["nlphuji/flickr30k"], load_kwargs={"data_files": files})
     assert rows(data) == EXPECTED
@@ -189,13 +200,23 @@ def test_the_coco_karpathy_layout_finds_local_pictures_by_file_name(tmp_path):
     subfolder = {"train": "train2014", "validation": "val2014", "test": "val2014"}
     for name in names:
         write_images(tmp_path / "coco" / subfolder[FIXTURE[name][0]])
-    karpathy = {"1000_a.jpg": "restval", "1001_b.jpg": "train", "1002_c.jpg": "train", "1003_d.jpg": "val",
-                "1004_e.jpg": "test"}  # fmt: skip
-    Dataset.from_dict({
-        "filepath": [subfolder[FIXTURE[n][0]] for n in names], "filename": names,
-        "sentences": [FIXTURE[n][1] for n in names], "split": [karpathy[n] for n in names],
-        "cocoid": [n.split(".")[0] for n in names], "url": [f"http://example.org/{n}" for n in names],
-    }).to_parquet(str(tmp_path / "train.parquet"))  # fmt: skip
+    karpathy = {
+        "1000_a.jpg": "restval",
+        "1001_b.jpg": "train",
+        "1002_c.jpg": "train",
+        "1003_d.jpg": "val",
+        "1004_e.jpg": "test",
+    }
+    Dataset.from_dict(
+        {
+            "filepath": [subfolder[FIXTURE[n][0]] for n in names],
+            "filename": names,
+            "sentences": [FIXTURE[n][1] for n in names],
+            "split": [karpathy[n] for n in names],
+            "cocoid": [n.split(".")[0] for n in names],
+            "url": [f"http://example.org/{n}" for n in names],
+        }
+    ).to_parquet(str(tmp_path / "train.parquet"))
     files = {"train": str(tmp_path / "train.parquet")}
     layout = HUB_LAYOUTS["yerevann/coco-karpathy"]
     data = load_hub_dataset("parquet", tmp_path / "coco", layout=layout, load_kwargs={"data_files": files})
@@ -205,8 +226,19 @@ def test_the_coco_karpathy_layout_finds_local_pictures_by_file_name(tmp_path):
 
 
 def test_a_hub_layout_is_set_from_the_command_line(tmp_path, capsys):
-    args = parse_arguments(["--data", "jxie/flickr8k", "--caption_columns", "caption_0", "caption_1",
-                            "--split_names", "dev=validation", "--split_column", "which"])  # fmt: skip
+    args = parse_arguments(
+        [
+            "--data",
+            "jxie/flickr8k",
+            "--caption_columns",
+            "caption_0",
+            "caption_1",
+            "--split_names",
+            "dev=validation",
+            "--split_column",
+            "which",
+        ]
+    )
     layout = hub_layout(args.data, vars(args))
     assert layout.caption_columns == ("caption_0", "caption_1") and layout.split_names == {"dev": "validation"}
     assert layout.split_column == "which" and layout.image_column == "image"
@@ -355,6 +387,8 @@ def test_the_epoch_order_is_a_seeded_permutation_and_can_keep_each_images_captio
         assert sorted(runs) == list(range(len(sizes)))
         for image in range(len(sizes)):
             positions = np.flatnonzero(images == image)
-            assert list(np.asarray(order)[positions]) == list(range(first_pair[image], first_pair[image] + sizes[image]))
+            assert list(np.asarray(order)[positions]) == list(
+                range(first_pair[image], first_pair[image] + sizes[image])
+            )
     with pytest.raises(ValueError, match="add up to 26, not to the 25"):
         EpochShuffleSampler(25, 0, sizes)

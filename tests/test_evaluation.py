@@ -30,16 +30,19 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def run_command(name: str, *args: str, cwd=None, env=None) -> subprocess.CompletedProcess:
-    result = subprocess.run([HF_CAPTIONER, name, *args], capture_output=True, text=True,
-                            env=env or ENV, cwd=cwd or REPO, timeout=600)  # fmt: skip
+    result = subprocess.run(
+        [HF_CAPTIONER, name, *args], capture_output=True, text=True, env=env or ENV, cwd=cwd or REPO, timeout=600
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     return result
 
 
 def test_evaluation_and_captioning_do_not_import_the_trainer():
     """Layers point down: scoring and captioning build on inference, never on the training loop."""
-    code = ("import sys, hf_captioner.evaluation, hf_captioner.inference, hf_captioner.cli; "
-            "print(sorted(m for m in sys.modules if m.startswith('hf_captioner.')))")  # fmt: skip
+    code = (
+        "import sys, hf_captioner.evaluation, hf_captioner.inference, hf_captioner.cli; "
+        "print(sorted(m for m in sys.modules if m.startswith('hf_captioner.')))"
+    )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=ENV, check=True).stdout
     assert "hf_captioner.inference" in loaded and "hf_captioner.training" not in loaded
     assert "hf_captioner.self_critical" not in loaded
@@ -50,8 +53,20 @@ def evaluated(trained_tiny_model, tmp_path_factory):
     """evaluate.py run twice on the sample test split of the tiny model's own run."""
     outputs = [tmp_path_factory.mktemp("eval") for _ in range(2)]
     for output in outputs:
-        run_command("evaluate", "--model", str(trained_tiny_model), "--data", "sample", "--split", "test",
-                   "--num_beams", "2", "--no_meteor", "--output_dir", str(output))  # fmt: skip
+        run_command(
+            "evaluate",
+            "--model",
+            str(trained_tiny_model),
+            "--data",
+            "sample",
+            "--split",
+            "test",
+            "--num_beams",
+            "2",
+            "--no_meteor",
+            "--output_dir",
+            str(output),
+        )
     return outputs
 
 
@@ -65,8 +80,14 @@ def test_evaluate_writes_predictions_and_metrics_deterministically(evaluated):
     assert {"bleu_1", "bleu_4", "rouge_l", "cider"} <= set(metrics["metrics"])
     assert "meteor" not in metrics["metrics"]
     assert set(metrics["repetition"]) == {"repeated_bigram_rate", "repeated_trigram_rate"}
-    assert {"pointing_accuracy", "pointing_chance", "pointing_nouns", "attention_in_boxes", "normalised_entropy",
-            "peak_moves"} <= set(metrics["attention"])  # fmt: skip
+    assert {
+        "pointing_accuracy",
+        "pointing_chance",
+        "pointing_nouns",
+        "attention_in_boxes",
+        "normalised_entropy",
+        "peak_moves",
+    } <= set(metrics["attention"])
     for name in ("predictions.jsonl", "metrics.json"):
         assert (first / name).read_bytes() == (second / name).read_bytes()
 
@@ -78,8 +99,16 @@ def test_caption_script_draws_one_panel_per_word_and_skips_a_bad_picture(trained
     for i, image in enumerate(data["image"]):
         image.save(folder / f"pic{i}.png")
     write_truncated_jpeg(folder / "pic0b.jpg")  # between the two good ones
-    result = run_command("caption", "--model", str(trained_tiny_model), str(folder), "--attention",
-                         str(tmp_path / "figures"), "--num_beams", "2")  # fmt: skip
+    result = run_command(
+        "caption",
+        "--model",
+        str(trained_tiny_model),
+        str(folder),
+        "--attention",
+        str(tmp_path / "figures"),
+        "--num_beams",
+        "2",
+    )
     lines = [line.split("\t") for line in result.stdout.strip().splitlines()]
     assert [Path(line[0]).name for line in lines] == ["pic0.png", "pic1.png"]
     assert "pic0b.jpg" in result.stderr and "1 of 3 picture(s) could not be read" in result.stderr
@@ -107,8 +136,13 @@ def test_a_model_folders_own_code_runs_only_when_trusted(trained_tiny_model, tmp
     assert refused.returncode == 2 and "custom code" in refused.stderr.splitlines()[-1] and not marker.exists()
     run_command("caption", *command[2:], "--trust_remote_code")
     assert marker.exists()
-    missing = subprocess.run([HF_CAPTIONER, "evaluate", "--model", str(tmp_path / "nothing")], capture_output=True,
-                             text=True, env=ENV, timeout=600)  # fmt: skip
+    missing = subprocess.run(
+        [HF_CAPTIONER, "evaluate", "--model", str(tmp_path / "nothing")],
+        capture_output=True,
+        text=True,
+        env=ENV,
+        timeout=600,
+    )
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert missing.stderr.splitlines()[-1].endswith("not a saved model folder (no config.json)")
 
@@ -143,8 +177,12 @@ def test_grid_cells_map_back_to_picture_coordinates():
 
     processor = CaptionerImageProcessor(size={"shortest_edge": 100}, crop_size={"height": 100, "width": 100})
     # a 200 x 400 picture: scaled by 1/2 to 100 x 200, then the middle 100 x 100 kept (rows 50..150 of 200)
-    assert cell_centres(2, (200, 400), processor).tolist() == [[50.0, 150.0], [150.0, 150.0], [50.0, 250.0],
-                                                                [150.0, 250.0]]  # fmt: skip
+    assert cell_centres(2, (200, 400), processor).tolist() == [
+        [50.0, 150.0],
+        [150.0, 150.0],
+        [50.0, 250.0],
+        [150.0, 250.0],
+    ]
 
 
 def test_model_card_renders_real_values(trained_tiny_model, evaluated, tmp_path):
@@ -214,8 +252,17 @@ def test_publish_dry_run_writes_a_folder_that_loads_without_the_package(trained_
     out = tmp_path / "staged"
     secret = "hf_do_not_print_this_token_123"
     model = os.path.relpath(trained_tiny_model, tmp_path)
-    result = run_command("publish", "--model", model, "--repo_id", "me/tiny", "--dry_run", "staged", cwd=tmp_path,
-                         env={**ENV, "HF_TOKEN": secret})
+    result = run_command(
+        "publish",
+        "--model",
+        model,
+        "--repo_id",
+        "me/tiny",
+        "--dry_run",
+        "staged",
+        cwd=tmp_path,
+        env={**ENV, "HF_TOKEN": secret},
+    )
     assert secret not in result.stdout + result.stderr
     names = {p.name for p in out.iterdir()}
     assert {
@@ -250,8 +297,22 @@ def test_repetition_rates_count_the_captions_that_stutter():
 
 
 def test_evaluate_passes_decoding_options_to_generate(trained_tiny_model, tmp_path):
-    run_command("evaluate", "--model", str(trained_tiny_model), "--data", "sample", "--split", "test",
-                "--max_images", "4", "--no_meteor", "--no_repeat_ngram_size", "2", "--output_dir", str(tmp_path))  # fmt: skip
+    run_command(
+        "evaluate",
+        "--model",
+        str(trained_tiny_model),
+        "--data",
+        "sample",
+        "--split",
+        "test",
+        "--max_images",
+        "4",
+        "--no_meteor",
+        "--no_repeat_ngram_size",
+        "2",
+        "--output_dir",
+        str(tmp_path),
+    )
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["generate_kwargs"] == {"no_repeat_ngram_size": 2}
     assert metrics["repetition"]["repeated_bigram_rate"] == 0.0  # a repeated word bigram repeats a token bigram

@@ -128,8 +128,10 @@ def test_reads_are_lazy_and_shared_by_processes(tmp_path):
     assert own_memory_mb() - before < 16  # the store is 64 MB
     assert store[[5, 300]].shape == (2, *shape)
 
-    code = ("import sys; from hf_captioner.data.feature_store import FeatureStore; s = FeatureStore(sys.argv[1]); "
-            "print(sum(s[r].double().sum().item() for r in range(len(s))))")  # fmt: skip
+    code = (
+        "import sys; from hf_captioner.data.feature_store import FeatureStore; s = FeatureStore(sys.argv[1]); "
+        "print(sum(s[r].double().sum().item() for r in range(len(s))))"
+    )
     other = subprocess.run([sys.executable, "-c", code, str(folder)], capture_output=True, text=True, check=True)
     assert float(other.stdout) == pytest.approx(checksum, rel=1e-12)
     in_workers = DataLoader(store, batch_size=64, num_workers=2)  # the store pickles without its open files

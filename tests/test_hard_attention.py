@@ -19,8 +19,9 @@ CAPTION = torch.tensor([[7, 2]])  # one word and </s>: two steps, so the bound s
 
 def hard_model(**overrides):
     """A tiny hard-attention model on a 2 x 2 grid, in float64 so that the exact gradient is exact."""
-    values = dict(hard_attention=True, grid_size=2, attention_penalty=0.0, label_smoothing=0.0,
-                  hard_attention_entropy_weight=0.0)  # fmt: skip
+    values = dict(
+        hard_attention=True, grid_size=2, attention_penalty=0.0, label_smoothing=0.0, hard_attention_entropy_weight=0.0
+    )
     values.update(overrides)
     return tiny_model(seed=3, **values).double().train()
 
@@ -45,7 +46,7 @@ def exact_bound(model, regions: torch.Tensor) -> torch.Tensor:
         for t, region in enumerate(sequence):  # alpha_t depends on the regions read before t
             _, weights, _ = model.decoder(inputs, regions, model.decoder.start(regions), noise=noise)
             with torch.no_grad():
-                noise[0, t] = weights[0, t, :region + 1].sum() - weights[0, t, region] / 2
+                noise[0, t] = weights[0, t, : region + 1].sum() - weights[0, t, region] / 2
         logits, weights, _ = model.decoder(inputs, regions, model.decoder.start(regions), noise=noise)
         assert chosen_regions(weights[0], noise[0]).tolist() == list(sequence)
         log_likelihood = logits.log_softmax(-1)[0].gather(-1, CAPTION[0].unsqueeze(-1)).sum()
@@ -61,8 +62,9 @@ def sampled_gradients(model, regions: torch.Tensor, baseline: float, batches: in
     grads = []
     for _ in range(batches):
         model.reward_baseline = torch.tensor(baseline, dtype=torch.float64)  # fixed: no sample moves it
-        loss = model(encoder_outputs=regions.repeat(copies, 1, 1), labels=labels, use_cache=False,
-                     sample_regions=True).loss  # fmt: skip
+        loss = model(
+            encoder_outputs=regions.repeat(copies, 1, 1), labels=labels, use_cache=False, sample_regions=True
+        ).loss
         grads.append(gradient(model, loss))
     return torch.stack(grads)
 
@@ -94,8 +96,9 @@ def test_the_entropy_bonus_and_the_baseline_follow_the_config():
     model = hard_model(hard_attention_entropy_weight=0.5, hard_attention_reinforce_weight=0.0)
     regions = regions_for(model)
     torch.manual_seed(0)
-    outputs = model(encoder_outputs=regions, labels=CAPTION, use_cache=False, sample_regions=True,
-                    output_attentions=True)  # fmt: skip
+    outputs = model(
+        encoder_outputs=regions, labels=CAPTION, use_cache=False, sample_regions=True, output_attentions=True
+    )
     weights = outputs.cross_attentions[0]
     entropy = -(weights * weights.log()).sum()
     torch.testing.assert_close(outputs.attention_loss, -0.5 * entropy / CAPTION.shape[1])
@@ -125,8 +128,9 @@ def test_generation_reads_the_expectation_unless_asked_to_sample_regions():
     torch.manual_seed(0)
     drawn = [model.generate(pixel_values, num_beams=3, max_new_tokens=6, sample_regions=True) for _ in range(4)]
     assert any(not torch.equal(d, expected) for d in drawn)
-    out = model.generate(pixel_values, max_new_tokens=6, sample_regions=True, output_attentions=True,
-                         return_dict_in_generate=True)  # fmt: skip
+    out = model.generate(
+        pixel_values, max_new_tokens=6, sample_regions=True, output_attentions=True, return_dict_in_generate=True
+    )
     weights = torch.stack([step[:, -1] for step in out.cross_attentions], dim=1)  # (B, steps, k)
     torch.testing.assert_close(weights.sum(-1), torch.ones(weights.shape[:2]))
     assert (weights < 1).all()  # alpha, not the one-hot reading
@@ -146,8 +150,9 @@ def test_a_hard_attention_sample_model_learns_the_drawn_shapes(tmp_path):
     test pictures far better than the best caption that ignores the picture (the training set's most common one),
     and its pointing accuracy on the drawn shapes is reported beside its chance level."""
     model_config = {**tiny_arguments(tmp_path).model, "grid_size": 3, "hard_attention": True}
-    args = tiny_arguments(tmp_path / "run", sample_sizes=[480, 24, 60], num_epochs=6, model=model_config,
-                          eval_num_beams=1)  # fmt: skip
+    args = tiny_arguments(
+        tmp_path / "run", sample_sizes=[480, 24, 60], num_epochs=6, model=model_config, eval_num_beams=1
+    )
     train(args)
     model = AutoModel.from_pretrained(tmp_path / "run" / "final")
     processor = AutoProcessor.from_pretrained(tmp_path / "run" / "final")
@@ -158,8 +163,10 @@ def test_a_hard_attention_sample_model_learns_the_drawn_shapes(tmp_path):
     common_caption = Counter(c for captions in data["train"]["captions"] for c in captions).most_common(1)[0][0]
     blind = score_captions([common_caption] * len(test), test["captions"], meteor=False)
     attention = metrics["attention"]
-    print(f"hard attention on the sample test split: CIDEr-D {metrics['metrics']['cider']:.3f} vs "
-          f"{blind['cider']:.3f} for the most common caption; pointing {attention['pointing_accuracy']:.3f} "
-          f"(chance {attention['pointing_chance']:.3f}, {attention['pointing_nouns']} nouns)")  # fmt: skip
+    print(
+        f"hard attention on the sample test split: CIDEr-D {metrics['metrics']['cider']:.3f} vs "
+        f"{blind['cider']:.3f} for the most common caption; pointing {attention['pointing_accuracy']:.3f} "
+        f"(chance {attention['pointing_chance']:.3f}, {attention['pointing_nouns']} nouns)"
+    )
     assert metrics["metrics"]["cider"] > 2 * blind["cider"] + 0.2
     assert metrics["metrics"]["bleu_4"] > blind["bleu_4"] + 0.1

@@ -31,8 +31,11 @@ def reference_scores(predictions, references) -> dict:
     gts = {i: refs for i, refs in enumerate(references)}
     res = {i: [p] for i, p in enumerate(predictions)}
     bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    return {**{f"bleu_{n}": b for n, b in enumerate(bleu, 1)}, "cider": Cider().compute_score(gts, res)[0],
-            "rouge_l": Rouge().compute_score(gts, res)[0]}  # fmt: skip
+    return {
+        **{f"bleu_{n}": b for n, b in enumerate(bleu, 1)},
+        "cider": Cider().compute_score(gts, res)[0],
+        "rouge_l": Rouge().compute_score(gts, res)[0],
+    }
 
 
 @pytest.mark.parametrize("seed", [0, 1, 2])
@@ -84,10 +87,28 @@ def test_empty_predictions_score_zero_and_bad_corpora_are_refused():
 
 
 def test_tokenizer_follows_ptb_conventions():
-    assert ptb_tokenize('A man\'s dog isn\'t "happy" (really).') == ["a", "man", "'s", "dog", "is", "n't", "happy",
-                                                                      "-lrb-", "really", "-rrb-"]  # fmt: skip
-    assert ptb_tokenize("A 3.5-year-old boy; 1,000 people at 10:30 a.m.") == ["a", "3.5-year-old", "boy", "1,000",
-                                                                             "people", "at", "10:30", "a.m."]  # fmt: skip
+    assert ptb_tokenize("A man's dog isn't \"happy\" (really).") == [
+        "a",
+        "man",
+        "'s",
+        "dog",
+        "is",
+        "n't",
+        "happy",
+        "-lrb-",
+        "really",
+        "-rrb-",
+    ]
+    assert ptb_tokenize("A 3.5-year-old boy; 1,000 people at 10:30 a.m.") == [
+        "a",
+        "3.5-year-old",
+        "boy",
+        "1,000",
+        "people",
+        "at",
+        "10:30",
+        "a.m.",
+    ]
     assert ptb_tokenize("can't cannot") == ["ca", "n't", "can", "not"]
     assert not set(ptb_tokenize("... -- ; : ! ? , . ' ` '' ``")) & PUNCTUATIONS
 
@@ -95,12 +116,47 @@ def test_tokenizer_follows_ptb_conventions():
 def varied_captions(count: int = 300) -> list[str]:
     """Captions with the things tokenizers disagree on: quotes, hyphens, apostrophes, numbers, brackets, unicode."""
     rng = random.Random(7)
-    subjects = ["A man", "the dog's owner", "Two kids'", "A woman (smiling)", "The T-shirt", "Mr. Smith", "A 3-year-old",
-                "Children", "A café's chef", "The naïve puppy", "People at 10:30 a.m.", "Dogs"]  # fmt: skip
-    verbs = ["isn't running", "can't see", "won't stop", "is jumping", "plays", "rides a bike", "holds $5",
-             "wears a \"cool\" hat", "reads 'books'", "eats 1,000 fries", "sits -- quietly --", "walks…"]  # fmt: skip
-    places = ["on the grass.", "in the U.S.A.", "near a black-and-white sign!", "at Joe's diner?", "[outside]",
-              "in São Paulo; ok", "by the sea , smiling", "with 50% off", "etc.", "under “quotes” here", "to the left"]  # fmt: skip
+    subjects = [
+        "A man",
+        "the dog's owner",
+        "Two kids'",
+        "A woman (smiling)",
+        "The T-shirt",
+        "Mr. Smith",
+        "A 3-year-old",
+        "Children",
+        "A café's chef",
+        "The naïve puppy",
+        "People at 10:30 a.m.",
+        "Dogs",
+    ]
+    verbs = [
+        "isn't running",
+        "can't see",
+        "won't stop",
+        "is jumping",
+        "plays",
+        "rides a bike",
+        "holds $5",
+        'wears a "cool" hat',
+        "reads 'books'",
+        "eats 1,000 fries",
+        "sits -- quietly --",
+        "walks…",
+    ]
+    places = [
+        "on the grass.",
+        "in the U.S.A.",
+        "near a black-and-white sign!",
+        "at Joe's diner?",
+        "[outside]",
+        "in São Paulo; ok",
+        "by the sea , smiling",
+        "with 50% off",
+        "etc.",
+        "under “quotes” here",
+        "to the left",
+    ]
     captions = [f"{rng.choice(subjects)} {rng.choice(verbs)} {rng.choice(places)}" for _ in range(count)]
     return [c.capitalize() if rng.random() < 0.5 else c for c in captions]
 
@@ -111,8 +167,11 @@ def test_tokenizer_gives_the_java_ptb_tokenizers_tokens():
 
     captions = varied_captions()
     java = PTBTokenizer().tokenize({str(i): [{"caption": c}] for i, c in enumerate(captions)})
-    disagreements = [(c, java[str(i)][0], " ".join(ptb_tokenize(c))) for i, c in enumerate(captions)
-                     if java[str(i)][0] != " ".join(ptb_tokenize(c))]  # fmt: skip
+    disagreements = [
+        (c, java[str(i)][0], " ".join(ptb_tokenize(c)))
+        for i, c in enumerate(captions)
+        if java[str(i)][0] != " ".join(ptb_tokenize(c))
+    ]
     assert not disagreements, disagreements[:5]
 
 
@@ -133,8 +192,9 @@ def test_a_single_reference_string_counts_as_a_list_of_one_in_any_position():
     as_lists = [["a dog runs on grass"], ["a man is riding a bicycle"], ["two cats are sitting"]]
     mixed = [as_lists[0], as_lists[1][0], as_lists[2][0]]  # a list first, then strings
     for name in ("bleu", "cider", "rouge"):
-        assert load(name).compute(predictions=predictions, references=mixed) == \
-            load(name).compute(predictions=predictions, references=as_lists)  # fmt: skip
+        assert load(name).compute(predictions=predictions, references=mixed) == load(name).compute(
+            predictions=predictions, references=as_lists
+        )
     metric = load("cider")
     metric.add_batch(predictions=predictions[:1], references=as_lists[:1])
     metric.add_batch(predictions=predictions[1:], references=[r[0] for r in as_lists[1:]])
@@ -183,4 +243,3 @@ def test_the_documented_metric_snippet_runs_and_shows_its_real_results():
         numbers = re.findall(r"\d+\.\d+", comment)  # shown cut short with "..."
         assert len(numbers) == len(computed)
         assert all(f"{value:.6f}".startswith(number) for value, number in zip(computed, numbers, strict=True))
-

@@ -330,8 +330,9 @@ def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_atte
     """The packed runner (length-packed steps, deferred weight gradients) changes nothing but the work: the same
     losses, logits and attention on every real position, and the same gradients, frozen weights included; with hard
     attention, the same regions drawn from the same noise."""
-    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention,
-                       hard_attention=hard_attention)  # fmt: skip
+    model = tiny_model(
+        rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention, hard_attention=hard_attention
+    )
     model.decoder.cross_attention.gate.weight.requires_grad_(False)  # a frozen step weight gets no gradient
     labels = token_ids(batch=4, length=8)
     labels[0, 3:] = -100  # captions of 3, 7, 5 and 1 tokens, in no particular order,
@@ -344,8 +345,13 @@ def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_atte
         model.zero_grad(set_to_none=True)
         torch.manual_seed(0)  # the same noise draws the regions
         model.reward_baseline = None
-        outputs[implementation] = model(pixel_values=images(4), labels=labels, use_cache=False, output_attentions=True,
-                                        sample_regions=hard_attention)  # fmt: skip
+        outputs[implementation] = model(
+            pixel_values=images(4),
+            labels=labels,
+            use_cache=False,
+            output_attentions=True,
+            sample_regions=hard_attention,
+        )
         outputs[implementation].loss.backward()
         grads[implementation] = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
     packed, reference = outputs["packed"], outputs["reference"]
@@ -363,7 +369,9 @@ def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_atte
     for name in grads["packed"]:
         # the exact gradient of the score bias, and of the region bias under dot scoring, is 0 (softmax ignores a
         # shift of all scores): what they get is rounding
-        shifts_all_scores = name.endswith("score.bias") or (cross_attention != "additive" and "region_proj.bias" in name)
+        shifts_all_scores = name.endswith("score.bias") or (
+            cross_attention != "additive" and "region_proj.bias" in name
+        )
         atol = 1e-7 if shifts_all_scores else 1e-9
         torch.testing.assert_close(grads["packed"][name], grads["reference"][name], rtol=1e-4, atol=atol, msg=name)
 
@@ -388,15 +396,17 @@ def test_a_second_backward_through_the_packed_decoder_says_what_to_use():
 def test_packed_inference_step_equals_the_reference_step(rnn_type, self_attention, cross_attention):
     """Inference runs the stacked products (`packed_step`): the same logits and attention at every cached step and the
     same beam-search captions as the reference step."""
-    model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention,
-                       initializer_range=0.3)  # fmt: skip
+    model = tiny_model(
+        rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention, initializer_range=0.3
+    )
     pixel_values, inputs = images(), token_ids()
     outputs, captions = {}, {}
     with torch.no_grad():
         for implementation in ("packed", "reference"):
             model.config.decoder_implementation = implementation
-            outputs[implementation] = model(pixel_values=pixel_values, decoder_input_ids=inputs, use_cache=True,
-                                            output_attentions=True)  # fmt: skip
+            outputs[implementation] = model(
+                pixel_values=pixel_values, decoder_input_ids=inputs, use_cache=True, output_attentions=True
+            )
             captions[implementation] = model.generate(pixel_values=pixel_values, num_beams=3, max_new_tokens=8)
     packed, reference = outputs["packed"], outputs["reference"]
     assert packed.cache.products is not None and reference.cache.products is None
@@ -453,9 +463,14 @@ def test_beam_scores_are_the_teacher_forced_log_likelihood_of_the_returned_capti
     model = tiny_model(initializer_range=0.3, cross_attention=cross_attention)
     pixel_values = images(3)
     out = model.generate(
-        pixel_values=pixel_values, num_beams=3, num_return_sequences=3, length_penalty=0.0, max_new_tokens=6,
-        output_scores=True, return_dict_in_generate=True,
-    )  # fmt: skip
+        pixel_values=pixel_values,
+        num_beams=3,
+        num_return_sequences=3,
+        length_penalty=0.0,
+        max_new_tokens=6,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
     sequences = out.sequences
     with torch.no_grad():
         logits = model(
@@ -506,14 +521,19 @@ def test_additive_scores_equal_autograd_through_tanh():
     """The additive attention's own autograd function (tanh through a sigmoid, a hand-written backward) gives the
     values and gradients of v^T tanh(p + q) written plainly, and passes torch's numerical gradient check."""
     generator = torch.Generator().manual_seed(0)
-    regions, query, v = (torch.randn(*shape, dtype=torch.double, generator=generator, requires_grad=True)
-                         for shape in [(2, 5, 4), (2, 3, 4), (4,)])  # fmt: skip
+    regions, query, v = (
+        torch.randn(*shape, dtype=torch.double, generator=generator, requires_grad=True)
+        for shape in [(2, 5, 4), (2, 3, 4), (4,)]
+    )
     ours = AdditiveScores.apply(regions, query, v)
     plain = torch.tanh(regions.unsqueeze(1) + query.unsqueeze(2)) @ v  # (2, 3, 5)
     torch.testing.assert_close(ours, plain)
     upstream = torch.randn(plain.shape, dtype=torch.double, generator=generator)
-    for ours_grad, plain_grad in zip(torch.autograd.grad(ours, (regions, query, v), upstream),
-                                     torch.autograd.grad(plain, (regions, query, v), upstream), strict=True):  # fmt: skip
+    for ours_grad, plain_grad in zip(
+        torch.autograd.grad(ours, (regions, query, v), upstream),
+        torch.autograd.grad(plain, (regions, query, v), upstream),
+        strict=True,
+    ):
         torch.testing.assert_close(ours_grad, plain_grad)
     assert torch.autograd.gradcheck(AdditiveScores.apply, (regions, query, v))
 
@@ -526,8 +546,11 @@ def test_written_out_recurrence_equals_the_torch_cell(rnn_type):
     hidden, cell = torch.randn(2, 5, decoder.cell.hidden_size, generator=generator)
     cache = CaptionerCache(hidden, cell if rnn_type == "lstm" else None, None, None, torch.zeros(5, 1, 1))
     cell_params = decoder.cell
-    update_cell(F.linear(cell_input, cell_params.weight_ih, cell_params.bias_ih),
-                F.linear(hidden, cell_params.weight_hh, cell_params.bias_hh), cache)  # fmt: skip
+    update_cell(
+        F.linear(cell_input, cell_params.weight_ih, cell_params.bias_ih),
+        F.linear(hidden, cell_params.weight_hh, cell_params.bias_hh),
+        cache,
+    )
     expected = decoder.cell(cell_input, (hidden, cell) if rnn_type == "lstm" else hidden)
     if rnn_type == "lstm":
         torch.testing.assert_close(cache.cell, expected[1])

@@ -27,16 +27,35 @@ def wheel_venv(tmp_path_factory) -> Path:
     for name in ("pyproject.toml", "README.md"):
         shutil.copy(REPO / name, source / name)
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "--quiet"]
-    subprocess.run([*pip, "wheel", "--no-deps", "--no-build-isolation", "--no-index", "--wheel-dir",
-                    str(root / "dist"), str(source)], check=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [
+            *pip,
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--wheel-dir",
+            str(root / "dist"),
+            str(source),
+        ],
+        check=True,
+        timeout=300,
+    )
     venv = root / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(venv)], check=True, timeout=120)
     python = venv / "bin" / "python"
-    subprocess.run([*pip, "--python", str(python), "install", "--no-deps", "--no-index",
-                    *map(str, (root / "dist").glob("*.whl"))], check=True, timeout=300)  # fmt: skip
+    subprocess.run(
+        [*pip, "--python", str(python), "install", "--no-deps", "--no-index", *map(str, (root / "dist").glob("*.whl"))],
+        check=True,
+        timeout=300,
+    )
     # a plain path line: the dependencies become importable, this environment's editable hook (a .pth) does not run
-    purelib = subprocess.run([str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                             capture_output=True, text=True, check=True).stdout.strip()  # fmt: skip
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
     (Path(purelib) / "dependencies.pth").write_text("\n".join(site.getsitepackages()) + "\n")
     return venv
 
@@ -50,8 +69,10 @@ def run(venv: Path, cwd: Path, *command: str) -> str:
 
 
 # runs `--help` of every command in one Python; each prints its usage
-EVERY_HELP = ("from hf_captioner.commands import COMMANDS, main\nfor name in COMMANDS:\n    try:\n"
-              "        main([name, '--help'])\n    except SystemExit as stop:\n        assert not stop.code, name\n")  # fmt: skip
+EVERY_HELP = (
+    "from hf_captioner.commands import COMMANDS, main\nfor name in COMMANDS:\n    try:\n"
+    "        main([name, '--help'])\n    except SystemExit as stop:\n        assert not stop.code, name\n"
+)
 
 
 def fresh_python(code: str) -> str:
@@ -70,12 +91,14 @@ def test_help_of_every_command_and_importing_the_package_load_no_torch():
 
 
 def test_using_a_class_registers_them_all_with_the_auto_factories():
-    fresh_python("from transformers import AutoConfig, AutoModel\n"
-                 "from transformers.models.auto.processing_auto import PROCESSOR_MAPPING\n"
-                 "from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration, CaptionerProcessor\n"
-                 "assert type(AutoConfig.for_model(CaptionerConfig.model_type)) is CaptionerConfig\n"
-                 "assert AutoModel._model_mapping[CaptionerConfig] is CaptionerForConditionalGeneration\n"
-                 "assert PROCESSOR_MAPPING[CaptionerConfig] is CaptionerProcessor\n")  # fmt: skip
+    fresh_python(
+        "from transformers import AutoConfig, AutoModel\n"
+        "from transformers.models.auto.processing_auto import PROCESSOR_MAPPING\n"
+        "from hf_captioner import CaptionerConfig, CaptionerForConditionalGeneration, CaptionerProcessor\n"
+        "assert type(AutoConfig.for_model(CaptionerConfig.model_type)) is CaptionerConfig\n"
+        "assert AutoModel._model_mapping[CaptionerConfig] is CaptionerForConditionalGeneration\n"
+        "assert PROCESSOR_MAPPING[CaptionerConfig] is CaptionerProcessor\n"
+    )
 
 
 @pytest.mark.slow
@@ -90,14 +113,37 @@ def test_the_installed_wheel_runs_every_command_outside_the_checkout(wheel_venv,
     config.write_text(yaml.safe_dump(vars(args)))
     run(wheel_venv, tmp_path, "hf-captioner", "train", "--config", str(config))
     model = tmp_path / "run" / "final"
-    run(wheel_venv, tmp_path, "hf-captioner", "evaluate", "--model", str(model), "--split", "test",
-        "--num_beams", "2", "--no_meteor", "--output_dir", str(tmp_path / "eval"))  # fmt: skip
+    run(
+        wheel_venv,
+        tmp_path,
+        "hf-captioner",
+        "evaluate",
+        "--model",
+        str(model),
+        "--split",
+        "test",
+        "--num_beams",
+        "2",
+        "--no_meteor",
+        "--output_dir",
+        str(tmp_path / "eval"),
+    )
     assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["images"] == 4
     picture = tmp_path / "picture.png"
     make_sample_dataset(0, 0, 1, seed=1, image_size=32)["test"][0]["image"].save(picture)
     captioned = run(wheel_venv, tmp_path, "hf-captioner", "caption", "--model", str(model), str(picture))
     assert captioned.startswith(f"{picture}\t")
-    run(wheel_venv, tmp_path, "hf-captioner", "publish", "--model", str(model), "--repo_id", "me/tiny",
-        "--dry_run", str(tmp_path / "stage"))  # fmt: skip
+    run(
+        wheel_venv,
+        tmp_path,
+        "hf-captioner",
+        "publish",
+        "--model",
+        str(model),
+        "--repo_id",
+        "me/tiny",
+        "--dry_run",
+        str(tmp_path / "stage"),
+    )
     card = (tmp_path / "stage" / "README.md").read_text()  # the template shipped inside the wheel
     assert "me/tiny" in card and "## How to use" in card

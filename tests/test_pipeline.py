@@ -25,7 +25,9 @@ def saved(trained_tiny_model):
 
 def captions(model, processor, images, **generate_kwargs) -> list[str]:
     with torch.no_grad():
-        return processor.batch_decode(model.generate(**processor(images=images, return_tensors="pt"), **generate_kwargs))
+        return processor.batch_decode(
+            model.generate(**processor(images=images, return_tensors="pt"), **generate_kwargs)
+        )
 
 
 @pytest.mark.parametrize("task", ["image-text-to-text", "image-to-text"])  # both reach the folder's pipeline class

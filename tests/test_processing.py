@@ -72,8 +72,9 @@ def test_a_very_long_caption_still_trains_the_tokenizer():
 
 def test_processor_gives_pixel_values_and_padded_labels(processor):
     image = Image.new("RGB", (60, 40), (255, 0, 0))
-    batch = processor(images=[image, image], text_target=["a red circle", "a blue square at the top"],
-                      return_tensors="pt")  # fmt: skip
+    batch = processor(
+        images=[image, image], text_target=["a red circle", "a blue square at the top"], return_tensors="pt"
+    )
     assert batch["pixel_values"].shape == (2, 3, 32, 32)
     torch.testing.assert_close(batch["pixel_values"][0, 0], torch.full((32, 32), RED), atol=1e-4, rtol=0)
     labels = batch["labels"]
@@ -128,8 +129,10 @@ def test_a_16_bit_picture_looks_like_its_8_bit_copy(processor, tmp_path):
     Image.fromarray(grey.astype(np.uint8), mode="L").save(tmp_path / "8bit.png")
     Image.fromarray(grey * 257).save(tmp_path / "16bit.png")  # the same values at 16 bits
     assert Image.open(tmp_path / "16bit.png").mode == "I;16"
-    eight, sixteen = (processor(images=str(tmp_path / name), return_tensors="pt")["pixel_values"]
-                      for name in ("8bit.png", "16bit.png"))  # fmt: skip
+    eight, sixteen = (
+        processor(images=str(tmp_path / name), return_tensors="pt")["pixel_values"]
+        for name in ("8bit.png", "16bit.png")
+    )
     torch.testing.assert_close(sixteen, eight)
 
 

@@ -62,7 +62,9 @@ def test_auto_classes_load_identical_logits_and_captions(tmp_path, tiny_tokenize
     assert type(AutoModelForImageTextToText.from_pretrained(tmp_path)) is CaptionerForConditionalGeneration
     loaded_processor = AutoProcessor.from_pretrained(tmp_path)
     assert type(loaded_processor) is CaptionerProcessor
-    inputs = processor(images=pictures(), text_target=["a red circle", "a blue square", "two stars"], return_tensors="pt")
+    inputs = processor(
+        images=pictures(), text_target=["a red circle", "a blue square", "two stars"], return_tensors="pt"
+    )
     assert torch.equal(inputs["pixel_values"], loaded_processor(images=pictures(), return_tensors="pt")["pixel_values"])
     assert all(torch.equal(value, model.state_dict()[key]) for key, value in loaded.state_dict().items())
     with torch.no_grad():  # same weights; only BLAS summation order (memory alignment) may differ in the last bit
@@ -92,10 +94,21 @@ def transformers_release(version: str) -> Path | None:
         partial = folder.with_name(folder.name + ".partial")
         shutil.rmtree(partial, ignore_errors=True)
         subprocess.run(
-            [sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check", "--no-deps",
-             "--target", str(partial), f"transformers=={version}"],
-            check=True, timeout=600,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--no-deps",
+                "--target",
+                str(partial),
+                f"transformers=={version}",
+            ],
+            check=True,
+            timeout=600,
+        )
         partial.rename(folder)  # only a complete install is ever reused
     return folder
 

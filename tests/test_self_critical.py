@@ -74,10 +74,18 @@ def test_rewarding_short_captions_makes_the_sampled_captions_shorter(trained_tin
 
 
 def test_self_critical_fine_tuning_runs_from_a_trained_model(trained_tiny_model, tmp_path):
-    args = tiny_arguments(tmp_path / "scst", sample_sizes=[48, 12, 8], objective="self_critical",
-                          self_critical_samples=3, init_from=str(trained_tiny_model),
-                          processor_path=str(trained_tiny_model), num_epochs=1, batch_size=8,
-                          learning_rate=1e-4, log_every_steps=2)  # fmt: skip
+    args = tiny_arguments(
+        tmp_path / "scst",
+        sample_sizes=[48, 12, 8],
+        objective="self_critical",
+        self_critical_samples=3,
+        init_from=str(trained_tiny_model),
+        processor_path=str(trained_tiny_model),
+        num_epochs=1,
+        batch_size=8,
+        learning_rate=1e-4,
+        log_every_steps=2,
+    )
     metrics = train(args)
     assert metrics["steps"] == 6  # 48 images, 8 per step: one example per image, not per caption
     assert {"cider", "bleu_4"} <= set(metrics["history"][0])

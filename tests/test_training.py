@@ -32,22 +32,47 @@ def test_arguments_come_from_yaml_then_the_command_line(tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump({"batch_size": 8, "model": {"rnn_type": "gru", "hidden_size": 64}, "data": "x"}))
     args = parse_arguments(
-        ["--config", str(config), "--batch_size", "4", "--model", "hidden_size=32", "--sample_sizes", "3", "2", "1",
-         "--images_dir", "none", "--cache_features", "--strict", "no"]
-    )  # fmt: skip
+        [
+            "--config",
+            str(config),
+            "--batch_size",
+            "4",
+            "--model_config",
+            "hidden_size=32",
+            "--sample_sizes",
+            "3",
+            "2",
+            "1",
+            "--images_dir",
+            "none",
+            "--cache_features",
+            "--strict",
+            "no",
+        ]
+    )
     assert args.batch_size == 4 and args.data == "x" and args.sample_sizes == [3, 2, 1]
     assert args.model == {"rnn_type": "gru", "hidden_size": 32}
     assert args.images_dir is None and args.cache_features is True and args.strict is False
+    assert parse_arguments(["--model-config", "dropout=0.2"]).model == {"dropout": 0.2}  # as every field: dashes too
     config.write_text(yaml.safe_dump({"batch_sise": 8}))
     with pytest.raises(SystemExit):
         parse_arguments(["--config", str(config)])
+
+
+def test_the_earlier_model_spelling_still_works_with_a_deprecation_line(caplog):
+    """`train --model KEY=VALUE` became `--model_config` (in every other command --model is a saved model folder)."""
+    with caplog.at_level(logging.WARNING):
+        assert parse_arguments(["--model", "rnn_type=gru"]).model == {"rnn_type": "gru"}
+    assert "--model_config KEY=VALUE" in caplog.text
 
 
 def test_numbers_in_exponent_form_are_numbers(tmp_path, capsys):
     """YAML 1.1 reads 2e-4 (no dot) as a string; a learning rate given so used to crash the scheduler."""
     config = tmp_path / "run.yaml"
     config.write_text("learning_rate: 3e-4\nwarmup_steps: 1e2\n")
-    args = parse_arguments(["--config", str(config), "--encoder_learning_rate", "2e-5", "--model", "dropout=1e-1"])
+    args = parse_arguments(
+        ["--config", str(config), "--encoder_learning_rate", "2e-5", "--model_config", "dropout=1e-1"]
+    )
     assert args.learning_rate == 3e-4 and args.encoder_learning_rate == 2e-5 and args.model["dropout"] == 0.1
     assert args.warmup_steps == 100 and isinstance(args.warmup_steps, int)
     with pytest.raises(SystemExit):
@@ -59,20 +84,35 @@ def test_numbers_in_exponent_form_are_numbers(tmp_path, capsys):
     assert "num_epochs: expected int, got 'many'" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("argv,field", [
-    (["--lr_scheduler", "cosinus"], "lr_scheduler"), (["--num_epochs", "0"], "num_epochs"),
-    (["--learning_rate", "-1"], "learning_rate"), (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
-    (["--max_train_steps", "0"], "max_train_steps"), (["--eval_num_beams", "0"], "eval_num_beams"),
-    (["--strict", "maybe"], "strict"), (["--sample_sizes", "5"], "sample_sizes"), (["--model", "foo_bar=1"], "model"),
-    (["--init_from", "runs/nothing/final"], "init_from"), (["--processor_path", "./nothing"], "processor_path"),
-    (["--model", "grid_size=0"], "CaptionerConfig.grid_size"), (["--model", "vocab_size=7"], "model"),
-    (["--model", "self_attention_heads=7"], "CaptionerConfig.self_attention_heads"),
-    (["--feature_cache_dtype", "int8"], "feature_cache_dtype"), (["--mixed_precision", "fp4"], "mixed_precision"),
-    (["--warmup_steps", "-5"], "warmup_steps"), (["--self_critical_max_new_tokens", "0"], "self_critical_max_new"),
-    (["--cache_features", "true", "--model", "encoder_trainable_stages=-1"], "cache_features"),
-    (["--model", "vision_output_stride=16"], "CaptionerConfig.vision_output_stride"),  # the default transformers net
-    (["--vision_pretrained", "timm:resnet10t", "--model", "vision_output_stride=8"], "vision_output_stride"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "argv,field",
+    [
+        (["--lr_scheduler", "cosinus"], "lr_scheduler"),
+        (["--num_epochs", "0"], "num_epochs"),
+        (["--learning_rate", "-1"], "learning_rate"),
+        (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps"),
+        (["--max_train_steps", "0"], "max_train_steps"),
+        (["--eval_num_beams", "0"], "eval_num_beams"),
+        (["--strict", "maybe"], "strict"),
+        (["--sample_sizes", "5"], "sample_sizes"),
+        (["--model_config", "foo_bar=1"], "model"),
+        (["--init_from", "runs/nothing/final"], "init_from"),
+        (["--processor_path", "./nothing"], "processor_path"),
+        (["--model_config", "grid_size=0"], "CaptionerConfig.grid_size"),
+        (["--model_config", "vocab_size=7"], "model"),
+        (["--model_config", "self_attention_heads=7"], "CaptionerConfig.self_attention_heads"),
+        (["--feature_cache_dtype", "int8"], "feature_cache_dtype"),
+        (["--mixed_precision", "fp4"], "mixed_precision"),
+        (["--warmup_steps", "-5"], "warmup_steps"),
+        (["--self_critical_max_new_tokens", "0"], "self_critical_max_new"),
+        (["--cache_features", "true", "--model_config", "encoder_trainable_stages=-1"], "cache_features"),
+        (
+            ["--model_config", "vision_output_stride=16"],
+            "CaptionerConfig.vision_output_stride",
+        ),  # the default transformers net
+        (["--vision_pretrained", "timm:resnet10t", "--model_config", "vision_output_stride=8"], "vision_output_stride"),
+    ],
+)
 def test_values_wrong_whatever_the_data_are_refused_in_one_line(argv, field, capsys):
     with pytest.raises(SystemExit) as stop:
         parse_arguments(argv)
@@ -127,7 +167,9 @@ def test_a_kill_after_the_last_steps_checkpoint_still_gets_its_final_validation(
     for key in finals[0]:
         torch.testing.assert_close(finals[1][key], finals[0][key], rtol=1e-5, atol=1e-6, msg=key)
     # the record the model card's "to reproduce: --config training_args.json" uses starts a run, not a resume
-    assert json.loads((tmp_path / "split" / "final" / "training_args.json").read_text())["resume_from_checkpoint"] is None
+    assert (
+        json.loads((tmp_path / "split" / "final" / "training_args.json").read_text())["resume_from_checkpoint"] is None
+    )
 
 
 def test_a_kill_while_a_model_folder_is_replaced_leaves_a_complete_one(tmp_path, monkeypatch):
@@ -197,21 +239,28 @@ def test_the_train_command_says_a_missing_checkpoint_or_a_taken_output_dir_in_on
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "metrics.json").write_text("{}")
     for argv, message in (
-        (["--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", str(tmp_path / "nothing")],
-         "is not a complete checkpoint"),
+        (
+            ["--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", str(tmp_path / "nothing")],
+            "is not a complete checkpoint",
+        ),
         (["--output_dir", str(tmp_path / "new"), "--resume_from_checkpoint", "latest"], "no checkpoint under"),
         (["--output_dir", str(tmp_path / "taken")], "holds another run"),
-    ):  # fmt: skip
+    ):
         with pytest.raises(SystemExit) as stop:
             train_command.main(["--report_to", "none", *argv])
         assert str(stop.value.code).startswith("hf-captioner train: error: ") and message in str(stop.value.code)
 
 
-@pytest.mark.parametrize("model, message", [
-    ({"vision_backbone": "timm:mobilenetv3_small_050", "encoder_trainable_stages": 1}, "set cache_features false"),
-    ({"vision_backbone": "torchvision:resnet18", "vision_output_stride": 16, "encoder_trainable_stages": 0},
-     "bottleneck ResNets"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "model, message",
+    [
+        ({"vision_backbone": "timm:mobilenetv3_small_050", "encoder_trainable_stages": 1}, "set cache_features false"),
+        (
+            {"vision_backbone": "torchvision:resnet18", "vision_output_stride": 16, "encoder_trainable_stages": 0},
+            "bottleneck ResNets",
+        ),
+    ],
+)
 def test_the_train_command_says_what_the_backbone_cannot_do_in_one_line(model, message, tmp_path):
     """Only the built network knows whether it splits into a cacheable bottom or dilates: the command still ends in
     one line naming the setting, not a traceback."""
@@ -311,16 +360,27 @@ def test_cached_features_give_the_first_batch_loss_of_a_frozen_end_to_end_model(
     keys = {}
     for stride, stages in itertools.product((32, 16), (0, 1)):
         torch.manual_seed(0)
-        lite = CaptionerForConditionalGeneration(CaptionerConfig(
-            vision_backbone="timm:tf_efficientnet_lite0", vision_output_stride=stride, encoder_trainable_stages=stages))
+        lite = CaptionerForConditionalGeneration(
+            CaptionerConfig(
+                vision_backbone="timm:tf_efficientnet_lite0",
+                vision_output_stride=stride,
+                encoder_trainable_stages=stages,
+            )
+        )
         keys[stride, stages] = feature_cache_key(lite, processor, data["train"])
     assert keys[16, 0] != keys[32, 0] and keys[16, 1] == keys[32, 1]
 
 
 def test_training_from_cached_features_saves_a_full_model(tmp_path):
     model_config = {**tiny_arguments(tmp_path).model, "encoder_trainable_stages": 0}
-    args = tiny_arguments(tmp_path / "run", model=model_config, cache_features=True,
-                          feature_cache_dir=str(tmp_path / "cache"), num_epochs=1, no_repeat_ngram_size=2)  # fmt: skip
+    args = tiny_arguments(
+        tmp_path / "run",
+        model=model_config,
+        cache_features=True,
+        feature_cache_dir=str(tmp_path / "cache"),
+        num_epochs=1,
+        no_repeat_ngram_size=2,
+    )
     train(args)
     model = AutoModel.from_pretrained(tmp_path / "run" / "final")
     assert model.encoder.num_channels == TINY_VISION["hidden_sizes"][-1]
@@ -336,8 +396,14 @@ def test_fine_tuning_the_top_stage_from_cached_bottom_features(tmp_path):
     from the images."""
     model = {k: v for k, v in tiny_arguments(tmp_path).model.items() if k != "vision_config"}
     model.update(vision_backbone="timm:resnet10t", encoder_trainable_stages=1)
-    args = tiny_arguments(tmp_path / "run", model=model, cache_features=True, num_epochs=1,
-                          feature_cache_dir=str(tmp_path / "cache"), group_captions_by_image=True)  # fmt: skip
+    args = tiny_arguments(
+        tmp_path / "run",
+        model=model,
+        cache_features=True,
+        num_epochs=1,
+        feature_cache_dir=str(tmp_path / "cache"),
+        group_captions_by_image=True,
+    )
     data = load_data(args)
     processor = build_processor(args, data["train"]["captions"])
     torch.manual_seed(args.seed)
@@ -347,8 +413,9 @@ def test_fine_tuning_the_top_stage_from_cached_bottom_features(tmp_path):
     after = AutoModel.from_pretrained(tmp_path / "run" / "final").eval()
     assert feature_cache_key(after, processor, data["train"]) == key
     bottom, top = (sum(len(list(layer.parameters())) for layer in part) for part in after.encoder.split_layers())
-    changed = [not torch.equal(a, b) for a, b in zip(after.encoder.parameters(), before.encoder.parameters(),
-                                                     strict=True)]  # fmt: skip
+    changed = [
+        not torch.equal(a, b) for a, b in zip(after.encoder.parameters(), before.encoder.parameters(), strict=True)
+    ]
     assert not any(changed[:bottom]) and any(changed[bottom:]) and bottom + top == len(changed)
     stores = [FeatureStore(folder) for folder in sorted((tmp_path / "cache").iterdir())]
     assert [store.input_name for store in stores] == ["frozen_features"] * 2  # train and validation
@@ -358,12 +425,22 @@ def test_fine_tuning_the_top_stage_from_cached_bottom_features(tmp_path):
     from_images = generate_captions(after, processor, validation, progress=False, max_new_tokens=8)
     assert from_store == from_images
     # self-critical training samples from and fine-tunes the top on the same store
-    train(tiny_arguments(tmp_path / "scst", model=model, cache_features=True, num_epochs=1, objective="self_critical",
-                         init_from=str(tmp_path / "run" / "final"), feature_cache_dir=str(tmp_path / "cache")))  # fmt: skip
+    train(
+        tiny_arguments(
+            tmp_path / "scst",
+            model=model,
+            cache_features=True,
+            num_epochs=1,
+            objective="self_critical",
+            init_from=str(tmp_path / "run" / "final"),
+            feature_cache_dir=str(tmp_path / "cache"),
+        )
+    )
     assert len(list((tmp_path / "cache").iterdir())) == 2
     tuned = AutoModel.from_pretrained(tmp_path / "scst" / "final")
-    assert not all(torch.equal(a, b) for a, b in zip(tuned.encoder.parameters(), after.encoder.parameters(),
-                                                     strict=True))  # fmt: skip
+    assert not all(
+        torch.equal(a, b) for a, b in zip(tuned.encoder.parameters(), after.encoder.parameters(), strict=True)
+    )
 
 
 @pytest.mark.slow
@@ -378,8 +455,19 @@ def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path)
     config.write_text(yaml.safe_dump({k: v for k, v in vars(args).items()}))
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     accelerate_config = REPO / "configs" / "accelerate" / "cpu_2_processes.yaml"
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(accelerate_config),
-               "--main_process_port", "0", "-m", "hf_captioner.commands.train", "--config", str(config)]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(accelerate_config),
+        "--main_process_port",
+        "0",
+        "-m",
+        "hf_captioner.commands.train",
+        "--config",
+        str(config),
+    ]
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     metrics = json.loads((tmp_path / "ddp" / "metrics.json").read_text())
@@ -388,8 +476,9 @@ def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path)
     assert metrics["steps"] == 2 * math.ceil(math.ceil(pairs / 16) / 2)  # each process takes every other batch
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
     assert len(list((tmp_path / "features").iterdir())) == 2  # train and validation, each on disk once
-    single = train(tiny_arguments(tmp_path / "single", num_epochs=2, warmup_steps=3, log_every_steps=1, batch_size=32,
-                                  **cached))  # fmt: skip
+    single = train(
+        tiny_arguments(tmp_path / "single", num_epochs=2, warmup_steps=3, log_every_steps=1, batch_size=32, **cached)
+    )
     assert single["steps"] == metrics["steps"]
     steps = [entry["step"] for entry in metrics["log_history"]]
     assert steps == [entry["step"] for entry in single["log_history"]] == list(range(1, metrics["steps"] + 1))

@@ -33,8 +33,10 @@ def main(argv: list[str] | None = None) -> None:
         importlib.import_module(f"{__name__}.{name.replace('-', '_')}").main(argv[1:])
         return
     width = max(map(len, COMMANDS))
-    usage = ("usage: hf-captioner <command> [options]   (hf-captioner <command> --help for its options; "
-             "hf-captioner --version)\n\ncommands:\n")
+    usage = (
+        "usage: hf-captioner <command> [options]   (hf-captioner <command> --help for its options; "
+        "hf-captioner --version)\n\ncommands:\n"
+    )
     usage += "\n".join(f"  {name:<{width}}  {text}" for name, text in COMMANDS.items())
     if argv and argv[0] in ("-h", "--help"):
         print(usage)

@@ -32,8 +32,9 @@ ACCELERATE_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "accelerat
 LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) INFO [\w.]+: (.*)$")
 
 
-def run_config(data: Path, cache: Path, output_dir: Path, channels: int, dtype: str, steps: int, batch: int,
-               workers: int = 0) -> dict:  # fmt: skip
+def run_config(
+    data: Path, cache: Path, output_dir: Path, channels: int, dtype: str, steps: int, batch: int, workers: int = 0
+) -> dict:
     """A training config: the stand-in encoder (frozen, features cached) and a Show-Attend-Tell-sized decoder."""
     return {
         "data": str(data),
@@ -55,7 +56,7 @@ def run_config(data: Path, cache: Path, output_dir: Path, channels: int, dtype: 
             "embed_dim": 512,
             "hidden_size": 512,
             "attention_dim": 512,
-        },  # fmt: skip
+        },
         "cache_features": True,
         "feature_cache_dir": str(cache),
         "feature_cache_dtype": dtype,
@@ -151,8 +152,16 @@ def measure_size(size: int, work: Path, channels: int, dtype: str, steps: int, b
             command = train
         else:
             env["OMP_NUM_THREADS"] = "1"
-            command = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(ACCELERATE_CONFIG),
-                       "--main_process_port", "0", *train[1:]]  # fmt: skip
+            command = [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--config_file",
+                str(ACCELERATE_CONFIG),
+                "--main_process_port",
+                "0",
+                *train[1:],
+            ]
         peaks, lines = run_and_watch(command, env)
         log = json.loads((work / "run" / "metrics.json").read_text())["log_history"]
         rates = [entry["train/examples_per_second"] for entry in log][1:] or [log[0]["train/examples_per_second"]]
@@ -182,11 +191,17 @@ def table(rows: list[dict], channels: int, dtype: str, workers: int) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(description=__doc__.splitlines()[0], prog="hf-captioner benchmark-scale")
-    parser.add_argument("--sizes", type=positive_int, nargs="+", default=[2500, 10000, 40000],
-                        help="numbers of training images, one run each")  # fmt: skip
+    parser.add_argument(
+        "--sizes",
+        type=positive_int,
+        nargs="+",
+        default=[2500, 10000, 40000],
+        help="numbers of training images, one run each",
+    )
     parser.add_argument("--channels", type=positive_int, default=1280, help="feature channels (1280 or 2048)")
-    parser.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                        help="how the store keeps features")  # fmt: skip
+    parser.add_argument(
+        "--dtype", choices=["float32", "bfloat16", "float16"], default="float32", help="how the store keeps features"
+    )
     parser.add_argument("--steps", type=positive_int, default=200, help="training steps per run")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="captions per step and process")
     parser.add_argument("--num_workers", type=int, default=0, help="DataLoader workers per training process")
@@ -199,15 +214,26 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     try:
         for size in args.sizes:
-            rows.append(measure_size(size, work, args.channels, args.dtype, args.steps, args.batch_size,
-                                     args.num_workers))  # fmt: skip
+            rows.append(
+                measure_size(size, work, args.channels, args.dtype, args.steps, args.batch_size, args.num_workers)
+            )
             print(json.dumps(rows[-1]), flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print(table(rows, args.channels, args.dtype, args.num_workers))
     if args.out:
-        Path(args.out).write_text(json.dumps({"channels": args.channels, "dtype": args.dtype, "steps": args.steps,
-                                              "num_workers": args.num_workers, "rows": rows}, indent=2))  # fmt: skip
+        Path(args.out).write_text(
+            json.dumps(
+                {
+                    "channels": args.channels,
+                    "dtype": args.dtype,
+                    "steps": args.steps,
+                    "num_workers": args.num_workers,
+                    "rows": rows,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -63,9 +63,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--max_new_tokens", type=positive_int, default=30, help="the longest caption, in tokens")
     parser.add_argument("--batch_size", type=positive_int, default=16, help="pictures read and captioned at once")
     parser.add_argument("--attention", metavar="DIR", help="write one attention figure per picture here")
-    parser.add_argument("--entities", metavar="FILE",
-                        help="Flickr30k Entities boxes (JSON): on each word's panel, draw the reference boxes of what "
-                             "it names (pictures matched by file name)")  # fmt: skip
+    parser.add_argument(
+        "--entities",
+        metavar="FILE",
+        help="Flickr30k Entities boxes (JSON): on each word's panel, draw the reference boxes of what "
+        "it names (pictures matched by file name)",
+    )
     add_speed_arguments(parser)
     args = parser.parse_args(argv)
     try:
@@ -97,9 +100,14 @@ def main(argv: list[str] | None = None) -> None:
             progress.update(len(names[start : start + args.batch_size]))
             continue
         with speed:
-            captions, attentions = caption_with_attention(model, processor, [image for _, image in batch],
-                                                          attention=bool(args.attention), num_beams=args.num_beams,
-                                                          max_new_tokens=args.max_new_tokens)  # fmt: skip
+            captions, attentions = caption_with_attention(
+                model,
+                processor,
+                [image for _, image in batch],
+                attention=bool(args.attention),
+                num_beams=args.num_beams,
+                max_new_tokens=args.max_new_tokens,
+            )
         for index, ((name, image), caption) in enumerate(zip(batch, captions, strict=True)):
             line = f"{name}\t{caption}"
             if attentions is not None and attentions[index]:

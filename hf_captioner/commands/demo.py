@@ -33,10 +33,21 @@ def main(argv: list[str] | None = None) -> None:
     from hf_captioner.inference import caption_with_attention
     from hf_captioner.training import train
     from hf_captioner.visualize import plot_attention
+
     started = time.perf_counter()
 
-    args = parse_arguments(["--config", options.config, "--data", options.data_dir, "--output_dir", options.output_dir,
-                            "--overwrite_output_dir", "true"])  # the demo trains afresh every time  # fmt: skip
+    args = parse_arguments(
+        [
+            "--config",
+            options.config,
+            "--data",
+            options.data_dir,
+            "--output_dir",
+            options.output_dir,
+            "--overwrite_output_dir",
+            "true",
+        ]
+    )  # the demo trains afresh every time
     if not (Path(options.data_dir) / "dataset_sample.json").is_file():
         write_sample_dataset(
             options.data_dir, *args.sample_sizes, seed=args.sample_seed, image_size=args.sample_image_size

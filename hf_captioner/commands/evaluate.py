@@ -27,13 +27,16 @@ from hf_captioner.cli import (
 
 def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
     """The training run's options for reading a Hub data set or a local copy of one, with their help texts."""
-    group = parser.add_argument_group("Hub data or a local copy (default: the preset of --data / --data_preset, or "
-                                      "the model's training run when it read the same --data)")
+    group = parser.add_argument_group(
+        "Hub data or a local copy (default: the preset of --data / --data_preset, or "
+        "the model's training run when it read the same --data)"
+    )
     for field in dataclasses.fields(DataArguments):
         if field.name in DATA_LAYOUT_ARGUMENTS:
             many = typing.get_origin(field.type) is not None and list in typing.get_args(field.type)
-            group.add_argument(f"--{field.name}", nargs="+" if many else None, default=None,
-                               help=field.metadata["help"])  # fmt: skip
+            group.add_argument(
+                f"--{field.name}", nargs="+" if many else None, default=None, help=field.metadata["help"]
+            )
 
 
 def load_split(args: argparse.Namespace):
@@ -48,38 +51,63 @@ def load_split(args: argparse.Namespace):
         settings = {name: trained.get(name) for name in DATA_LAYOUT_ARGUMENTS} if trained.get("data") == data else {}
         settings.update({name: getattr(args, name) for name in DATA_LAYOUT_ARGUMENTS if getattr(args, name)})
         layout = hub_layout(data, settings)
-        return detect_and_load(data, images_dir=args.images_dir, strict=[split] if args.strict else False,
-                               layout=layout)[split]  # fmt: skip
+        return detect_and_load(
+            data, images_dir=args.images_dir, strict=[split] if args.strict else False, layout=layout
+        )[split]
     sizes = trained.get("sample_sizes", [2000, 200, 200])
-    return make_sample_dataset(*sizes, seed=trained.get("sample_seed", 0),
-                               image_size=trained.get("sample_image_size", 64))[split]  # fmt: skip
+    return make_sample_dataset(
+        *sizes, seed=trained.get("sample_seed", 0), image_size=trained.get("sample_image_size", 64)
+    )[split]
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(description=__doc__)
     add_model_arguments(parser)
     parser.add_argument("--data", default="sample", help="'sample', a data folder/file in a known layout, or a Hub id")
-    parser.add_argument("--images_dir", default=None, help="where the images are, when not in the layout's default place")
+    parser.add_argument(
+        "--images_dir", default=None, help="where the images are, when not in the layout's default place"
+    )
     parser.add_argument("--split", default="test", choices=["train", "validation", "test"], help="the split to score")
     parser.add_argument("--num_beams", type=positive_int, default=3, help="beam search width (1: greedy)")
     parser.add_argument("--batch_size", type=positive_int, default=32, help="images captioned at once")
     parser.add_argument("--max_new_tokens", type=positive_int, default=30, help="the longest caption, in tokens")
     parser.add_argument("--max_images", type=positive_int, default=None, help="score only the first N images")
     parser.add_argument("--output_dir", default=None, help="default: <model>/eval-<split>-beam<N>")
-    parser.add_argument("--overwrite_output_dir", action="store_true",
-                        help="replace the predictions and metrics an earlier evaluation wrote there")
-    parser.add_argument("--strict", action="store_true", help="a missing or unreadable image of the split is an error, not a counted skip")
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="replace the predictions and metrics an earlier evaluation wrote there",
+    )
+    parser.add_argument(
+        "--strict",
+        action="store_true",
+        help="a missing or unreadable image of the split is an error, not a counted skip",
+    )
     parser.add_argument("--no_meteor", action="store_true", help="skip METEOR even where Java is present")
-    parser.add_argument("--no_repeat_ngram_size", type=non_negative_int, default=None,
-                        help="forbid repeating any n-gram of this size, 0: allow (default: the model's generation "
-                             "config)")  # fmt: skip
-    parser.add_argument("--repetition_penalty", type=float, default=None,
-                        help="> 1 discourages tokens already generated (default: the model's generation config)")
-    parser.add_argument("--length_penalty", type=float, default=None,
-                        help="beam search: > 0 favours longer captions (default: the model's generation config)")
-    parser.add_argument("--entities", default=None,
-                        help=f"Flickr30k Entities boxes (JSON) for the attention measures; default: {ENTITIES_FILE} "
-                             "in the --data folder when it is there")  # fmt: skip
+    parser.add_argument(
+        "--no_repeat_ngram_size",
+        type=non_negative_int,
+        default=None,
+        help="forbid repeating any n-gram of this size, 0: allow (default: the model's generation config)",
+    )
+    parser.add_argument(
+        "--repetition_penalty",
+        type=float,
+        default=None,
+        help="> 1 discourages tokens already generated (default: the model's generation config)",
+    )
+    parser.add_argument(
+        "--length_penalty",
+        type=float,
+        default=None,
+        help="beam search: > 0 favours longer captions (default: the model's generation config)",
+    )
+    parser.add_argument(
+        "--entities",
+        default=None,
+        help=f"Flickr30k Entities boxes (JSON) for the attention measures; default: {ENTITIES_FILE} "
+        "in the --data folder when it is there",
+    )
     add_layout_arguments(parser)
     add_speed_arguments(parser)
     args = parser.parse_args(argv)
@@ -88,8 +116,10 @@ def main(argv: list[str] | None = None) -> None:
     output_dir = args.output_dir or str(Path(args.model) / f"eval-{args.split}-beam{args.num_beams}")
     earlier = [name for name in ("predictions.jsonl", "metrics.json") if (Path(output_dir) / name).is_file()]
     if earlier and not args.overwrite_output_dir:
-        parser.error(f"{output_dir} already holds an evaluation ({', '.join(earlier)}): pass --overwrite_output_dir "
-                     "to replace it, or --output_dir for another folder")  # fmt: skip
+        parser.error(
+            f"{output_dir} already holds an evaluation ({', '.join(earlier)}): pass --overwrite_output_dir "
+            "to replace it, or --output_dir for another folder"
+        )
     configure_logging()
     from hf_captioner.data import DataError
     from hf_captioner.evaluation import evaluate_split, format_table  # torch: only once there is work
@@ -111,15 +141,33 @@ def main(argv: list[str] | None = None) -> None:
         entities = load_flickr30k_entities(entities_file) if entities_file else None
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    decoding = {name: getattr(args, name) for name in ("no_repeat_ngram_size", "repetition_penalty", "length_penalty")
-                if getattr(args, name) is not None}  # fmt: skip
-    extra = {"model": args.model, "data": args.data, "bf16": args.bf16, "compile": args.compile,
-             "entities": entities_file}  # fmt: skip
+    decoding = {
+        name: getattr(args, name)
+        for name in ("no_repeat_ngram_size", "repetition_penalty", "length_penalty")
+        if getattr(args, name) is not None
+    }
+    extra = {
+        "model": args.model,
+        "data": args.data,
+        "bf16": args.bf16,
+        "compile": args.compile,
+        "entities": entities_file,
+    }
     with speed_options(model, args.bf16, args.channels_last, args.compile):
-        metrics = evaluate_split(model, processor, dataset, output_dir, args.split, num_beams=args.num_beams,
-                                 batch_size=args.batch_size, max_new_tokens=args.max_new_tokens,
-                                 meteor=not args.no_meteor, extra=extra, entities=entities,
-                                 generate_kwargs=decoding)  # fmt: skip
+        metrics = evaluate_split(
+            model,
+            processor,
+            dataset,
+            output_dir,
+            args.split,
+            num_beams=args.num_beams,
+            batch_size=args.batch_size,
+            max_new_tokens=args.max_new_tokens,
+            meteor=not args.no_meteor,
+            extra=extra,
+            entities=entities,
+            generate_kwargs=decoding,
+        )
     print(format_table(metrics))
     print(f"\nWrote {output_dir}/predictions.jsonl and metrics.json")
 

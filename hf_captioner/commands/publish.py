@@ -54,10 +54,13 @@ def main(argv: list[str] | None = None) -> None:
         if remote["ids"] != original_captions(args.model, images):
             sys.exit(f"The staged folder captions differently from {args.model}: not publishing")
         if remote["image_text_ids"] != remote["ids"] or remote["pipeline"] != remote["captions"]:
-            sys.exit("The staged folder captions differently through AutoModelForImageTextToText or the "
-                     "image-text-to-text pipeline than through AutoModel: not publishing")  # fmt: skip
-        logger.info("Staged folder loads through trust_remote_code and captions like the original: %s",
-                    remote["captions"])  # fmt: skip
+            sys.exit(
+                "The staged folder captions differently through AutoModelForImageTextToText or the "
+                "image-text-to-text pipeline than through AutoModel: not publishing"
+            )
+        logger.info(
+            "Staged folder loads through trust_remote_code and captions like the original: %s", remote["captions"]
+        )
         if args.dry_run:
             logger.info(
                 "Dry run: wrote %s (%s); nothing uploaded", stage, ", ".join(sorted(p.name for p in stage.iterdir()))

@@ -2,7 +2,7 @@
 processes `accelerate launch -m hf_captioner.commands.train --config ...`.
 
 Every field of `hf_captioner.arguments.TrainingArguments` can be set in the YAML file or on the command line;
-`--model key=value` sets one field of the model configuration.
+`--model_config key=value` sets one field of the model configuration.
 """
 
 import logging

@@ -81,8 +81,7 @@ def feature_cache_key(model, processor, dataset) -> str:
 def any_dilated(modules: list[torch.nn.Module]) -> bool:
     """Whether a convolution in `modules` is dilated: a dilated network's frozen bottom usually ends before its dilated
     stage, and then stores the same features at either output stride."""
-    return any(isinstance(m, torch.nn.Conv2d) and max(m.dilation) > 1
-               for module in modules for m in module.modules())  # fmt: skip
+    return any(isinstance(m, torch.nn.Conv2d) and max(m.dilation) > 1 for module in modules for m in module.modules())
 
 
 def shard_path(folder: Path, index: int) -> Path:
@@ -135,8 +134,10 @@ class FeatureStore:
         self.num_shards = num_shards(layout)
         missing = missing_shards(self.folder, layout)
         if missing:
-            raise FileNotFoundError(f"{self.folder}: shards {missing[:5]} of {self.num_shards} are missing or "
-                                    "incomplete (a caching run was stopped; run it again to finish the store)")  # fmt: skip
+            raise FileNotFoundError(
+                f"{self.folder}: shards {missing[:5]} of {self.num_shards} are missing or "
+                "incomplete (a caching run was stopped; run it again to finish the store)"
+            )
         self._shards = None
 
     @property
@@ -164,8 +165,9 @@ class FeatureStore:
         if not 0 <= row < len(self):
             raise IndexError(f"row {row} out of range for a feature store of {len(self)} images")
         if self._shards is None:  # opened on first use, in the process that reads
-            self._shards = [safe_open(shard_path(self.folder, i), framework="pt").get_slice(TENSOR)
-                            for i in range(self.num_shards)]  # fmt: skip
+            self._shards = [
+                safe_open(shard_path(self.folder, i), framework="pt").get_slice(TENSOR) for i in range(self.num_shards)
+            ]
         shard, offset = divmod(row, self.layout["shard_size"])
         return self._shards[shard][offset]
 
@@ -181,8 +183,15 @@ def store_folder(model, processor, dataset, cache_dir: str | os.PathLike, dtype:
 
 
 @torch.no_grad()
-def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_size: int = 64,
-                 dtype: str = "float32", shard_bytes: int = SHARD_BYTES) -> FeatureStore:  # fmt: skip
+def encode_split(
+    model,
+    processor,
+    dataset,
+    cache_dir: str | os.PathLike,
+    batch_size: int = 64,
+    dtype: str = "float32",
+    shard_bytes: int = SHARD_BYTES,
+) -> FeatureStore:
     """The region features of every image of a split (or, when the encoder's last stages fine-tune, the output of its
     frozen bottom), computed once into an on-disk store that later runs (and the other processes of this one) read
     lazily. A store left incomplete by a killed run is finished, not redone."""
@@ -220,10 +229,18 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
     folder.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_partials(folder)
     if layout is None:  # a new store: grid_size^2 regions of num_channels each, or the bottom's map for one image
-        feature_shape = [model.config.grid_size**2, encoder.num_channels] if stored == "encoder_outputs" \
-            else list(next(encode(range(1))).shape[1:])  # fmt: skip
-        layout = {"num_images": len(dataset), "feature_shape": feature_shape, "dtype": dtype, "input": stored,
-                  "shard_size": max(1, shard_bytes // _image_bytes(feature_shape, dtype))}  # fmt: skip
+        feature_shape = (
+            [model.config.grid_size**2, encoder.num_channels]
+            if stored == "encoder_outputs"
+            else list(next(encode(range(1))).shape[1:])
+        )
+        layout = {
+            "num_images": len(dataset),
+            "feature_shape": feature_shape,
+            "dtype": dtype,
+            "input": stored,
+            "shard_size": max(1, shard_bytes // _image_bytes(feature_shape, dtype)),
+        }
         for stale in folder.glob("shard-*.safetensors"):  # from a store of another layout
             stale.unlink()
         _write_atomically(folder / LAYOUT_FILE, lambda path: path.write_text(json.dumps(layout, indent=2)))
@@ -233,11 +250,14 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
     done = len(dataset) - sum(len(shard_rows(layout, i)) for i in todo)
     if done:
         logger.info("Resuming the feature store %s: %d of %d images already cached", folder, done, len(dataset))
-    # NHWC convolutions: Lite0 at 224 encodes 27.6 images/s instead of 16.3 on a 2-core AVX2 CPU, and the features
-    # differ by float rounding only (2e-5 at most), so the store key does not change with the layout
+    # NHWC convolutions: faster encoding on CPUs (docs/performance.md), and the features differ by float rounding
+    # only (2e-5 at most), so the store key does not change with the layout
     kernels = [p for p in encoder.parameters() if p.dim() == 4]
-    layout_before = torch.channels_last if kernels and kernels[0].is_contiguous(memory_format=torch.channels_last) \
-        else torch.contiguous_format  # fmt: skip
+    layout_before = (
+        torch.channels_last
+        if kernels and kernels[0].is_contiguous(memory_format=torch.channels_last)
+        else torch.contiguous_format
+    )
     encoder.to(memory_format=torch.channels_last)
     with tqdm(total=len(dataset), initial=done, unit="img", desc="Caching encoder features") as progress:
         for index in todo:
@@ -251,8 +271,14 @@ def encode_split(model, processor, dataset, cache_dir: str | os.PathLike, batch_
             _write_atomically(shard_path(folder, index), lambda path, shard=shard: save_file({TENSOR: shard}, path))
     encoder.to(memory_format=layout_before)  # the model as it came (training may run the encoder)
     store = FeatureStore(folder)
-    logger.info("Cached encoder features of %d images, %s %s, in %d shard(s) at %s", len(store), store.feature_shape,
-                dtype, store.num_shards, folder)  # fmt: skip
+    logger.info(
+        "Cached encoder features of %d images, %s %s, in %d shard(s) at %s",
+        len(store),
+        store.feature_shape,
+        dtype,
+        store.num_shards,
+        folder,
+    )
     return store
 
 
@@ -261,8 +287,14 @@ def _mention_old_caches(cache_dir: Path) -> None:
     old = sorted(cache_dir.glob("*.safetensors")) if cache_dir.is_dir() else []
     if old:
         size = sum(path.stat().st_size for path in old) / 1e9
-        logger.warning("%s holds %d feature cache file(s) of an older hf-captioner that are no longer read (%.1f GB, "
-                       "e.g. %s): delete them to free the space", cache_dir, len(old), size, old[0].name)  # fmt: skip
+        logger.warning(
+            "%s holds %d feature cache file(s) of an older hf-captioner that are no longer read (%.1f GB, "
+            "e.g. %s): delete them to free the space",
+            cache_dir,
+            len(old),
+            size,
+            old[0].name,
+        )
 
 
 def _write_atomically(path: Path, write) -> None:
@@ -299,6 +331,8 @@ def _check_free_space(folder: Path, layout: dict, shards_to_write: int) -> None:
     needed = shards_to_write * layout["shard_size"] * _image_bytes(layout["feature_shape"], layout["dtype"])
     free = shutil.disk_usage(folder).free
     if needed > free:
-        raise OSError(f"the feature store at {folder} needs {needed / 1e9:.1f} GB more and the disk has "
-                      f"{free / 1e9:.1f} GB free: free space, set feature_cache_dir to another disk, or store "
-                      "bfloat16 features (feature_cache_dtype)")  # fmt: skip
+        raise OSError(
+            f"the feature store at {folder} needs {needed / 1e9:.1f} GB more and the disk has "
+            f"{free / 1e9:.1f} GB free: free space, set feature_cache_dir to another disk, or store "
+            "bfloat16 features (feature_cache_dtype)"
+        )

@@ -26,8 +26,15 @@ from ..tokenization import normalize_caption
 logger = logging.getLogger(__name__)
 
 SPLITS = ("train", "validation", "test")
-SPLIT_ALIASES = {"train": "train", "restval": "train", "val": "validation", "dev": "validation",
-                 "validation": "validation", "valid": "validation", "test": "test"}  # fmt: skip
+SPLIT_ALIASES = {
+    "train": "train",
+    "restval": "train",
+    "val": "validation",
+    "dev": "validation",
+    "validation": "validation",
+    "valid": "validation",
+    "test": "test",
+}
 FLICKR8K_SPLIT_FILES = {
     "train": "Flickr_8k.trainImages.txt",
     "validation": "Flickr_8k.devImages.txt",
@@ -242,8 +249,10 @@ def load_captions_csv(
     try:
         return _read_captions_csv(csv_path, images_dir, split_fractions, seed, strict)
     except UnicodeDecodeError:
-        raise DataError(f"{csv_path}: not a UTF-8 text file, so not an image,caption CSV (parquet and arrow files "
-                        "are read by their .parquet / .arrow suffix)") from None
+        raise DataError(
+            f"{csv_path}: not a UTF-8 text file, so not an image,caption CSV (parquet and arrow files "
+            "are read by their .parquet / .arrow suffix)"
+        ) from None
 
 
 def _read_captions_csv(csv_path: Path, images_dir: Path, split_fractions, seed: int, strict):
@@ -298,9 +307,14 @@ HUB_LAYOUTS = {
     # one Hub split ("test") holding all 31,783 pictures, the Karpathy split in a column
     "nlphuji/flickr30k": HubLayout(caption_columns=("caption",), id_column="img_id", split_column="split"),
     # file names only: the COCO pictures come from a local folder (`images_dir`/train2014/..., /val2014/...)
-    "yerevann/coco-karpathy": HubLayout(image_column="filename", caption_columns=("sentences",), id_column="cocoid",
-                                        split_column="split", image_folder_column="filepath"),
-}  # fmt: skip
+    "yerevann/coco-karpathy": HubLayout(
+        image_column="filename",
+        caption_columns=("sentences",),
+        id_column="cocoid",
+        split_column="split",
+        image_folder_column="filepath",
+    ),
+}
 
 
 LAYOUT_FIELDS = ("image_column", "caption_columns", "id_column", "split_column", "split_names", "image_folder_column")
@@ -338,8 +352,10 @@ def _hub_picture(value, folder, images_dir: Path | None, source: str):
     path = Path(str(value))
     if path.is_absolute() or images_dir is None:
         if images_dir is None and not path.is_file():
-            raise DataError(f"{source}: its pictures are file names ({value!r}); pass images_dir (--images_dir), "
-                            "the folder that holds them")  # fmt: skip
+            raise DataError(
+                f"{source}: its pictures are file names ({value!r}); pass images_dir (--images_dir), "
+                "the folder that holds them"
+            )
         return path
     return images_dir / str(folder) / path if folder is not None else images_dir / path
 
@@ -375,12 +391,19 @@ def read_datasets_layout(
     images_dir = Path(images_dir) if images_dir is not None else None
     grouped: dict[tuple[str, str], dict] = {}
     for hub_split, dataset in loaded.items():
-        wanted = (layout.image_column, *layout.caption_columns, layout.id_column, layout.split_column,
-                  layout.image_folder_column)  # fmt: skip
+        wanted = (
+            layout.image_column,
+            *layout.caption_columns,
+            layout.id_column,
+            layout.split_column,
+            layout.image_folder_column,
+        )
         missing = [column for column in wanted if column and column not in dataset.column_names]
         if missing:
-            raise DataError(f"{name} split {hub_split!r} has no column(s) {missing}; it has {dataset.column_names} "
-                            "(set image_column / caption_columns / split_column to fit)")  # fmt: skip
+            raise DataError(
+                f"{name} split {hub_split!r} has no column(s) {missing}; it has {dataset.column_names} "
+                "(set image_column / caption_columns / split_column to fit)"
+            )
         if isinstance(dataset.features[layout.image_column], ImageFeature):
             dataset = dataset.cast_column(layout.image_column, ImageFeature(decode=False))
         for index, row in enumerate(dataset):
@@ -429,8 +452,10 @@ def detect_and_load(
             return load_flickr8k_text(path, images_dir, strict=strict)
         if (path / "captions.txt").is_file():
             return load_captions_csv(path / "captions.txt", images_dir, strict=strict, **kwargs)
-        raise DataError(f"{path} holds no known caption layout (dataset_*.json, Flickr8k.token.txt, captions.txt, "
-                        "parquet / arrow files, or a datasets save_to_disk folder)")
+        raise DataError(
+            f"{path} holds no known caption layout (dataset_*.json, Flickr8k.token.txt, captions.txt, "
+            "parquet / arrow files, or a datasets save_to_disk folder)"
+        )
     if not is_hub_name(source):
         raise DataError(f"Data source not found: {source}")
     return load_hub_dataset(str(source), images_dir, strict, layout, load_kwargs=kwargs)
@@ -452,8 +477,10 @@ def load_local_datasets_copy(path: Path):
     if path.is_file() and path.suffix in DATASETS_FILE_FORMATS:
         return load_dataset(DATASETS_FILE_FORMATS[path.suffix], data_files={"train": str(path)})
     text_layouts = ("Flickr8k.token.txt", "captions.txt")
-    if path.is_dir() and not any((path / name).is_file() for name in text_layouts) and not any(
-        p.name not in DATASETS_LIBRARY_FILES for p in path.glob("dataset_*.json")
+    if (
+        path.is_dir()
+        and not any((path / name).is_file() for name in text_layouts)
+        and not any(p.name not in DATASETS_LIBRARY_FILES for p in path.glob("dataset_*.json"))
     ):
         suffixes = {p.suffix for p in path.rglob("*") if not p.name.startswith(".")}
         formats = {DATASETS_FILE_FORMATS[suffix] for suffix in suffixes & set(DATASETS_FILE_FORMATS)}

@@ -31,7 +31,11 @@ class CaptionPairs(Dataset):
 
     def __getitem__(self, index: int) -> dict:
         row, caption_index = int(self.pair_rows[index]), int(self.pair_captions[index])
-        return {"caption": self.captions[row][caption_index], "row": row, **image_item(self.dataset, self.features, row)}
+        return {
+            "caption": self.captions[row][caption_index],
+            "row": row,
+            **image_item(self.dataset, self.features, row),
+        }
 
 
 class EpochShuffleSampler(Sampler[int]):

@@ -12,16 +12,23 @@ from __future__ import annotations
 import re
 
 # the tokens pycocoevalcap's tokenizer drops after PTB tokenisation (verbatim list)
-PUNCTUATIONS = frozenset(["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-",
-                          "--", "...", ";"])  # fmt: skip
+PUNCTUATIONS = frozenset(
+    ["''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--", "...", ";"]
+)
 
 # abbreviations CoreNLP keeps with their period
 ABBREVIATIONS = frozenset(
     "mr mrs ms dr st vs etc jr sr inc co ltd mt no prof gen sgt capt col lt rev ave blvd jan feb mar apr aug sep "
     "sept oct nov dec corp bros fig".split()
 )
-SPLIT_WORDS = {"cannot": ("can", "not"), "gonna": ("gon", "na"), "gotta": ("got", "ta"), "wanna": ("wan", "na"),
-               "lemme": ("lem", "me"), "gimme": ("gim", "me")}  # fmt: skip
+SPLIT_WORDS = {
+    "cannot": ("can", "not"),
+    "gonna": ("gon", "na"),
+    "gotta": ("got", "ta"),
+    "wanna": ("wan", "na"),
+    "lemme": ("lem", "me"),
+    "gimme": ("gim", "me"),
+}
 TYPOGRAPHY = {"“": '"', "”": '"', "„": '"', "‘": "`", "’": "'", "—": " -- ", "–": " -- ", "…": " ... "}
 BRACKETS = {"(": "-lrb-", ")": "-rrb-", "[": "-lsb-", "]": "-rsb-", "{": "-lcb-", "}": "-rcb-"}
 CLITIC_SUFFIX = re.compile(r"^(.+?)(n't|'s|'re|'ll|'d|'ve|'m)$")

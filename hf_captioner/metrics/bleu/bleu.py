@@ -36,8 +36,9 @@ class CaptionBleu(coco.CaptionMetric):
     """
 
     def _info(self):
-        return coco.metric_info("Corpus BLEU-1..4 of captions, as computed by the COCO caption evaluation code.", CITATION,
-                           EXAMPLES)  # fmt: skip
+        return coco.metric_info(
+            "Corpus BLEU-1..4 of captions, as computed by the COCO caption evaluation code.", CITATION, EXAMPLES
+        )
 
     def _compute(self, predictions, references, use_aggregator=True):
         from pycocoevalcap.bleu.bleu_scorer import BleuScorer
@@ -47,7 +48,9 @@ class CaptionBleu(coco.CaptionMetric):
         for key in gts:
             scorer += (res[key][0], gts[key])
         scores, caption_scores = scorer.compute_score(option="closest", verbose=0)
-        result = {f"bleu_{n}": coco.per_caption(scores[n - 1], caption_scores[n - 1], use_aggregator) for n in range(1, 5)}
+        result = {
+            f"bleu_{n}": coco.per_caption(scores[n - 1], caption_scores[n - 1], use_aggregator) for n in range(1, 5)
+        }
         if not use_aggregator:
             return result
         guesses = [sum(test["guess"][k] for test in scorer.ctest) for k in range(4)]

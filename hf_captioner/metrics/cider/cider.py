@@ -27,7 +27,9 @@ class CaptionCider(coco.CaptionMetric):
     """CIDEr-D; document frequencies come from the references of the scored corpus itself."""
 
     def _info(self):
-        return coco.metric_info("CIDEr-D of captions, as computed by the COCO caption evaluation code.", CITATION, EXAMPLES)
+        return coco.metric_info(
+            "CIDEr-D of captions, as computed by the COCO caption evaluation code.", CITATION, EXAMPLES
+        )
 
     def _compute(self, predictions, references, use_aggregator=True):
         from pycocoevalcap.cider.cider import Cider

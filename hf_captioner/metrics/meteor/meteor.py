@@ -24,8 +24,9 @@ class CaptionMeteor(coco.CaptionMetric):
     """METEOR needs a Java runtime (the reference implementation is a jar); without one it says so and stops."""
 
     def _info(self):
-        return coco.metric_info("METEOR 1.5 of captions, as computed by the COCO caption evaluation code (Java).", CITATION,
-                           EXAMPLES)  # fmt: skip
+        return coco.metric_info(
+            "METEOR 1.5 of captions, as computed by the COCO caption evaluation code (Java).", CITATION, EXAMPLES
+        )
 
     def _compute(self, predictions, references, use_aggregator=True):
         if not coco.java_available():

@@ -27,7 +27,9 @@ class CaptionRouge(coco.CaptionMetric):
     """ROUGE-L F-measure against the best-matching reference, averaged over images."""
 
     def _info(self):
-        return coco.metric_info("ROUGE-L of captions, as computed by the COCO caption evaluation code.", CITATION, EXAMPLES)
+        return coco.metric_info(
+            "ROUGE-L of captions, as computed by the COCO caption evaluation code.", CITATION, EXAMPLES
+        )
 
     def _compute(self, predictions, references, use_aggregator=True):
         from pycocoevalcap.rouge.rouge import Rouge
