@@ -55,7 +55,7 @@ def dataset_name(data: str, source: str = "local") -> str:
 
 
 def recorded_data_source(data: str, training_metrics: dict) -> str:
-    """What the run's `--data` was, as the run recorded it (`training.finish_run`); judged here for older folders."""
+    """What the run's `--data` was, as the run recorded it (`training.TrainingRun.finish`); judged here for older folders."""
     from .data.loaders import data_source
 
     return training_metrics.get("data_source") or data_source(data)

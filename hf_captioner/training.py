@@ -296,19 +296,273 @@ def train(args: TrainingArguments) -> dict:
 
     Returns the run's metrics (also written to output_dir/metrics.json).
     """
+    run = TrainingRun.set_up(args)
+    run.train()
+    return run.finish()
+
+
+@dataclass
+class TrainingRun:
+    """One run, from its set-up to its final folder: what the loop reads (the prepared model, optimizer, schedule and
+    loaders), what it writes (`state`, checkpoints, best/), and how far it goes (`total_steps`, `num_epochs`).
+
+    `set_up` builds it in the order that fixes the random streams (seed, tokenizer, seed again, model, features,
+    loaders, optimizer, resume); `train` runs the epochs; `finish` writes metrics.json and final/.
+    """
+
+    args: TrainingArguments
+    accelerator: Accelerator
+    data: typing.Any  # the DatasetDict
+    processor: CaptionerProcessor
+    model: torch.nn.Module  # prepared by Accelerate
+    objective: typing.Callable
+    optimizer: torch.optim.Optimizer
+    scheduler: typing.Any
+    train_loader: DataLoader
+    val_loader: DataLoader
+    val_features: typing.Any  # the validation split's FeatureStore, or None
+    total_steps: int
+    num_epochs: int
+    state: TrainerState = field(default_factory=TrainerState)
+    progress: typing.Any = None
+    started: float = 0.0
+    last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the last log: the training rate between logs
+
+    @property
+    def output_dir(self) -> Path:
+        return Path(self.args.output_dir)
+
+    @classmethod
+    def set_up(cls, args: TrainingArguments) -> TrainingRun:
+        accelerator = Accelerator(
+            cpu=not _has_accelerator_device(),
+            gradient_accumulation_steps=args.gradient_accumulation_steps,
+            mixed_precision=args.mixed_precision,
+            log_with=_trackers(args.report_to),
+            project_dir=str(Path(args.output_dir)),
+        )
+        if args.mixed_precision == "bf16":
+            warn_if_bf16_is_slow(accelerator.device)
+        set_seed(args.seed)
+        checkpoint = _claim_run_folder(args, accelerator)
+        data = load_data(args)
+        processor = _run_processor(args, accelerator, data)
+        set_seed(args.seed)  # the model's initial weights do not depend on how the tokenizer was obtained
+        model = _run_model(args, processor)
+        objective = cross_entropy
+        if args.objective == "self_critical":  # built before any feature caching, so that a bad setting fails at once
+            objective = SelfCriticalObjective(
+                processor, data["train"]["captions"], args.self_critical_samples, args.self_critical_max_new_tokens
+            )
+        train_features, val_features = _run_features(args, accelerator, model, processor, data)
+        train_loader, val_loader = _run_loaders(args, processor, data, train_features, val_features)
+        optimizer = build_optimizer(model, args)
+        model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
+        steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
+        total_steps = args.max_train_steps or steps_per_epoch * args.num_epochs
+        # A prepared scheduler is stepped once per process at every optimizer step (Accelerate counts per-process
+        # batches): the schedule is laid out in those units, so the rate at step k is the one-process run's.
+        processes = accelerator.num_processes
+        scheduler = get_scheduler(args.lr_scheduler, optimizer, args.warmup_steps * processes, total_steps * processes)
+        scheduler = accelerator.prepare(scheduler)
+        accelerator.init_trackers(TRACKER_PROJECT, config=_scalars(args))
+        run = cls(
+            args,
+            accelerator,
+            data,
+            processor,
+            model,
+            objective,
+            optimizer,
+            scheduler,
+            train_loader,
+            val_loader,
+            val_features,
+            total_steps,
+            math.ceil(total_steps / steps_per_epoch),
+        )
+        if checkpoint is not None:
+            run.resume(checkpoint)
+        return run
+
+    def resume(self, checkpoint: Path) -> None:
+        """The prepared objects' states and the trainer state of `checkpoint`."""
+        before = torch.get_rng_state()
+        self.accelerator.load_state(str(checkpoint))
+        if torch.equal(before, torch.get_rng_state()):  # Accelerate only logs this at INFO and goes on
+            logger.warning(
+                "%s: the random number state (random_states_*.pkl) could not be restored: the resumed "
+                "run will not repeat the uninterrupted one exactly",
+                checkpoint,
+            )
+        self.state = TrainerState.from_json((checkpoint / STATE_FILE).read_text())
+        logger.info("Resumed from %s at step %d (epoch %d)", checkpoint, self.state.global_step, self.state.epoch)
+
+    def train(self) -> None:
+        """Epochs until the step budget is spent or early stopping: each ends with a validation and a checkpoint. A
+        run killed after its last step's checkpoint but before that step's validation still owes the validation."""
+        state, stop = self.state, False
+        self.progress = tqdm(
+            total=self.total_steps,
+            initial=state.global_step,
+            desc="Training",
+            disable=not self.accelerator.is_local_main_process,
+        )
+        self.started = time.perf_counter()
+        self.last_log = (self.started, state.global_step)
+        while not stop and (
+            state.epoch < self.num_epochs and state.global_step < self.total_steps or owes_validation(state)
+        ):
+            self.run_epoch()
+            if state.batches_in_epoch >= len(self.train_loader):  # the epoch ran to its end
+                state.epoch += 1
+                state.batches_in_epoch = 0
+            if state.batches_in_epoch == 0 or state.global_step >= self.total_steps:
+                stop = self.validate()
+                save_checkpoint(self.accelerator, self.output_dir, state, self.args.keep_checkpoints)
+        self.progress.close()
+
+    def run_epoch(self) -> None:
+        """The rest of the current epoch (all of it, or what a resumed run had not done), up to the step budget."""
+        self.model.train()
+        state = self.state
+        skip = state.batches_in_epoch  # > 0 when resuming mid-epoch
+        batches = self.accelerator.skip_first_batches(self.train_loader, skip) if skip else self.train_loader
+        batches.set_epoch(state.epoch)  # the sampler's permutation depends on the epoch only
+        for batch in batches if state.global_step < self.total_steps else ():
+            logs = self.train_step(batch)
+            state.batches_in_epoch += 1
+            if not self.accelerator.sync_gradients:
+                continue
+            state.global_step += 1
+            self.progress.update(1)
+            if state.global_step % self.args.log_every_steps == 0:
+                self.log(logs)
+            if self.args.checkpoint_every_steps and state.global_step % self.args.checkpoint_every_steps == 0:
+                save_checkpoint(self.accelerator, self.output_dir, state, self.args.keep_checkpoints)
+            if state.global_step >= self.total_steps:
+                break
+
+    def train_step(self, batch: dict) -> dict:
+        """One batch: the objective's loss backward, and at an optimizer step clipping, the update and the schedule."""
+        accelerator, args = self.accelerator, self.args
+        with accelerator.accumulate(self.model):
+            loss, logs = self.objective(self.model, batch, accelerator.unwrap_model(self.model))
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and args.max_grad_norm:
+                accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            self.optimizer.step()
+            self.scheduler.step()
+            self.optimizer.zero_grad()
+        return logs
+
+    def log(self, logs: dict) -> None:
+        """The step's logs (made floats), the rate and the learning rate, to the trackers, the bar and the history."""
+        state = self.state
+        logs = {name: float(value) for name, value in logs.items()} | {"lr": self.scheduler.get_last_lr()[0]}
+        # all processes' captions (images, self-critical) per second since the last log
+        now, steps = time.perf_counter(), state.global_step - self.last_log[1]
+        examples = steps * self.train_loader.total_batch_size * self.args.gradient_accumulation_steps
+        logs["train/examples_per_second"] = examples / (now - self.last_log[0])
+        self.last_log = (now, state.global_step)
+        self.progress.set_postfix({name.split("/")[-1]: f"{logs[name]:.3f}" for name in PROGRESS_LOGS if name in logs})
+        self.accelerator.log(logs, step=state.global_step)
+        state.log_history.append({"step": state.global_step, **logs})
+
+    def validate(self) -> bool:
+        """Validation loss and caption scores; keep the best model; return whether to stop early."""
+        args, accelerator, state = self.args, self.accelerator, self.state
+        validation = self.data["validation"]
+        captions = generate_captions(
+            self.model,
+            self.processor,
+            validation,
+            accelerator,
+            features=self.val_features,
+            batch_size=args.eval_batch_size,
+            num_beams=args.eval_num_beams,
+            max_new_tokens=args.eval_max_new_tokens,
+        )
+        scores = score_captions(captions, validation["captions"], meteor=False)  # METEOR (Java) is for final scores
+        record = {
+            "epoch": state.epoch,
+            "step": state.global_step,
+            "val_loss": validation_loss(self.model, self.val_loader, accelerator),
+            **scores,
+        }
+        state.history.append(record)
+        accelerator.log(
+            {f"val/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=state.global_step
+        )
+        logger.info(
+            "epoch %d step %d: val loss %.4f, BLEU-4 %.4f, CIDEr %.4f",
+            record["epoch"],
+            record["step"],
+            record["val_loss"],
+            record["bleu_4"],
+            record["cider"],
+        )
+        if state.best_cider is None or record["cider"] > state.best_cider:
+            state.best_cider, state.bad_epochs = record["cider"], 0
+            if accelerator.is_main_process:
+
+                def write_best(folder: Path) -> None:
+                    accelerator.unwrap_model(self.model).save_pretrained(folder)
+                    self.processor.save_pretrained(folder)
+
+                replace_folder(self.output_dir / "best", write_best)
+            accelerator.wait_for_everyone()
+        else:
+            state.bad_epochs += 1
+        return bool(args.early_stopping_patience) and state.bad_epochs >= args.early_stopping_patience
+
+    def finish(self) -> dict:
+        """metrics.json and final/ (the best model, its processor and the run's records); the run's metrics.
+        `data_source` records what `--data` was here (the model card, rendered elsewhere, could not tell a relative
+        path from a Hub id)."""
+        accelerator, output_dir, state = self.accelerator, self.output_dir, self.state
+        best = max(state.history, key=lambda h: h["cider"])
+        metrics = {
+            "best": best,
+            "history": state.history,
+            "log_history": state.log_history,
+            "steps": state.global_step,
+            "num_processes": accelerator.num_processes,
+            "train_seconds_this_session": round(time.perf_counter() - self.started, 1),
+            "data_source": data_source(self.args.data),
+        }
+        if not (output_dir / "best" / "model.safetensors").is_file():  # every process stops, none waits for the others
+            raise RuntimeError(f"{output_dir / 'best'} holds no complete model: final/ was not written")
+        if accelerator.is_main_process:
+            (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+
+            def write_final(folder: Path) -> None:
+                shutil.copytree(output_dir / "best", folder)
+                # the run's settings, as the model card's "to reproduce" line uses them: a resume is not one of them
+                settings = json.loads((output_dir / "training_args.json").read_text())
+                (folder / "training_args.json").write_text(
+                    json.dumps({**settings, "resume_from_checkpoint": None}, indent=2)
+                )
+                shutil.copy(output_dir / "metrics.json", folder / "training_metrics.json")  # travels with the model
+
+            replace_folder(output_dir / "final", write_final)
+            logger.info(
+                "Best validation CIDEr %.3f at epoch %d; model saved to %s",
+                best["cider"],
+                best["epoch"],
+                output_dir / "final",
+            )
+        accelerator.wait_for_everyone()
+        accelerator.end_training()
+        return metrics
+
+
+def _claim_run_folder(args: TrainingArguments, accelerator: Accelerator) -> Path | None:
+    """Check the output folder (every process, before anything is written), repair an interrupted swap of best/ or
+    final/, record the settings; the checkpoint to resume from, or None. A missing checkpoint is said now, not after
+    the data and model are built."""
     output_dir = Path(args.output_dir)
-    accelerator = Accelerator(
-        cpu=not _has_accelerator_device(),
-        gradient_accumulation_steps=args.gradient_accumulation_steps,
-        mixed_precision=args.mixed_precision,
-        log_with=_trackers(args.report_to),
-        project_dir=str(output_dir),
-    )
-    if args.mixed_precision == "bf16":
-        warn_if_bf16_is_slow(accelerator.device)
-    set_seed(args.seed)
-    claim_output_dir(args, remove=accelerator.is_main_process)  # every process checks before anything is written
-    # a missing checkpoint is said now, not after the data and model are built
+    claim_output_dir(args, remove=accelerator.is_main_process)
     checkpoint = resolve_checkpoint(output_dir, args.resume_from_checkpoint) if args.resume_from_checkpoint else None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
@@ -316,16 +570,23 @@ def train(args: TrainingArguments) -> dict:
             recover_folder(output_dir / folder)
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "training_args.json").write_text(json.dumps(dataclasses.asdict(args), indent=2))
-    data = load_data(args)
+    return checkpoint
 
-    processor_dir = output_dir / "processor"
-    with accelerator.main_process_first():  # the main process trains the tokenizer; the others load it
+
+def _run_processor(args: TrainingArguments, accelerator: Accelerator, data) -> CaptionerProcessor:
+    """The main process trains the tokenizer (or, resuming, reuses the run's); the others load it."""
+    processor_dir = Path(args.output_dir) / "processor"
+    with accelerator.main_process_first():
         if accelerator.is_main_process and not (args.resume_from_checkpoint and processor_dir.is_dir()):
             processor = build_processor(args, data["train"]["captions"])
             processor.save_pretrained(processor_dir)
         else:
             processor = CaptionerProcessor.from_pretrained(processor_dir)
-    set_seed(args.seed)  # the model's initial weights do not depend on how the tokenizer was obtained
+    return processor
+
+
+def _run_model(args: TrainingArguments, processor: CaptionerProcessor) -> CaptionerForConditionalGeneration:
+    """The captioner of the run; what only the built backbone can refuse is a SettingsError (one line)."""
     try:
         model = build_model(args, processor)
         if args.cache_features:
@@ -339,29 +600,26 @@ def train(args: TrainingArguments) -> dict:
         model.num_parameters() / 1e6,
         model.num_parameters(only_trainable=True) / 1e6,
     )
+    return model
 
-    objective = cross_entropy
-    if args.objective == "self_critical":  # built before any feature caching, so that a bad setting fails at once
-        objective = SelfCriticalObjective(
-            processor, data["train"]["captions"], args.self_critical_samples, args.self_critical_max_new_tokens
+
+def _run_features(args: TrainingArguments, accelerator: Accelerator, model, processor, data):
+    """The train and validation feature stores (`cache_features`: made once, the main process first), or Nones."""
+    if not args.cache_features:
+        return None, None
+    with accelerator.main_process_first():
+        model.to(accelerator.device)
+        return tuple(
+            encode_split(
+                model, processor, data[split], args.feature_cache_dir, args.eval_batch_size, args.feature_cache_dtype
+            )
+            for split in ("train", "validation")
         )
 
-    train_features = val_features = None
-    if args.cache_features:
-        with accelerator.main_process_first():
-            model.to(accelerator.device)
-            train_features, val_features = (
-                encode_split(
-                    model,
-                    processor,
-                    data[split],
-                    args.feature_cache_dir,
-                    args.eval_batch_size,
-                    args.feature_cache_dtype,
-                )
-                for split in ("train", "validation")
-            )
 
+def _run_loaders(args: TrainingArguments, processor, data, train_features, val_features):
+    """The train loader (caption pairs, or images for self-critical training; shuffled per epoch by the seed) and
+    the validation loader, reading cached features where there are some."""
     collator = CaptionCollator(processor, args.max_caption_tokens)
     groups = None  # shuffled as units, when they are
     if args.objective == "self_critical":  # one example per image, rewarded against all its references
@@ -380,125 +638,7 @@ def train(args: TrainingArguments) -> dict:
     val_loader = DataLoader(
         CaptionPairs(data["validation"], val_features), batch_size=args.eval_batch_size, collate_fn=collator
     )
-    optimizer = build_optimizer(model, args)
-
-    model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
-    steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
-    total_steps = args.max_train_steps or steps_per_epoch * args.num_epochs
-    num_epochs = math.ceil(total_steps / steps_per_epoch)
-    # A prepared scheduler is stepped once per process at every optimizer step (Accelerate counts per-process
-    # batches): the schedule is laid out in those units, so the rate at step k is the one-process run's.
-    processes = accelerator.num_processes
-    scheduler = get_scheduler(args.lr_scheduler, optimizer, args.warmup_steps * processes, total_steps * processes)
-    scheduler = accelerator.prepare(scheduler)
-    accelerator.init_trackers(TRACKER_PROJECT, config=_scalars(args))
-
-    state = TrainerState()
-    if checkpoint is not None:
-        before = torch.get_rng_state()
-        accelerator.load_state(str(checkpoint))
-        if torch.equal(before, torch.get_rng_state()):  # Accelerate only logs this at INFO and goes on
-            logger.warning(
-                "%s: the random number state (random_states_*.pkl) could not be restored: the resumed "
-                "run will not repeat the uninterrupted one exactly",
-                checkpoint,
-            )
-        state = TrainerState.from_json((checkpoint / STATE_FILE).read_text())
-        logger.info("Resumed from %s at step %d (epoch %d)", checkpoint, state.global_step, state.epoch)
-
-    progress = tqdm(
-        total=total_steps, initial=state.global_step, desc="Training", disable=not accelerator.is_local_main_process
-    )
-    started, stop = time.perf_counter(), False
-    last_log = (started, state.global_step)  # (time, step) of the last log: the training rate between logs
-    # a run killed after its last step's checkpoint but before that step's validation still owes the validation
-    while not stop and (state.epoch < num_epochs and state.global_step < total_steps or owes_validation(state)):
-        model.train()
-        skip = state.batches_in_epoch  # > 0 when resuming mid-epoch
-        batches = accelerator.skip_first_batches(train_loader, skip) if skip else train_loader
-        batches.set_epoch(state.epoch)  # the sampler's permutation depends on the epoch only
-        for batch in batches if state.global_step < total_steps else ():
-            with accelerator.accumulate(model):
-                loss, logs = objective(model, batch, accelerator.unwrap_model(model))
-                accelerator.backward(loss)
-                if accelerator.sync_gradients and args.max_grad_norm:
-                    accelerator.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad()
-            state.batches_in_epoch += 1
-            if not accelerator.sync_gradients:
-                continue
-            state.global_step += 1
-            progress.update(1)
-            if state.global_step % args.log_every_steps == 0:
-                logs = {name: float(value) for name, value in logs.items()} | {"lr": scheduler.get_last_lr()[0]}
-                # all processes' captions (images, self-critical) per second since the last log
-                now, steps = time.perf_counter(), state.global_step - last_log[1]
-                examples = steps * train_loader.total_batch_size * args.gradient_accumulation_steps
-                logs["train/examples_per_second"] = examples / (now - last_log[0])
-                last_log = (now, state.global_step)
-                progress.set_postfix(
-                    {name.split("/")[-1]: f"{logs[name]:.3f}" for name in PROGRESS_LOGS if name in logs}
-                )
-                accelerator.log(logs, step=state.global_step)
-                state.log_history.append({"step": state.global_step, **logs})
-            if args.checkpoint_every_steps and state.global_step % args.checkpoint_every_steps == 0:
-                save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
-            if state.global_step >= total_steps:
-                break
-        if state.batches_in_epoch >= len(train_loader):  # the epoch ran to its end
-            state.epoch += 1
-            state.batches_in_epoch = 0
-        if state.batches_in_epoch == 0 or state.global_step >= total_steps:
-            stop = _validate(args, accelerator, model, processor, data, val_loader, val_features, state, output_dir)
-            save_checkpoint(accelerator, output_dir, state, args.keep_checkpoints)
-    progress.close()
-
-    metrics = finish_run(accelerator, output_dir, state, time.perf_counter() - started, args.data)
-    accelerator.end_training()
-    return metrics
-
-
-def finish_run(
-    accelerator: Accelerator, output_dir: Path, state: TrainerState, train_seconds: float, data: str
-) -> dict:
-    """Write metrics.json and final/ (the best model, its processor and the run's records); return the metrics.
-    `data_source` records what `data` was here (the model card, rendered elsewhere, could not tell a relative path
-    from a Hub id)."""
-    best = max(state.history, key=lambda h: h["cider"])
-    metrics = {
-        "best": best,
-        "history": state.history,
-        "log_history": state.log_history,
-        "steps": state.global_step,
-        "num_processes": accelerator.num_processes,
-        "train_seconds_this_session": round(train_seconds, 1),
-        "data_source": data_source(data),
-    }
-    if not (output_dir / "best" / "model.safetensors").is_file():  # every process stops, none waits for the others
-        raise RuntimeError(f"{output_dir / 'best'} holds no complete model: final/ was not written")
-    if accelerator.is_main_process:
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-
-        def write_final(folder: Path) -> None:
-            shutil.copytree(output_dir / "best", folder)
-            # the run's settings, as the model card's "to reproduce" line uses them: a resume is not one of them
-            settings = json.loads((output_dir / "training_args.json").read_text())
-            (folder / "training_args.json").write_text(
-                json.dumps({**settings, "resume_from_checkpoint": None}, indent=2)
-            )
-            shutil.copy(output_dir / "metrics.json", folder / "training_metrics.json")  # travels with the model
-
-        replace_folder(output_dir / "final", write_final)
-        logger.info(
-            "Best validation CIDEr %.3f at epoch %d; model saved to %s",
-            best["cider"],
-            best["epoch"],
-            output_dir / "final",
-        )
-    accelerator.wait_for_everyone()
-    return metrics
+    return train_loader, val_loader
 
 
 def cross_entropy(model, batch: dict, unwrapped=None) -> tuple[torch.Tensor, dict]:
@@ -513,51 +653,6 @@ def cross_entropy(model, batch: dict, unwrapped=None) -> tuple[torch.Tensor, dic
 
 
 PROGRESS_LOGS = ("train/token_loss", "train/reward")  # shown on the progress bar
-
-
-def _validate(args, accelerator, model, processor, data, val_loader, val_features, state, output_dir) -> bool:
-    """Validation loss and caption scores; keep the best model; return whether to stop early."""
-    validation = data["validation"]
-    captions = generate_captions(
-        model,
-        processor,
-        validation,
-        accelerator,
-        features=val_features,
-        batch_size=args.eval_batch_size,
-        num_beams=args.eval_num_beams,
-        max_new_tokens=args.eval_max_new_tokens,
-    )
-    scores = score_captions(captions, validation["captions"], meteor=False)  # METEOR (Java) is for final scores
-    record = {
-        "epoch": state.epoch,
-        "step": state.global_step,
-        "val_loss": validation_loss(model, val_loader, accelerator),
-        **scores,
-    }
-    state.history.append(record)
-    accelerator.log({f"val/{k}": v for k, v in record.items() if k not in ("epoch", "step")}, step=state.global_step)
-    logger.info(
-        "epoch %d step %d: val loss %.4f, BLEU-4 %.4f, CIDEr %.4f",
-        record["epoch"],
-        record["step"],
-        record["val_loss"],
-        record["bleu_4"],
-        record["cider"],
-    )
-    if state.best_cider is None or record["cider"] > state.best_cider:
-        state.best_cider, state.bad_epochs = record["cider"], 0
-        if accelerator.is_main_process:
-
-            def write_best(folder: Path) -> None:
-                accelerator.unwrap_model(model).save_pretrained(folder)
-                processor.save_pretrained(folder)
-
-            replace_folder(output_dir / "best", write_best)
-        accelerator.wait_for_everyone()
-    else:
-        state.bad_epochs += 1
-    return bool(args.early_stopping_patience) and state.bad_epochs >= args.early_stopping_patience
 
 
 __all__ = ["TrainingArguments", "parse_arguments", "train"]
