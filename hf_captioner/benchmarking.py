@@ -401,3 +401,43 @@ def table(report: dict) -> str:
             )
     lines += ["", *(f"{name}: {value:.2f}" for name, value in report["ratios"].items())]
     return "\n".join(lines)
+
+
+def app_latency(model_dir: str, pictures: list[str], requests: int = 30, num_beams: int = 3) -> dict:
+    """The attention explorer's per-request latency: the page served on a local port in this process, `requests`
+    captions through gradio_client one after another (each with the first word's attention view, as the page shows
+    it), after one warm-up; seconds at p50 and p95."""
+    import socket
+
+    from gradio_client import Client, handle_file
+    from transformers import AutoModel, AutoProcessor
+
+    from . import modeling_captioner, processing_captioner  # noqa: F401  (register the Auto classes)
+    from .app import Explorer, build_app
+
+    model = AutoModel.from_pretrained(model_dir).eval()
+    page = build_app(Explorer(model, AutoProcessor.from_pretrained(model_dir)))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    page.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        client = Client(f"http://127.0.0.1:{port}/", verbose=False)
+        arguments = (num_beams, "beam search", int(model.generation_config.max_new_tokens or 30), "")
+        client.predict(handle_file(pictures[0]), *arguments, api_name="/caption")
+        seconds = []
+        for i in range(requests):
+            started = time.perf_counter()
+            client.predict(handle_file(pictures[i % len(pictures)]), *arguments, api_name="/caption")
+            seconds.append(time.perf_counter() - started)
+    finally:
+        page.close()
+    seconds.sort()
+    return {
+        "model": model_dir,
+        "requests": requests,
+        "num_beams": num_beams,
+        "torch_threads": torch.get_num_threads(),
+        "p50_seconds": seconds[len(seconds) // 2],
+        "p95_seconds": seconds[min(len(seconds) - 1, int(0.95 * len(seconds)))],
+    }

@@ -102,6 +102,81 @@ def load_without_package(
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
+SPACE_APP = textwrap.dedent(
+    """
+    \"\"\"The attention explorer of {repo_id}: caption a picture and see, word by word, where the model looks.
+    Staged by `hf-captioner publish --space`; CAPTIONER_MODEL may name another model (a Hub id or a folder).\"\"\"
+    import os
+
+    from captioner_app import launch
+
+    launch(os.environ.get("CAPTIONER_MODEL", "{repo_id}"), port=int(os.environ.get("PORT", 7860)),
+           title="{title}")
+    """
+).lstrip()
+
+SPACE_README = textwrap.dedent(
+    """
+    ---
+    title: {title}
+    sdk: gradio
+    sdk_version: {gradio}
+    app_file: app.py
+    models:
+      - {repo_id}
+    pinned: false
+    ---
+
+    # {title}
+
+    Caption a picture with [{repo_id}](https://huggingface.co/{repo_id}) and choose a word to see where the model
+    looked while writing it. The model's own code comes with it (`trust_remote_code`); this Space needs nothing else
+    of hf-captioner.
+    """
+).lstrip()
+
+# what the Space installs: the versions this package was tested with
+SPACE_REQUIREMENTS = (
+    "gradio",
+    "transformers",
+    "torch",
+    "torchvision",
+    "timm",
+    "matplotlib",
+    "pillow",
+    "numpy",
+    "safetensors",
+    "sentencepiece",
+)
+
+
+def stage_space(repo_id: str, space_id: str, stage_dir: str | Path) -> Path:
+    """A Space folder that serves the attention explorer for the Hub model `repo_id`: app.py, the explorer
+    (captioner_app.py, visualize.py: copies of this package's, which import nothing else of it), requirements.txt
+    with the tested versions, and a README whose YAML header the Hub reads (sdk gradio, its version, the model)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    stage_dir = Path(stage_dir)
+    if stage_dir.exists() and any(stage_dir.iterdir()):
+        raise FileExistsError(f"{stage_dir} is not empty; choose a new folder for the staged Space")
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    package = Path(__file__).resolve().parent
+    title = space_id.split("/")[-1]
+    shutil.copy(package / "app.py", stage_dir / "captioner_app.py")
+    shutil.copy(package / "visualize.py", stage_dir / "visualize.py")
+    (stage_dir / "app.py").write_text(SPACE_APP.format(repo_id=repo_id, title=title))
+    pins = []
+    for name in SPACE_REQUIREMENTS:
+        try:
+            pins.append(f"{name}=={version(name)}")
+        except PackageNotFoundError:
+            pins.append(name)
+    (stage_dir / "requirements.txt").write_text("\n".join(pins) + "\n")
+    gradio_version = version("gradio")
+    (stage_dir / "README.md").write_text(SPACE_README.format(title=title, repo_id=repo_id, gradio=gradio_version))
+    return stage_dir
+
+
 def stage_for_hub(model_dir: str | Path, stage_dir: str | Path, repo_id: str) -> Path:
     """Write exactly what gets uploaded: weights, config, generation config, processor, code files, the records
     of training and evaluation, and the filled model card as README.md."""

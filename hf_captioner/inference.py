@@ -75,23 +75,10 @@ def word_attention(model, processor, inputs: dict, sequences: torch.Tensor) -> l
     targets = sequences[:, 1:]
     outputs = model(**inputs, decoder_input_ids=sequences[:, :-1].to(model.device), output_attentions=True)
     maps = outputs.cross_attentions.float().cpu().view(*targets.shape, config.grid_size, config.grid_size)
-    special = {config.pad_token_id, config.bos_token_id, config.eos_token_id}
-    tokenizer = processor.tokenizer
-    results = []
-    for row, ids in enumerate(targets.tolist()):
-        words: list[tuple[str, list[int]]] = []
-        for step, token_id in enumerate(ids):
-            if token_id in special:
-                if token_id == config.eos_token_id:
-                    break
-                continue
-            piece = tokenizer.convert_ids_to_tokens(token_id)
-            if piece.startswith("▁") or not words:
-                words.append((piece.lstrip("▁"), [step]))
-            else:
-                words[-1] = (words[-1][0] + piece, words[-1][1] + [step])
-        results.append([WordAttention(w, maps[row, steps].mean(0).numpy()) for w, steps in words if w])
-    return results
+    return [
+        [WordAttention(word, maps[row, steps].mean(0).numpy()) for word, steps in processor.words_of(ids)]
+        for row, ids in enumerate(targets.tolist())
+    ]
 
 
 @torch.no_grad()

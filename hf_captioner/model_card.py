@@ -171,6 +171,35 @@ def _citations(name: str) -> str:
     return "\n".join(CITATIONS[key] for key in (None, name) if key in CITATIONS)
 
 
+def model_facts(model_dir: str | Path) -> str:
+    """A few lines of markdown for the app: what the model was trained on, its best recorded scores and its decoding
+    defaults (from the folder's records; a Hub id gets its name only)."""
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        return f"Model: `{model_dir}`"
+    args = _read_json(model_dir / "training_args.json")
+    data = args.get("data", "")
+    name = dataset_name(data, recorded_data_source(data, _read_json(model_dir / "training_metrics.json")))
+    generation = _read_json(model_dir / "generation_config.json")
+    lines = [f"**Model** `{model_dir}`, trained on {name if data else 'unrecorded data'}."]
+    for evaluation in evaluation_results(model_dir)[:1]:
+        scores = ", ".join(
+            f"{METRIC_NAMES[k]} {100 * v:.1f}" for k, v in evaluation["metrics"].items() if k in METRIC_NAMES
+        )
+        lines.append(f"**Scores** ({evaluation['split']} split, {decoding(evaluation)}): {scores}.")
+    lines.append(
+        f"**Decoding defaults**: {generation.get('num_beams', 1)} beams, at most "
+        f"{generation.get('max_new_tokens', '?')} tokens"
+        + (
+            f", no repeated {generation['no_repeat_ngram_size']}-grams"
+            if generation.get("no_repeat_ngram_size")
+            else ""
+        )
+        + "."
+    )
+    return "\n\n".join(lines)
+
+
 def _measured_limits(evaluations: list[dict]) -> str:
     """What the evaluations on disk say about the captions' weak spots."""
     lines = []

@@ -187,6 +187,24 @@ class CaptionerProcessor(ProcessorMixin):
     def decode(self, token_ids, skip_special_tokens: bool = True, **kwargs) -> str:
         return " ".join(self.tokenizer.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs).split())
 
+    def words_of(self, token_ids: Sequence[int]) -> list[tuple[str, list[int]]]:
+        """The words of a generated caption (its ids after `<s>`) with the positions of their pieces, up to `</s>`:
+        what a word's attention is averaged over (SentencePiece marks a word's first piece with "▁")."""
+        tokenizer = self.tokenizer
+        special = {tokenizer.pad_token_id, tokenizer.bos_token_id}
+        words: list[tuple[str, list[int]]] = []
+        for step, token_id in enumerate(int(i) for i in token_ids):
+            if token_id == tokenizer.eos_token_id:
+                break
+            if token_id in special:
+                continue
+            piece = tokenizer.convert_ids_to_tokens(token_id)
+            if piece.startswith("▁") or not words:
+                words.append((piece.lstrip("▁"), [step]))
+            else:
+                words[-1] = (words[-1][0] + piece, words[-1][1] + [step])
+        return [(word, steps) for word, steps in words if word]
+
     def post_process_image_text_to_text(self, generated_outputs, skip_special_tokens: bool = True, **kwargs):
         """The image-text-to-text pipeline's decoding: the same clean captions as `batch_decode`."""
         return self.batch_decode(generated_outputs, skip_special_tokens=skip_special_tokens, **kwargs)

@@ -14,7 +14,7 @@ PANEL_INCHES = 2.4  # side of one panel
 DPI = 100
 COLUMNS = 5
 PREVIEW_PIXELS = round(2 * PANEL_INCHES * DPI)  # the longest side a panel's picture and heat map are drawn at
-HEAT_MAP = "gray"  # bright where the word looks, dark elsewhere (Show, Attend and Tell's figures)
+HEAT_MAP = "gray"  # bright where the word looks, dark elsewhere (Show, Attend and Tell's figures); overlay_image too
 HEAT_ALPHA = 0.6
 
 
@@ -51,6 +51,26 @@ def attention_overlay(image: Image.Image, attention: np.ndarray, blur: float | N
         smooth = F.conv2d(F.pad(smooth, padding, mode="reflect"), kernel)  # (1, 1, H, W)
     smooth = smooth[0, 0].numpy()
     return smooth / max(float(smooth.max()), 1e-12)
+
+
+def overlay_image(
+    image: Image.Image, attention: np.ndarray, boxes: Sequence[tuple[float, float, float, float]] | None = None
+) -> Image.Image:
+    """One word's panel as a picture (the app's view): the `preview`, its heat map composited as the figures draw it
+    (HEAT_MAP at HEAT_ALPHA over the picture), and the named thing's `boxes` (picture pixels) in yellow."""
+    from PIL import ImageDraw
+
+    small = preview(image)
+    heat = attention_overlay(small, attention)[..., None]  # (h, w, 1) in [0, 1]; the grey map is heat itself
+    pixels = (1 - HEAT_ALPHA) * np.asarray(small, dtype=np.float32) + HEAT_ALPHA * 255.0 * heat
+    shown = Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+    scale_x, scale_y = small.width / image.width, small.height / image.height
+    draw = ImageDraw.Draw(shown)
+    for x0, y0, x1, y1 in boxes or []:
+        draw.rectangle(
+            [x0 * scale_x, y0 * scale_y, (x1 + 1) * scale_x - 1, (y1 + 1) * scale_y - 1], outline=(255, 255, 0), width=2
+        )
+    return shown
 
 
 def plot_attention(

@@ -15,6 +15,8 @@ captions of Flickr-like lengths):
 - the other speed options (channels_last, torch.compile of the decoder step) on the cases they target;
 - the machine's own float32 and bf16 matrix-multiply rates, measured in the same run, and how much of its
   precision's rate the training step uses.
+`--app MODEL` measures instead the attention explorer's per-request latency (p50 / p95) for a saved model, on the
+pictures of `--app_pictures DIR` (default: a few of the sample set's).
 Every case runs in a fresh process (forked before any computation), so its peak resident memory above the
 process's level after building the model and inputs is its own. `--quick` shrinks repetitions and batch sizes so
 the whole run takes about a minute; its figures are rougher.
@@ -30,7 +32,21 @@ def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(description=__doc__)
     parser.add_argument("--quick", action="store_true", help="about a minute, rougher figures")
     parser.add_argument("--out", default="benchmark.json", help="where to write the JSON report")
+    parser.add_argument("--app", metavar="MODEL", help="instead: the app's per-request latency for this model folder")
+    parser.add_argument("--app_pictures", metavar="DIR", help="--app: the pictures to caption")
+    parser.add_argument("--app_requests", type=int, default=30, help="--app: requests timed")
     args = parser.parse_args(argv)
+    if args.app:
+        from hf_captioner.benchmarking import app_latency
+        from hf_captioner.commands.app import example_pictures
+
+        report = app_latency(args.app, example_pictures(args.app_pictures), args.app_requests)
+        Path(args.out).write_text(json.dumps(report, indent=2) + "\n")
+        print(
+            f"app latency over {report['requests']} requests ({report['num_beams']} beams): "
+            f"p50 {report['p50_seconds']:.3f} s, p95 {report['p95_seconds']:.3f} s"
+        )
+        return
     from hf_captioner.benchmarking import run, table  # torch: only once there is work
 
     report = run(args.quick)

@@ -32,15 +32,22 @@ def original_captions(model_dir: str, images: list[Path]) -> list[list[int]]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = CommandParser(description=__doc__)
-    parser.add_argument("--model", required=True, help="saved model folder (with its processor)")
+    parser.add_argument("--model", help="saved model folder (with its processor); not needed with --space")
     parser.add_argument("--repo_id", required=True, help="Hub repository, e.g. me/sat-flickr8k")
     parser.add_argument("--private", action="store_true", help="create the Hub repository as private")
     parser.add_argument("--dry_run", metavar="OUT", help="write the staged folder here and upload nothing")
     parser.add_argument("--commit_message", default="Upload hf-captioner model", help="the Hub commit's message")
+    parser.add_argument(
+        "--space",
+        metavar="OWNER/NAME",
+        help="instead, stage (and push) a Gradio Space that serves the attention explorer for the Hub model --repo_id",
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not (Path(args.model) / "config.json").is_file():
-        parser.error(f"{args.model} is not a saved model folder (no config.json)")
+    if args.space:
+        return publish_space(args, parser)
+    if not args.model or not (Path(args.model) / "config.json").is_file():
+        parser.error(f"--model {args.model}: not a saved model folder (no config.json)")
     from hf_captioner.hub import load_without_package, probe_images, stage_for_hub  # torch: only once there is work
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -72,6 +79,35 @@ def main(argv: list[str] | None = None) -> None:
         repo = api.create_repo(args.repo_id, private=args.private, exist_ok=True)
         api.upload_folder(repo_id=repo.repo_id, folder_path=str(stage), commit_message=args.commit_message)
         logger.info("Published %s", repo.repo_id)
+
+
+def publish_space(args, parser) -> None:
+    """Stage the Space for --repo_id (into --dry_run, or a temporary folder) and push it unless it is a dry run."""
+    from hf_captioner.hub import stage_space
+
+    with tempfile.TemporaryDirectory() as scratch:
+        try:
+            stage = stage_space(
+                args.repo_id, args.space, Path(args.dry_run) if args.dry_run else Path(scratch) / "space"
+            )
+        except FileExistsError as error:
+            parser.error(str(error))
+        if args.dry_run:
+            logger.info(
+                "Dry run: wrote the Space %s to %s (%s); nothing uploaded",
+                args.space,
+                stage,
+                ", ".join(sorted(p.name for p in stage.iterdir())),
+            )
+            return
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        repo = api.create_repo(args.space, repo_type="space", space_sdk="gradio", private=args.private, exist_ok=True)
+        api.upload_folder(
+            repo_id=repo.repo_id, repo_type="space", folder_path=str(stage), commit_message=args.commit_message
+        )
+        logger.info("Published the Space %s", repo.repo_id)
 
 
 if __name__ == "__main__":
