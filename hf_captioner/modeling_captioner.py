@@ -446,8 +446,9 @@ class CaptionerDecoder(nn.Module):
     def linear_maps(self) -> dict[str, list[LinearPiece]]:
         """The step's linear maps grouped by the vector they read, for a runner that stacks each group into one
         product: "hidden" h_{t-1}, "embedding" E y_{t-1}, "reads" [context, attended] (the cell's input after the
-        embedding), and with self-attention "attended" (its output layer) and "new_state" h_t (its key and value). A
-        map that reads a concatenation (the cell's input, the self-attention query) appears once per part, with the
+        embedding), with self-attention "attended" (its output layer) and "new_state" h_t (its key and value), and
+        the deep output's "deep_hidden" h_t, "deep_context" the context, "vocabulary" the deep output. A map that
+        reads a concatenation (the cell's input, the self-attention query) appears once per part, with the
         part's columns; its bias rides with one part. Keep it beside `step`: a new layer there is listed here."""
         e = self.embed_tokens.embedding_dim
         attention, memory, cell = self.cross_attention, self.self_attention, self.cell
@@ -464,6 +465,9 @@ class CaptionerDecoder(nn.Module):
         hidden.append(LinearPiece("hidden_gates", cell.weight_hh, bias=cell.bias_hh))
         embedding.append(LinearPiece("input_gates", cell.weight_ih, slice(0, e), cell.bias_ih))  # cell input: [e, ..]
         reads = [LinearPiece("input_gates", cell.weight_ih, slice(e, None))]  # .. context, attended]
+        maps["deep_hidden"] = [LinearPiece("deep", self.out_hidden.weight, bias=self.out_hidden.bias)]  # output
+        maps["deep_context"] = [LinearPiece("deep", self.out_context.weight)]
+        maps["vocabulary"] = [LinearPiece("logits", self.lm_head.weight, bias=self.lm_head.bias)]
         return {"hidden": hidden, "embedding": embedding, "reads": reads, **maps}
 
     def compile_steps(self) -> None:
@@ -486,10 +490,12 @@ class CaptionerDecoder(nn.Module):
         cache: CaptionerCache,
         noise: torch.Tensor | None = None,
         step: Callable | None = None,
+        output: Callable | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Run the T input words through the recurrence from `cache` (teacher forcing, or steps of generation), one
-        `step` (default: the reference one) per word; `noise` (B, T) draws the regions read (hard attention). Returns
-        logits (B, T, V), cross-attention (B, T, k), self-attention (B, heads, T, P + T) or None."""
+        `step` (default: the reference one) per word, then the deep `output` (default: `self.output`); `noise` (B, T)
+        draws the regions read (hard attention). Returns logits (B, T, V), cross-attention (B, T, k), self-attention
+        (B, heads, T, P + T) or None."""
         past = cache.seen_tokens
         embedded = self.embed_tokens(input_ids)  # (B, T, E)
         step = step if step is not None else self.compiled(self.step)
@@ -500,7 +506,7 @@ class CaptionerDecoder(nn.Module):
             contexts.append(context)
             cross_weights.append(cross)
             self_weights.append(self_w)
-        logits = self.output(embedded, torch.stack(hiddens, dim=1), torch.stack(contexts, dim=1))
+        logits = (output or self.output)(embedded, torch.stack(hiddens, dim=1), torch.stack(contexts, dim=1))
         return logits, torch.stack(cross_weights, dim=1), self.stack_self_attention(self_weights, past + len(hiddens))
 
     @staticmethod

@@ -35,6 +35,11 @@ def compute_dtype(reference: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else reference.dtype
 
 
+# Up to this many rows (a beam-search step of up to 32 pictures at 3 beams), a float32 inference product is computed
+# as W x^T: x W^T at a few rows runs several times slower on the CPUs measured (docs/performance.md).
+FEW_ROWS = 96
+
+
 class StackedProduct:
     """Several linear maps that read the same input as one product y = x W^T + b, W their weights (or the columns of
     them that read this input) stacked row-wise, made once in the compute dtype; `split` names each map's share of y."""
@@ -50,10 +55,18 @@ class StackedProduct:
         self.bias = torch.cat(biases)  # float32, with autograd: the biases' gradients are cheap sums
 
     def __call__(self, inputs: torch.Tensor, gradients: DeferredWeightGradients | None = None) -> torch.Tensor:
-        product = F.linear(inputs.to(self.weight.dtype), self.weight)
+        inputs = inputs.to(self.weight.dtype)
+        if self.weight_first(inputs) and gradients is None and not torch.is_grad_enabled():
+            product = torch.mm(self.weight, inputs.t()).t()  # (rows, out), W streamed once
+        else:
+            product = F.linear(inputs, self.weight)
         if gradients is not None:
             gradients.record(self, inputs, product)
         return product.to(self.bias.dtype) + self.bias
+
+    def weight_first(self, inputs: torch.Tensor) -> bool:
+        """Whether W x^T beats x W^T here: float32 at up to FEW_ROWS rows (bfloat16's kernels do not need it)."""
+        return self.weight.dtype == torch.float32 and inputs.dim() == 2 and inputs.shape[0] <= FEW_ROWS
 
     def split(self, outputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, outputs.split(self.sizes, dim=-1), strict=True))
@@ -66,6 +79,12 @@ class PackedProducts:
 
     def __init__(self, decoder: CaptionerDecoder, dtype: torch.dtype, memory_in_hidden: bool):
         maps = decoder.linear_maps()
+        self.dropout = decoder.dropout
+        self.deep_hidden = self.deep_context = self.vocabulary = None
+        if not memory_in_hidden:  # generation: the deep output's products too, made once with the others
+            self.deep_hidden, self.deep_context, self.vocabulary = (
+                StackedProduct(maps[name], dtype) for name in ("deep_hidden", "deep_context", "vocabulary")
+            )
         if memory_in_hidden and "new_state" in maps:
             maps["hidden"] = maps["hidden"] + maps.pop("new_state")
         self.dtype = dtype
@@ -76,6 +95,14 @@ class PackedProducts:
         self.attended = StackedProduct(maps["attended"], dtype) if "attended" in maps else None
         self.new_state = StackedProduct(maps["new_state"], dtype) if "new_state" in maps else None
         self._regions: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def output(self, embedded: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """`CaptionerDecoder.output` by stacked products (generation): (R, T, E), (R, T, H), (R, T, C) -> (R, T, V)."""
+        rows, steps = hidden.shape[:2]
+        deep = (
+            embedded.flatten(0, 1) + self.deep_hidden(hidden.flatten(0, 1)) + self.deep_context(context.flatten(0, 1))
+        )
+        return self.vocabulary(self.dropout(deep)).view(rows, steps, -1)
 
     def per_step(self) -> list[StackedProduct]:
         """The products each step makes (their weight gradients are deferred)."""
@@ -243,7 +270,7 @@ def packed_generation(
     in the cache) and recast only when autocast changes the compute dtype."""
     dtype = compute_dtype(regions)
     if cache.products is None or cache.products.dtype != dtype:
-        cache.products = PackedProducts(decoder, dtype, memory_in_hidden=False)
+        cache.products = generation_products(decoder, dtype)
     products, step = cache.products, decoder.compiled(step)
 
     def stacked_step(embedded, regions, cache, noise):
@@ -252,7 +279,19 @@ def packed_generation(
             decoder, products, products.embedding(embedded), step_regions, cache, scratch=cache.scratch, noise=noise
         )
 
-    return decoder(input_ids, regions, cache, noise, step=stacked_step)
+    return decoder(input_ids, regions, cache, noise, step=stacked_step, output=products.output)
+
+
+def generation_products(decoder: CaptionerDecoder, dtype: torch.dtype) -> PackedProducts:
+    """The decoder's stacked products for generation in `dtype`, kept on the decoder from one `generate()` call to
+    the next (stacking and casting them reads every weight: several ms a call) and made again once any weight has
+    changed (an optimizer step or a load changes a parameter in place, which bumps its version)."""
+    versions = (dtype, *((p.data_ptr(), p._version) for p in decoder.parameters()))
+    kept = getattr(decoder, "_generation_products", None)
+    if kept is None or kept[0] != versions:
+        kept = (versions, PackedProducts(decoder, dtype, memory_in_hidden=False))
+        decoder._generation_products = kept
+    return kept[1]
 
 
 def packed_teacher_forcing(
