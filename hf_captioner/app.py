@@ -75,8 +75,9 @@ class Explorer:
     """Captions with per-word attention, for the page: one model and its processor; `boxes_for(name, words, size)`
     may give each word's reference boxes for a data-set picture (by file name), or None."""
 
-    def __init__(self, model, processor, boxes_for: Callable | None = None):
-        self.model, self.processor, self.boxes_for = model.eval(), processor, boxes_for
+    def __init__(self, model, processor, boxes_for: Callable | None = None, bf16: bool = False):
+        """bf16: autocast the products to bfloat16 (where it pays: `hf-captioner app --precision auto` decides)."""
+        self.model, self.processor, self.boxes_for, self.bf16 = model.eval(), processor, boxes_for, bf16
         self.lock = threading.Lock()  # one generate at a time: concurrent ones would share the same two cores
 
     @torch.no_grad()
@@ -95,7 +96,7 @@ class Explorer:
         inputs = processor(images=[picture], text=prompt.strip(), return_tensors="pt").to(model.device)
         sampling = decoding == DECODINGS[1]
         options = {"do_sample": True, "num_beams": 1} if sampling else {"do_sample": False, "num_beams": num_beams}
-        with self.lock:
+        with self.lock, torch.autocast(model.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             sequences = model.generate(**inputs, max_new_tokens=max_new_tokens, **options)
             outputs = model(
                 pixel_values=inputs["pixel_values"], decoder_input_ids=sequences[:, :-1], output_attentions=True

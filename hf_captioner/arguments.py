@@ -22,7 +22,7 @@ from .cli import model_folder_problem
 logger = logging.getLogger(__name__)
 
 OBJECTIVES = ("cross_entropy", "self_critical")
-MIXED_PRECISION = ("no", "fp16", "bf16")
+MIXED_PRECISION = ("no", "fp16", "bf16", "auto")
 # CaptionerConfig fields that the trained tokenizer decides (the run's vocab_size bounds its size)
 TOKENIZER_FIELDS = (
     "vocab_size",
@@ -141,7 +141,11 @@ class OptimizationArguments:
     lr_scheduler: str = option("cosine", "a transformers scheduler: linear, cosine, constant_with_warmup, ...")
     warmup_steps: int = option(0, "optimizer steps of linear warm-up")
     max_grad_norm: float = option(5.0, "gradients are clipped to this norm (0: no clipping)")
-    mixed_precision: str = option("no", f"one of {MIXED_PRECISION}: autocast (see the README's speed section)")
+    mixed_precision: str = option(
+        "no",
+        f"one of {MIXED_PRECISION}: autocast; auto is bf16 only where a probe of "
+        "this machine shows bf16 products faster than float32 (docs/performance.md)",
+    )
     channels_last: bool = option(False, "NHWC convolutions in the encoder (images through it, feature caching)")
     seed: int = option(42, "seed of the weights, the data order and dropout")
     group_captions_by_image: bool = option(

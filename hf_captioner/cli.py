@@ -73,10 +73,17 @@ positive_int = whole_number(1)  # beam counts, batch sizes, lengths
 non_negative_int = whole_number(0)  # sizes where 0 means "off"
 
 
-def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
+def add_speed_arguments(parser: argparse.ArgumentParser, precision: str = "auto") -> None:
     """The flags of `hf_captioner.inference.speed_options`, for the commands that caption."""
     parser.add_argument(
-        "--bf16", action="store_true", help="autocast to bfloat16 (faster on CPUs with AVX512-BF16/AMX)"
+        "--precision",
+        choices=("auto", "float32", "bf16"),
+        default=precision,
+        help="the products' precision: auto is bf16 only where a probe of this machine shows bf16 faster than "
+        "float32 (CPUs with AVX512-BF16 or AMX, most GPUs), and float32 elsewhere",
+    )
+    parser.add_argument(
+        "--bf16", action="store_const", const="bf16", dest="precision", help="the same as --precision bf16"
     )
     parser.add_argument("--channels_last", action="store_true", help="NHWC convolutions in the encoder")
     parser.add_argument("--compile", action="store_true", help="torch.compile the decoder step")

@@ -38,7 +38,7 @@ from .data.pairs import (
     ImageCollator,
 )
 from .data.sample import make_sample_dataset
-from .inference import generate_captions, validation_loss, warn_if_bf16_is_slow
+from .inference import bf16_pays, generate_captions, validation_loss, warn_if_bf16_is_slow
 from .metrics import score_captions
 from .modeling_captioner import CaptionerForConditionalGeneration
 from .processing_captioner import CaptionerImageProcessor, CaptionerProcessor
@@ -337,11 +337,11 @@ class TrainingRun:
         accelerator = Accelerator(
             cpu=not _has_accelerator_device(),
             gradient_accumulation_steps=args.gradient_accumulation_steps,
-            mixed_precision=args.mixed_precision,
+            mixed_precision=_mixed_precision(args.mixed_precision),
             log_with=_trackers(args.report_to),
             project_dir=str(Path(args.output_dir)),
         )
-        if args.mixed_precision == "bf16":
+        if accelerator.mixed_precision == "bf16":
             warn_if_bf16_is_slow(accelerator.device)
         set_seed(args.seed)
         checkpoint = _claim_run_folder(args, accelerator)
@@ -555,6 +555,16 @@ class TrainingRun:
         accelerator.wait_for_everyone()
         accelerator.end_training()
         return metrics
+
+
+def _mixed_precision(asked: str) -> str:
+    """What Accelerate is given: "auto" becomes bf16 where `bf16_pays` on the device the run will use, else "no"."""
+    if asked != "auto":
+        return asked
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    chosen = "bf16" if bf16_pays(device) else "no"
+    logger.info("mixed_precision auto: %s on this %s (a probe of its bf16 and float32 products)", chosen, device)
+    return chosen
 
 
 def _claim_run_folder(args: TrainingArguments, accelerator: Accelerator) -> Path | None:

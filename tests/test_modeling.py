@@ -598,6 +598,23 @@ def test_bf16_is_warned_about_on_a_cpu_without_bf16_instructions(monkeypatch, ca
     assert ("no bfloat16 matrix instructions" in caplog.text) is not has_instructions
 
 
+def test_precision_auto_is_bf16_only_where_the_probe_says_it_pays(monkeypatch):
+    """`--precision auto` (captioning, the app) and `mixed_precision: auto` (training): never bf16 on a CPU without
+    bfloat16 instructions (no probe is run there); with them, the probe's verdict."""
+    cpu = torch.device("cpu")
+    inference.bf16_pays.cache_clear()
+    monkeypatch.setattr(inference, "cpu_multiplies_bf16_fast", lambda: False)
+    assert not inference.use_bf16("auto", cpu) and not inference.use_bf16("float32", cpu)
+    assert inference.use_bf16("bf16", cpu)  # asked for: it is what the user gets (with a warning)
+    inference.bf16_pays.cache_clear()
+    monkeypatch.setattr(inference, "cpu_multiplies_bf16_fast", lambda: True)
+    monkeypatch.setattr(inference.time, "perf_counter", iter(range(0, 100, 2)).__next__)  # bf16 and float32 tie
+    assert not inference.use_bf16("auto", cpu)  # a tie is not worth bf16's rounding
+    inference.bf16_pays.cache_clear()
+    with pytest.raises(ValueError, match="precision must be one of"):
+        inference.use_bf16("fp8", cpu)
+
+
 def test_compiled_decoder_step_captions_as_the_eager_one():
     model = tiny_model(initializer_range=0.3)
     kwargs = dict(pixel_values=images(3), num_beams=3, max_new_tokens=6)

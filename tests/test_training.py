@@ -59,6 +59,13 @@ def test_arguments_come_from_yaml_then_the_command_line(tmp_path):
         parse_arguments(["--config", str(config)])
 
 
+def test_mixed_precision_auto_follows_the_probe(monkeypatch):
+    monkeypatch.setattr(training, "bf16_pays", lambda device: device == "cpu")
+    assert training._mixed_precision("auto") == ("no" if torch.cuda.is_available() else "bf16")
+    monkeypatch.setattr(training, "bf16_pays", lambda device: False)
+    assert training._mixed_precision("auto") == "no" and training._mixed_precision("bf16") == "bf16"
+
+
 def test_the_earlier_model_spelling_still_works_with_a_deprecation_line(caplog):
     """`train --model KEY=VALUE` became `--model_config` (in every other command --model is a saved model folder)."""
     with caplog.at_level(logging.WARNING):

@@ -8,7 +8,13 @@ import logging
 import tempfile
 from pathlib import Path
 
-from hf_captioner.cli import CommandParser, add_model_arguments, configure_logging, load_captioner, positive_int
+from hf_captioner.cli import (
+    CommandParser,
+    add_model_arguments,
+    configure_logging,
+    load_captioner,
+    positive_int,
+)
 
 logger = logging.getLogger("hf_captioner.app")
 EXAMPLE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif"}
@@ -56,6 +62,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--host", default="127.0.0.1", help="the address to serve on (0.0.0.0: every interface)")
     parser.add_argument("--port", type=positive_int, default=7860, help="the port to serve on")
+    parser.add_argument(
+        "--precision",
+        choices=("auto", "float32", "bf16"),
+        default="auto",
+        help="auto: bf16 only where a probe of this machine shows it faster than float32",
+    )
     args = parser.parse_args(argv)
     if args.examples and not Path(args.examples).is_dir():
         parser.error(f"--examples {args.examples}: not a folder")

@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
         names = collect(args.inputs)  # a wrong path is said before the model loads
     except ValueError as error:
         parser.error(str(error))
-    from hf_captioner.inference import caption_with_attention, speed_options  # torch: only once there is work
+    from hf_captioner.inference import caption_with_attention, speed_options, use_bf16  # torch: once there is work
     from hf_captioner.visualize import plot_attention
 
     model, processor = load_captioner(args, parser)
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
         entities = load_flickr30k_entities(args.entities) if args.entities else {}
     except (FileNotFoundError, ValueError) as error:
         parser.error(str(error))
-    speed = speed_options(model, args.bf16, args.channels_last, args.compile)
+    speed = speed_options(model, use_bf16(args.precision, model.device), args.channels_last, args.compile)
     if args.attention:
         Path(args.attention).mkdir(parents=True, exist_ok=True)
     skipped = 0

@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
         "in the --data folder when it is there",
     )
     add_layout_arguments(parser)
-    add_speed_arguments(parser)
+    add_speed_arguments(parser, precision="float32")  # scores that do not depend on the machine, unless asked
     args = parser.parse_args(argv)
     if args.repetition_penalty is not None and args.repetition_penalty <= 0:
         parser.error(f"argument --repetition_penalty: expected a number > 0, got {args.repetition_penalty}")
@@ -123,7 +123,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging()
     from hf_captioner.data import DataError
     from hf_captioner.evaluation import evaluate_split, format_table  # torch: only once there is work
-    from hf_captioner.inference import speed_options
+    from hf_captioner.inference import speed_options, use_bf16
 
     model, processor = load_captioner(args, parser)
     try:
@@ -149,11 +149,11 @@ def main(argv: list[str] | None = None) -> None:
     extra = {
         "model": args.model,
         "data": args.data,
-        "bf16": args.bf16,
+        "bf16": use_bf16(args.precision, model.device),
         "compile": args.compile,
         "entities": entities_file,
     }
-    with speed_options(model, args.bf16, args.channels_last, args.compile):
+    with speed_options(model, extra["bf16"], args.channels_last, args.compile):
         metrics = evaluate_split(
             model,
             processor,
