@@ -6,6 +6,7 @@ import multiprocessing
 import platform
 import threading
 import time
+from pathlib import Path
 
 import psutil
 import torch
@@ -13,7 +14,7 @@ from transformers.modeling_outputs import BaseModelOutput
 
 from .arguments import TrainingArguments
 from .configuration_captioner import CaptionerConfig
-from .inference import cpu_multiplies_bf16_fast, speed_options
+from .inference import bf16_pays, cpu_multiplies_bf16_fast, speed_options
 from .modeling_captioner import CaptionerForConditionalGeneration
 from .training import build_optimizer
 
@@ -77,10 +78,27 @@ def _child(case: dict, sender) -> None:
         sender.send({"error": traceback.format_exc()})
 
 
-def matmul_gflops(size: int, repeats: int, dtype: str = "float32") -> dict:
-    a, b = torch.randn(size, size).to(getattr(torch, dtype)), torch.randn(size, size).to(getattr(torch, dtype))
+def matmul_gflops(
+    size: int, repeats: int, dtype: str = "float32", rows: int | None = None, inner: int | None = None
+) -> dict:
+    """The rate of a (rows x inner) @ (inner x size) product (square by default): a decoder step's shape is
+    32 x 3072 x 2048 (a batch's [embedding, context, attended] times the cell's input weights)."""
+    rows, inner = rows or size, inner or size
+    a = torch.randn(rows, inner).to(getattr(torch, dtype))
+    b = torch.randn(inner, size).to(getattr(torch, dtype))
     seconds = timed(lambda: a @ b, repeats)
-    return {"gflops": 2 * size**3 / seconds / 1e9, "threads": torch.get_num_threads(), "size": size}
+    return {"gflops": 2 * rows * inner * size / seconds / 1e9, "threads": torch.get_num_threads(), "size": size}
+
+
+def cpu_description() -> dict:
+    """The CPU's model name and the instruction sets that decide bf16 (from /proc/cpuinfo where there is one)."""
+    text = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").is_file() else ""
+    name = next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("model name")), "")
+    flags = set(next((line.split(":", 1)[1].split() for line in text.splitlines() if line.startswith("flags")), []))
+    return {
+        "model_name": name or platform.processor() or platform.machine(),
+        "flags": sorted(flags & {"avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile"}),
+    }
 
 
 def caption_lengths(batch: int, generator: torch.Generator) -> torch.Tensor:
@@ -240,16 +258,24 @@ def run(quick: bool) -> dict:
     bf16_matmul = in_fresh_process(
         {"kind": "matmul", "size": size if fast_bf16 else 256, "repeats": 2, "dtype": "bfloat16"}
     )
+    step_shape = {"kind": "matmul", "size": 2048, "rows": 32, "inner": 3072, "repeats": repeats * 4}
+    step_rates = {
+        "float32": in_fresh_process(step_shape)["gflops"],
+        "bfloat16": in_fresh_process({**step_shape, "dtype": "bfloat16"})["gflops"] if fast_bf16 else None,
+    }
     step_flops, start_flops = decoder_flops(sat_config(), REGION_DIM)
     report = {
         "mode": "quick" if quick else "full",
         "machine": {
             "cpu": platform.processor() or platform.machine(),
+            **cpu_description(),
             "threads": matmul["threads"],
             "torch": torch.__version__,
             "bf16_matrix_instructions": fast_bf16,
+            "bf16_pays": bf16_pays("cpu"),  # what --precision auto / mixed_precision: auto choose here
         },
         "matmul_gflops": {"float32": matmul["gflops"], "bfloat16": bf16_matmul["gflops"]},
+        "step_matmul_gflops": step_rates,  # at a decoder step's shape, 32 x 3072 x 2048
         "decoder_gflop_per_token": step_flops / 1e9,
         "decoder_gflop_per_caption_start": start_flops / 1e9,
     }
@@ -369,9 +395,14 @@ def table(report: dict) -> str:
         if report["machine"]["bf16_matrix_instructions"]
         else (" (no AVX512-BF16/AMX on this CPU: the bf16 cases are skipped)")
     )
+    machine, step = report["machine"], report.get("step_matmul_gflops", {})
+    step_bf16 = f"{step['bfloat16']:.0f}" if step.get("bfloat16") else "-"
     lines = [
+        f"machine: {machine.get('model_name', machine['cpu'])}, flags {' '.join(machine.get('flags', [])) or '-'}; "
+        f"bf16 pays here: {machine.get('bf16_pays', '?')}",
         f"matrix multiply ({report['machine']['threads']} threads): float32 {rates['float32']:.0f} GFLOP/s, "
-        f"bf16 {rates['bfloat16']:.1f} GFLOP/s{bf16_note}",
+        f"bf16 {rates['bfloat16']:.1f} GFLOP/s{bf16_note}; at a decoder step's shape (32 x 3072 x 2048) float32 "
+        f"{step.get('float32', 0):.0f}, bf16 {step_bf16} GFLOP/s",
         f"decoder: {report['decoder_gflop_per_token'] * 1e3:.1f} MFLOP per token, "
         f"{report['decoder_gflop_per_caption_start'] * 1e3:.0f} MFLOP per caption start (forward)",
         "",

@@ -1,6 +1,7 @@
 """The attention explorer: its captions are generate()'s, it survives bad uploads and load, its Space folder runs
 without this package, and a real browser can use it (Chromium from Debian's packages, driven by Playwright)."""
 
+import json
 import os
 import resource
 import shutil
@@ -82,6 +83,24 @@ def test_the_explorer_captions_as_generate_and_gives_each_word_its_map(saved, pi
     assert first.shape == second.shape and (first != second).any()  # each word shows its own attention
     prompted = explorer.caption(picture, num_beams=1, prompt=captioned.words[0])
     assert prompted.caption.startswith(captioned.words[0])
+
+
+def test_a_data_set_pictures_words_show_their_reference_boxes(saved, pictures, tmp_path):
+    """With --entities, a picture known by its file name gets each word's Flickr30k Entities boxes drawn."""
+    from hf_captioner.commands.app import boxes_from_entities
+
+    picture = Image.open(pictures[0]).convert("RGB")
+    entities = {"picture0.jpg": {"width": 48, "height": 48, "boxes": {"1": [[4, 4, 20, 20]]}, "phrases": []}}
+    plain = Explorer(*saved).caption(picture, num_beams=2, max_new_tokens=8, name="picture0")
+    named = plain.words[-1]
+    entities["picture0.jpg"]["phrases"] = [[0, "1", "other", f"the {named}"]]  # the last word names box 1
+    (tmp_path / "entities.json").write_text(json.dumps(entities))
+    boxed = Explorer(*saved, boxes_for=boxes_from_entities(str(tmp_path / "entities.json")))
+    captioned = boxed.caption(picture, num_beams=2, max_new_tokens=8, name="picture0")
+    assert captioned.boxes[-1] == [(4.0, 4.0, 20.0, 20.0)]  # the picture has the annotation's size: unscaled
+    last = captioned.choices()[-1]
+    assert (np.asarray(captioned.view(last)) != np.asarray(plain.view(last))).any()  # drawn on its panel
+    assert boxed.caption(picture, num_beams=2, max_new_tokens=8, name="unknown").boxes is None
 
 
 def test_the_page_answers_through_gradio_client(served, saved, pictures):
