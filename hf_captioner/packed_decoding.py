@@ -270,7 +270,9 @@ def packed_generation(
     in the cache) and recast only when autocast changes the compute dtype."""
     dtype = compute_dtype(regions)
     if cache.products is None or cache.products.dtype != dtype:
-        cache.products = generation_products(decoder, dtype)
+        # made anew for every generate() call: a cache across calls would need to know when the weights change, and
+        # fused optimizers update them in place without moving their version counters
+        cache.products = PackedProducts(decoder, dtype, memory_in_hidden=False)
     products, step = cache.products, decoder.compiled(step)
 
     def stacked_step(embedded, regions, cache, noise):
@@ -280,18 +282,6 @@ def packed_generation(
         )
 
     return decoder(input_ids, regions, cache, noise, step=stacked_step, output=products.output)
-
-
-def generation_products(decoder: CaptionerDecoder, dtype: torch.dtype) -> PackedProducts:
-    """The decoder's stacked products for generation in `dtype`, kept on the decoder from one `generate()` call to
-    the next (stacking and casting them reads every weight: several ms a call) and made again once any weight has
-    changed (an optimizer step or a load changes a parameter in place, which bumps its version)."""
-    versions = (dtype, *((p.data_ptr(), p._version) for p in decoder.parameters()))
-    kept = getattr(decoder, "_generation_products", None)
-    if kept is None or kept[0] != versions:
-        kept = (versions, PackedProducts(decoder, dtype, memory_in_hidden=False))
-        decoder._generation_products = kept
-    return kept[1]
 
 
 def packed_teacher_forcing(

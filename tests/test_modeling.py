@@ -418,20 +418,20 @@ def test_packed_inference_step_equals_the_reference_step(rnn_type, self_attentio
     assert torch.equal(captions["packed"], captions["reference"])
 
 
-def test_generation_keeps_its_stacked_weights_until_a_weight_changes():
-    """The packed products are stacked once for many generate() calls, and made again after an optimizer step or a
-    load: captions always come from the current weights."""
+def test_generation_follows_the_weights_after_a_fused_optimizer_step():
+    """Captions come from the current weights: a fused AdamW step (which updates parameters in place without moving
+    their version counters) between two generate() calls changes the second one's stacked products."""
     model = tiny_model(initializer_range=0.3)
-    first = model.generate(pixel_values=images(), num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
-    again = model.generate(pixel_values=images(), num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
-    assert again.cache.products is first.cache.products
-    with torch.no_grad():
-        model.decoder.lm_head.bias[5] += 50.0  # in place, as an optimizer step changes it
-    changed = model.generate(pixel_values=images(), num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
-    assert changed.cache.products is not first.cache.products
+    before = model.generate(pixel_values=images(), num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
+    optimizer = torch.optim.AdamW([model.decoder.lm_head.bias], lr=50.0, fused=True)
+    model.decoder.lm_head.bias.grad = torch.zeros_like(model.decoder.lm_head.bias)
+    model.decoder.lm_head.bias.grad[5] = -1.0  # the step raises token 5's bias by about lr
+    optimizer.step()
+    after = model.generate(pixel_values=images(), num_beams=3, max_new_tokens=6, return_dict_in_generate=True)
+    assert after.cache.products is not before.cache.products
+    assert (after.sequences[:, 1:] == 5).all() and not (before.sequences[:, 1:] == 5).all()
     model.config.decoder_implementation = "reference"
-    assert torch.equal(changed.sequences, model.generate(pixel_values=images(), num_beams=3, max_new_tokens=6))
-    assert (changed.sequences[:, 1:] == 5).all()  # the new bias decides every word
+    assert torch.equal(after.sequences, model.generate(pixel_values=images(), num_beams=3, max_new_tokens=6))
 
 
 def test_every_configurable_decoder_implementation_has_a_runner():
