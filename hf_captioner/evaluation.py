@@ -13,6 +13,7 @@ from pathlib import Path
 from .attention_measures import AttentionMeasures, entity_regions, shape_regions
 from .inference import generate_captions
 from .metrics import score_captions
+from .model_card import METRIC_NAMES
 
 logger = logging.getLogger(__name__)
 
@@ -95,15 +96,7 @@ def evaluate_split(
 def format_table(metrics: dict) -> str:
     """The scores as a small Markdown table (x100, as papers report them; CIDEr-D too)."""
     scores = metrics["metrics"]
-    names = {
-        "bleu_1": "BLEU-1",
-        "bleu_2": "BLEU-2",
-        "bleu_3": "BLEU-3",
-        "bleu_4": "BLEU-4",
-        "meteor": "METEOR",
-        "rouge_l": "ROUGE-L",
-        "cider": "CIDEr-D",
-    }
+    names = METRIC_NAMES
     header = "| split | beams | " + " | ".join(names[k] for k in names if k in scores) + " |"
     rule = "|" + "---|" * (2 + sum(k in scores for k in names))
     values = (
