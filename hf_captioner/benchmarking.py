@@ -246,7 +246,11 @@ def generate_case(batch: int, beams: int, repeats: int, encoder: bool, variant: 
     }
 
 
-RUNNERS = {"matmul": matmul_gflops, "train": train_case, "generate": generate_case}
+def probe_case() -> dict:
+    return {"bf16_pays": bf16_pays("cpu")}
+
+
+RUNNERS = {"matmul": matmul_gflops, "train": train_case, "generate": generate_case, "probe": probe_case}
 
 
 def run(quick: bool) -> dict:
@@ -272,7 +276,9 @@ def run(quick: bool) -> dict:
             "threads": matmul["threads"],
             "torch": torch.__version__,
             "bf16_matrix_instructions": fast_bf16,
-            "bf16_pays": bf16_pays("cpu"),  # what --precision auto / mixed_precision: auto choose here
+            # what --precision auto / mixed_precision: auto choose here (probed in a child too: a parent that has run
+            # torch products before forking can hang its children's thread pools)
+            "bf16_pays": in_fresh_process({"kind": "probe"})["bf16_pays"],
         },
         "matmul_gflops": {"float32": matmul["gflops"], "bfloat16": bf16_matmul["gflops"]},
         "step_matmul_gflops": step_rates,  # at a decoder step's shape, 32 x 3072 x 2048
