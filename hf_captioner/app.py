@@ -244,15 +244,15 @@ def screenshot_page(
             page.locator("#run").click()
             page.wait_for_function("() => document.querySelector('#caption textarea').value.length > 0")
             caption = page.locator("#caption textarea").input_value()
-            view = page.locator("#view img").first
-            view.wait_for()
-            first = view.get_attribute("src")
+            page.locator("#view img").first.wait_for()
+            current = "() => document.querySelector('#view img').src"
+            first = page.evaluate(current)  # read before the click: the new image may arrive at once
             page.locator("#words label").nth(1).click()
             page.wait_for_function(
                 "(first) => { const img = document.querySelector('#view img'); return img && img.src !== first; }",
-                arg=page.evaluate("() => document.querySelector('#view img').src"),
+                arg=first,
             )
-            changed = view.get_attribute("src") != first
+            changed = page.evaluate(current) != first
             page.screenshot(path=str(path), full_page=True)
         finally:
             browser.close()
