@@ -51,6 +51,11 @@ class DataArguments:
     _argument_group_name = "data"
     data: str = option("sample", "'sample' (drawn in memory), a folder or file in a known layout, or a Hub data set")
     images_dir: str | None = option(None, "where the images are, when not in the layout's default place")
+    entities: str | None = option(
+        None,
+        "Flickr30k Entities boxes (JSON) for attention supervision (model_config "
+        "attention_supervision_weight > 0); default: flickr30k_entities.json in the --data folder",
+    )
     strict: bool = option(False, "a missing or unreadable image is an error instead of a counted skip")
     sample_sizes: list[int] = option([2000, 200, 200], "sample data: train, validation and test pictures")
     sample_seed: int = option(0, "sample data: the seed its pictures are drawn from")

@@ -14,7 +14,9 @@ CROSS_ATTENTION_KINDS = ("additive", "dot", "scaled_dot")
 NORM_STATISTICS = ("batch", "frozen")
 DECODER_IMPLEMENTATIONS = ("packed", "reference")
 ATTENTION_PENALTY_FORMS = ("coverage", "doubly_stochastic")
+DECODER_TYPES = ("show_attend_tell", "top_down")
 CHOICES = {
+    "decoder_type": DECODER_TYPES,
     "rnn_type": RNN_TYPES,
     "cross_attention": CROSS_ATTENTION_KINDS,
     "decoder_implementation": DECODER_IMPLEMENTATIONS,
@@ -65,11 +67,25 @@ class CaptionerConfig(PreTrainedConfig):
     cross_attention: str = "additive"  # "additive" (Bahdanau) | "dot" | "scaled_dot"
     self_attention: bool = True  # attend over the decoder's earlier states; False gives the classic SAT decoder
     self_attention_heads: int = 8  # heads of the self-attention (must divide hidden_size)
+    # Transformer encoder layers over the k regions (projected to hidden_size, with 2-D grid position embeddings)
+    # between the encoder and the decoder: self-attention among the regions (AoA's refiner); 0 = none. They run on
+    # the encoder's output, so cached features stay valid.
+    region_encoder_layers: int = 0
+    # "show_attend_tell": one LSTM/GRU that attends from h_{t-1}; "top_down" (Anderson et al. 2018): an attention
+    # LSTM reads [language state, mean region, word] and queries the regions, a language LSTM reads [context,
+    # attention state] and predicts the word
+    decoder_type: str = "show_attend_tell"
+    # an adaptive sentinel (Lu et al. 2017): the attention may go to a vector of the decoder's own memory instead of
+    # the image; its share per word is returned as `sentinel_attentions`
+    visual_sentinel: bool = False
     dropout: float = 0.5  # dropout before the output layer (deep output)
     decoder_implementation: str = "packed"  # "packed" (fast: packed_decoding.py) | "reference" (the paper's loop)
     attention_penalty: float = 0.0  # lambda of the attention penalty below; off by default (README: penalty sweep)
     attention_penalty_form: str = "coverage"  # "coverage" (grid-independent) | "doubly_stochastic" (the paper's)
     label_smoothing: float = 0.0  # label smoothing of the token cross-entropy
+    # lambda of the attention supervision loss -sum_i z_i log alpha_ti on words of phrases with boxes (z: the boxes'
+    # cells, normalised); needs `attention_targets` in the batch (training with --entities, or the sample set)
+    attention_supervision_weight: float = 0.0
     # Hard (stochastic) attention, Show, Attend and Tell section 4.1: training reads one sampled region per word and
     # follows the REINFORCE estimator of the variational bound; the defaults are the paper's and its code's values.
     hard_attention: bool = False  # sample the region each word reads while training (False: soft attention)
@@ -111,10 +127,13 @@ class CaptionerConfig(PreTrainedConfig):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
                 raise ValueError(f"CaptionerConfig.{name} must be a positive integer, got {value!r}")
-        if self.self_attention and self.hidden_size % self.self_attention_heads:
+        layers = self.region_encoder_layers
+        if not isinstance(layers, int) or isinstance(layers, bool) or layers < 0:
+            raise ValueError(f"CaptionerConfig.region_encoder_layers must be an integer >= 0, got {layers!r}")
+        if (self.self_attention or layers) and self.hidden_size % self.self_attention_heads:
             raise ValueError(
-                f"CaptionerConfig.self_attention_heads ({self.self_attention_heads}) must divide "
-                f"hidden_size ({self.hidden_size})"
+                f"CaptionerConfig.self_attention_heads ({self.self_attention_heads}) must divide hidden_size "
+                f"({self.hidden_size}): the self-attention and the region encoder's layers use them"
             )
         for name in ("dropout", "label_smoothing"):
             value = getattr(self, name)
@@ -126,8 +145,14 @@ class CaptionerConfig(PreTrainedConfig):
         for name in ("hard_attention_baseline_decay", "hard_attention_expectation_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"CaptionerConfig.{name} must be in [0, 1], got {getattr(self, name)!r}")
-        if self.attention_penalty < 0:
-            raise ValueError(f"CaptionerConfig.attention_penalty must be >= 0, got {self.attention_penalty!r}")
+        for name in ("attention_penalty", "attention_supervision_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"CaptionerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        if self.visual_sentinel and self.hard_attention:
+            raise ValueError(
+                "CaptionerConfig: hard_attention samples one region per word, and visual_sentinel is a soft mixture "
+                "of the image and the decoder's memory; choose one of them"
+            )
         if not isinstance(self.encoder_trainable_stages, int) or self.encoder_trainable_stages < -1:
             raise ValueError(
                 "CaptionerConfig.encoder_trainable_stages must be -1 (all), 0 (frozen) or a number of final stages, "

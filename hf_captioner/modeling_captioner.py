@@ -69,14 +69,21 @@ class CaptionerOutput(Seq2SeqLMOutput):
         `output_attentions` and self-attention is on); entries a step cannot see are 0. Also `self_attentions`.
     cross_attentions: (B, T, k) attention over the k regions at each step (when `output_attentions`).
     encoder_last_hidden_state: (B, k, C) the region features.
+    sentinel_attentions: (B, T) the share of each step's attention given to the visual sentinel instead of the image
+        (when `output_attentions` and `config.visual_sentinel`); `cross_attentions` are then the image's share
+        renormalised: where the model looks when it looks.
     token_loss: the (label-smoothed) token cross-entropy, padding ignored.
     attention_loss: lambda times the attention penalty (`attention_penalty_form`), batch mean; when a training batch
         samples its regions (hard attention), plus the REINFORCE surrogate of the sampled regions and the entropy bonus
         (`CaptionerForConditionalGeneration.hard_attention_loss`): its gradient is the estimator, its value no likelihood.
+    supervision_loss: lambda times the attention supervision loss (`attention_supervision`), when the batch has
+        `attention_targets` and `config.attention_supervision_weight` > 0; 0 otherwise.
     """
 
+    sentinel_attentions: torch.FloatTensor | None = None
     token_loss: torch.FloatTensor | None = None
     attention_loss: torch.FloatTensor | None = None
+    supervision_loss: torch.FloatTensor | None = None
 
     @property
     def self_attentions(self) -> torch.FloatTensor | None:
@@ -89,9 +96,13 @@ class CaptionerCache:
 
     hidden/cell: (R, H) recurrent state of R rows (cell is None for a GRU); keys/values: (R, heads, P+1, d)
     self-attention memory over h_0..h_P (None without self-attention); projected_regions: (B, k, A) W_f f, once per
-    image. Generation runs `rows_per_image` consecutive rows per image (beams, returned sequences): they share one
-    copy of the regions and their projection, which beam search never needs to move.
+    image; regions: (B, k, C) the regions the decoder reads (after the region encoder: computed once per image, not
+    once per step); attention_hidden/attention_cell: (R, H) the top-down decoder's attention LSTM (None otherwise).
+    Generation runs `rows_per_image` consecutive rows per image (beams, returned sequences): they share one copy of
+    the regions and their projection, which beam search never needs to move.
     """
+
+    STATES = ("hidden", "cell", "keys", "values", "attention_hidden", "attention_cell")  # one entry per row
 
     is_compileable = False  # the recurrence is stateful and grows no fixed-size buffers
     is_croppable = False  # an LSTM state cannot be rolled back to an earlier step
@@ -105,12 +116,18 @@ class CaptionerCache:
         projected_regions: torch.Tensor,
         rows_per_image: int = 1,
         seen_tokens: int = 0,
+        regions: torch.Tensor | None = None,
+        attention_hidden: torch.Tensor | None = None,
+        attention_cell: torch.Tensor | None = None,
     ):
         self.hidden = hidden
         self.cell = cell
         self.keys = keys
         self.values = values
         self.projected_regions = projected_regions
+        self.regions = regions
+        self.attention_hidden = attention_hidden
+        self.attention_cell = attention_cell
         self.rows_per_image = rows_per_image
         self.seen_tokens = seen_tokens
         self._scratch: torch.Tensor | None = None
@@ -131,11 +148,13 @@ class CaptionerCache:
         beam_idx = beam_idx.to(self.hidden.device)
         if self.rows_per_image == 1:
             self.projected_regions = self.projected_regions.index_select(0, beam_idx)
+            if self.regions is not None:
+                self.regions = self.regions.index_select(0, beam_idx)
         else:
             rows = torch.arange(beam_idx.shape[0], device=beam_idx.device)
             if not torch.equal(beam_idx // self.rows_per_image, rows // self.rows_per_image):
                 raise ValueError("reorder_cache: a row may only continue a beam of its own image")
-        for name in ("hidden", "cell", "keys", "values"):
+        for name in self.STATES:
             tensor = getattr(self, name)
             if tensor is not None:
                 setattr(self, name, tensor.index_select(0, beam_idx))
@@ -278,11 +297,29 @@ def chosen_regions(weights: torch.Tensor, uniforms: torch.Tensor) -> torch.LongT
     return (weights.cumsum(dim=-1) < uniforms.unsqueeze(-1)).sum(dim=-1).clamp(max=weights.shape[-1] - 1)
 
 
+class VisualSentinel(nn.Module):
+    """The adaptive sentinel of "Knowing When to Look" (Lu et al. 2017): s = g * tanh(m), g = sigmoid(W_x x + W_h h),
+    from the decoder's memory m (the LSTM cell; a GRU's state) and the step's input, mapped into the regions' space so
+    that the cross-attention can choose it as one more region: a word the decoder knows from its language model ("a",
+    "of") need not look at the picture."""
+
+    def __init__(self, config: CaptionerConfig, region_dim: int):
+        super().__init__()
+        self.gate = nn.Linear(config.embed_dim + config.hidden_size, config.hidden_size)  # W_x, W_h
+        self.value = nn.Linear(config.hidden_size, region_dim, bias=False)  # into the regions' space
+
+    def forward(self, embedded: torch.Tensor, state: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """embedded (R, E), state (R, H) the attention's query state, memory (R, H) -> the sentinel (R, C)."""
+        gate = torch.sigmoid(self.gate(torch.cat([embedded, state], dim=-1)))  # (R, H)
+        return self.value(gate * torch.tanh(memory))  # (R, C)
+
+
 class CaptionerCrossAttention(nn.Module):
     """Attention of the previous hidden state over the k regions, and the gated context (SAT eq. 4-6, beta gate).
 
     additive: e_i = v^T tanh(W_f f_i + W_h h); dot: e_i = (W_f f_i)^T (W_h h); scaled_dot: the same / sqrt(A).
     Soft attention reads the expectation sum_i alpha_i f_i; hard attention (SAT section 4.1) one region drawn from alpha.
+    With a visual sentinel (config.visual_sentinel), the sentinel s is scored as a (k+1)-th region, W_f s its key.
     """
 
     def __init__(self, config: CaptionerConfig, region_dim: int):
@@ -293,37 +330,100 @@ class CaptionerCrossAttention(nn.Module):
         self.score = nn.Linear(config.attention_dim, 1) if self.kind == "additive" else None  # v
         self.gate = nn.Linear(config.hidden_size, region_dim)  # W_beta
         self.scale = 1.0 / math.sqrt(config.attention_dim) if self.kind == "scaled_dot" else 1.0
+        self.sentinel = VisualSentinel(config, region_dim) if config.visual_sentinel else None
 
     def project_regions(self, regions: torch.Tensor) -> torch.Tensor:
         return self.region_proj(regions)  # (B, k, C) -> (B, k, A)
 
-    def weights(self, query: torch.Tensor, projected_regions: torch.Tensor, scratch=None) -> torch.Tensor:
-        """alpha = softmax_i(e_i) (B, n, k) for queries (B, n, A) of n rows per image. `scratch(shape, dtype)` may
-        lend a reusable buffer for the additive scores' (B, n, k, A) sum, the largest tensor of a step (inference)."""
+    def scores(self, query: torch.Tensor, projected_regions: torch.Tensor, scratch=None) -> torch.Tensor:
+        """e (B, n, k) for queries (B, n, A) of n rows per image over projected regions (B, k, A), or (R, A) / (R, 1, A)
+        for one key per row (the sentinel's). `scratch(shape, dtype)` may lend a reusable buffer for the additive
+        scores' (B, n, k, A) sum, the largest tensor of a step (inference)."""
         if self.score is None:
-            return (torch.bmm(query, projected_regions.transpose(1, 2)) * self.scale).softmax(dim=-1)
+            return torch.bmm(query, projected_regions.transpose(1, 2)) * self.scale
         scores = AdditiveScores.apply(projected_regions, query, self.score.weight.view(-1), scratch)  # (B, n, k)
-        return (scores + self.score.bias).softmax(dim=-1)
+        return scores + self.score.bias
+
+    def weights(
+        self, query: torch.Tensor, projected_regions: torch.Tensor, scratch=None, sentinel_key: torch.Tensor = None
+    ) -> torch.Tensor:
+        """alpha = softmax_i(e_i) (B, n, k) for queries (B, n, A); with `sentinel_key` (R, A), (B, n, k + 1), the
+        sentinel's weight last."""
+        scores = self.scores(query, projected_regions, scratch)  # (B, n, k)
+        if sentinel_key is not None:
+            rows = query.flatten(0, 1).unsqueeze(1)  # (R, 1, A): each row scores its own sentinel
+            sentinel = self.scores(rows, sentinel_key.unsqueeze(1)).view(*query.shape[:2], 1)  # (B, n, 1)
+            scores = torch.cat([scores, sentinel], dim=-1)  # (B, n, k + 1)
+        return scores.softmax(dim=-1)
 
     @staticmethod
-    def read(weights: torch.Tensor, regions: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+    def read(
+        weights: torch.Tensor, regions: torch.Tensor, noise: torch.Tensor | None = None, sentinel: torch.Tensor = None
+    ) -> torch.Tensor:
         """The context before the gate (R, C) from weights (B, n, k) over regions (B, k, C): their expectation, or, given
-        uniform `noise` (R,), the one region each row draws (no gradient reaches alpha through it: see the loss)."""
+        uniform `noise` (R,), the one region each row draws (no gradient reaches alpha through it: see the loss). With
+        a `sentinel` (R, C), weights (B, n, k + 1) and the sentinel's share of it added."""
         if noise is not None:
             choices = chosen_regions(weights, noise.view(weights.shape[:2]))  # (B, n)
             weights = F.one_hot(choices, weights.shape[-1])
-        return torch.bmm(weights.to(regions.dtype), regions).flatten(0, 1)
+        if sentinel is None:
+            return torch.bmm(weights.to(regions.dtype), regions).flatten(0, 1)
+        on_regions = torch.bmm(weights[..., :-1].to(regions.dtype), regions).flatten(0, 1)  # (R, C)
+        return on_regions + weights[..., -1].reshape(-1, 1) * sentinel
 
     def forward(
-        self, hidden: torch.Tensor, regions: torch.Tensor, projected_regions: torch.Tensor, scratch=None, noise=None
+        self,
+        hidden: torch.Tensor,
+        regions: torch.Tensor,
+        projected_regions: torch.Tensor,
+        scratch=None,
+        noise=None,
+        sentinel: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """hidden (R, H) for R = B x n rows, n consecutive rows per image; regions (B, k, C), projected (B, k, A);
-        noise (R,): draw the region each row reads (hard attention) instead of reading the expectation."""
+        noise (R,): draw the region each row reads (hard attention) instead of reading the expectation; sentinel (R, C):
+        the visual sentinel, one more thing to attend to. Returns the gated context (R, C) and the weights (R, k) or,
+        with a sentinel, (R, k + 1)."""
         query = self.query_proj(hidden).view(regions.shape[0], -1, self.query_proj.out_features)  # (B, n, A)
-        weights = self.weights(query, projected_regions, scratch)  # (B, n, k)
-        context = self.read(weights, regions, noise)  # (R, C)
+        sentinel_key = None if sentinel is None else self.region_proj(sentinel)  # (R, A)
+        weights = self.weights(query, projected_regions, scratch, sentinel_key)  # (B, n, k [+ 1])
+        context = self.read(weights, regions, noise, sentinel)  # (R, C)
         gate = torch.sigmoid(self.gate(hidden))  # (R, C)
-        return gate * context, weights.flatten(0, 1)  # (R, C), (R, k)
+        return gate * context, weights.flatten(0, 1)  # (R, C), (R, k [+ 1])
+
+
+class CaptionerRegionEncoder(nn.Module):
+    """Self-attention among the regions before decoding (the refiner of Attention on Attention, Huang et al. 2019; a
+    Transformer captioner's encoder): the k region vectors, projected to the decoder's width and given 2-D position
+    embeddings of their grid cells, through `config.region_encoder_layers` pre-norm Transformer encoder layers. It
+    reads the encoder's output, so a feature store of the encoder stays valid."""
+
+    def __init__(self, config: CaptionerConfig, region_dim: int):
+        super().__init__()
+        width = config.hidden_size
+        self.grid_size = config.grid_size
+        self.project = nn.Linear(region_dim, width)
+        self.row_embed = nn.Embedding(config.grid_size, width)  # position of a cell: its row's + its column's
+        self.column_embed = nn.Embedding(config.grid_size, width)
+        layer = nn.TransformerEncoderLayer(
+            width,
+            config.self_attention_heads,
+            dim_feedforward=4 * width,
+            dropout=0.1,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
+        self.layers = nn.TransformerEncoder(layer, config.region_encoder_layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.out_dim = width
+
+    def forward(self, regions: torch.Tensor) -> torch.Tensor:
+        """(B, k, C) -> (B, k, H)."""
+        cells = torch.arange(self.grid_size, device=regions.device)
+        positions = (self.row_embed(cells)[:, None] + self.column_embed(cells)[None, :]).flatten(0, 1)  # (k, H)
+        hidden = self.project(regions) + positions  # (B, k, H)
+        return self.norm(self.layers(hidden))  # (B, k, H)
 
 
 class CaptionerSelfAttention(nn.Module):
@@ -389,15 +489,22 @@ class CaptionerDecoder(nn.Module):
         self.init_cell = nn.Linear(region_dim, config.hidden_size) if config.rnn_type == "lstm" else None
         self.cross_attention = CaptionerCrossAttention(config, region_dim)
         self.self_attention = CaptionerSelfAttention(config) if config.self_attention else None
-        cell_input = config.embed_dim + region_dim + (config.hidden_size if config.self_attention else 0)
-        cell_class = nn.LSTMCell if config.rnn_type == "lstm" else nn.GRUCell
-        self.cell = cell_class(cell_input, config.hidden_size)
+        self.cell = self.cell_class(self.cell_input_size(config, region_dim), config.hidden_size)
         # deep output (SAT eq. 7): L_o(E y_{t-1} + L_h h_t + L_z z_t)
         self.out_hidden = nn.Linear(config.hidden_size, config.embed_dim)
         self.out_context = nn.Linear(region_dim, config.embed_dim, bias=False)
         self.dropout = nn.Dropout(config.dropout)
         self.lm_head = nn.Linear(config.embed_dim, config.vocab_size)
         self.compiled_steps: dict[Callable, Callable] | None = None  # `compile_steps()`: step -> its compiled form
+
+    @property
+    def cell_class(self) -> type[nn.Module]:
+        return nn.LSTMCell if self.config.rnn_type == "lstm" else nn.GRUCell
+
+    @staticmethod
+    def cell_input_size(config: CaptionerConfig, region_dim: int) -> int:
+        """The cell reads [embedding, context (, self-attended state)]."""
+        return config.embed_dim + region_dim + (config.hidden_size if config.self_attention else 0)
 
     def start(self, regions: torch.Tensor, rows_per_image: int = 1) -> CaptionerCache:
         """The state before the first word: h_0 (and c_0) from the mean region, projections of the regions; each
@@ -411,32 +518,46 @@ class CaptionerDecoder(nn.Module):
         if self.self_attention is not None:
             keys, values = self.self_attention.project_memory(hidden)  # 2 x (R, heads, 1, d)
         projected = self.cross_attention.project_regions(regions)  # (B, k, A)
-        return CaptionerCache(hidden, cell, keys, values, projected, rows_per_image)
+        return CaptionerCache(hidden, cell, keys, values, projected, rows_per_image, regions=regions)
 
     def step(
         self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, noise: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """Consume one word embedding (B, E); update `cache` in place; return its context and attention weights.
         noise (B,): uniform numbers that draw the region each row reads (hard attention); None reads the expectation."""
+        context, cross_weights = self.look(embedded, cache.hidden, regions, cache, noise)  # (B, C), (B, k [+ 1])
+        self_weights = self.advance([embedded, context], embedded, cache.hidden, cache)
+        return context, cross_weights, self_weights
+
+    def look(
+        self, embedded: torch.Tensor, state: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, noise=None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The cross-attention from `state` (B, H): the gated context (B, C) and the weights (B, k), or (B, k + 1) with
+        the visual sentinel (made from the step's embedding, `state` and the cell's memory) last."""
         scratch = None if torch.is_grad_enabled() else cache.scratch  # autograd keeps each step's sum
-        context, cross_weights = self.cross_attention(cache.hidden, regions, cache.projected_regions, scratch, noise)
-        inputs = [embedded, context]  # (B, E), (B, C); cross_weights (B, k)
+        sentinel = None
+        if self.cross_attention.sentinel is not None:
+            memory = cache.cell if cache.cell is not None else cache.hidden  # (B, H)
+            sentinel = self.cross_attention.sentinel(embedded, state, memory)  # (B, C)
+        return self.cross_attention(state, regions, cache.projected_regions, scratch, noise, sentinel)
+
+    def advance(
+        self, inputs: list[torch.Tensor], embedded: torch.Tensor, state: torch.Tensor, cache: CaptionerCache
+    ) -> torch.Tensor | None:
+        """The cell's update from `inputs`, plus, with self-attention, what the query [embedding, `state`] reads from
+        the memory of earlier states; then the memory of the new state. Returns the self-attention weights or None."""
         self_weights = None
         if self.self_attention is not None:
-            step_query = torch.cat([embedded, cache.hidden], dim=-1)  # (B, E + H)
+            step_query = torch.cat([embedded, state], dim=-1)  # (B, E + H)
             attended, self_weights = self.self_attention(step_query, cache.keys, cache.values)
-            inputs.append(attended)  # (B, H); self_weights (B, heads, M)
-        cell_input = torch.cat(inputs, dim=-1)  # (B, E + C [+ H])
-        if cache.cell is not None:
-            cache.hidden, cache.cell = self.cell(cell_input, (cache.hidden, cache.cell))  # (B, H) each
-        else:
-            cache.hidden = self.cell(cell_input, cache.hidden)  # (B, H)
+            inputs = [*inputs, attended]  # (B, H); self_weights (B, heads, M)
+        cache.hidden, cache.cell = run_cell(self.cell, torch.cat(inputs, dim=-1), cache.hidden, cache.cell)
         if self.self_attention is not None:
             key, value = self.self_attention.project_memory(cache.hidden)  # 2 x (B, heads, 1, d)
             cache.keys = torch.cat([cache.keys, key], dim=2)  # (B, heads, M + 1, d)
             cache.values = torch.cat([cache.values, value], dim=2)  # (B, heads, M + 1, d)
         cache.seen_tokens += 1
-        return context, cross_weights, self_weights
+        return self_weights
 
     def output(self, embedded: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Deep output over all steps at once: (B, T, E), (B, T, H), (B, T, C) -> logits (B, T, V)."""
@@ -518,6 +639,63 @@ class CaptionerDecoder(nn.Module):
         return torch.stack([F.pad(w, (0, memory - w.shape[-1])) for w in step_weights], dim=2)
 
 
+def run_cell(
+    cell: nn.Module, inputs: torch.Tensor, hidden: torch.Tensor, memory: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One step of an LSTM cell (hidden, memory) or a GRU cell (hidden, None)."""
+    if memory is not None:
+        return cell(inputs, (hidden, memory))
+    return cell(inputs, hidden), None
+
+
+class TopDownDecoder(CaptionerDecoder):
+    """The top-down decoder of Anderson et al. 2018 on the same regions: an attention LSTM reads [the language LSTM's
+    previous state, the mean region, the word embedding] and its state queries the regions; the language LSTM reads
+    [the context, the attention LSTM's state (, the self-attended earlier language states)] and its state predicts the
+    word through the same deep output. The cache's hidden/cell are the language LSTM's."""
+
+    def __init__(self, config: CaptionerConfig, region_dim: int):
+        super().__init__(config, region_dim)
+        hidden = config.hidden_size
+        self.attention_cell = self.cell_class(hidden + region_dim + config.embed_dim, hidden)
+        self.init_attention_hidden = nn.Linear(region_dim, hidden)
+        self.init_attention_cell = nn.Linear(region_dim, hidden) if config.rnn_type == "lstm" else None
+
+    @staticmethod
+    def cell_input_size(config: CaptionerConfig, region_dim: int) -> int:
+        """The language cell reads [context, attention state (, self-attended state)]."""
+        return region_dim + config.hidden_size + (config.hidden_size if config.self_attention else 0)
+
+    def start(self, regions: torch.Tensor, rows_per_image: int = 1) -> CaptionerCache:
+        cache = super().start(regions, rows_per_image)
+        mean_region = regions.mean(dim=1)  # (B, C)
+        cache.attention_hidden = torch.tanh(self.init_attention_hidden(mean_region)).repeat_interleave(
+            rows_per_image, dim=0
+        )  # (R, H)
+        if self.init_attention_cell is not None:
+            cache.attention_cell = torch.tanh(self.init_attention_cell(mean_region)).repeat_interleave(
+                rows_per_image, dim=0
+            )  # (R, H)
+        return cache
+
+    def step(
+        self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, noise: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        mean_region = regions.mean(dim=1).repeat_interleave(embedded.shape[0] // regions.shape[0], dim=0)  # (R, C)
+        attention_input = torch.cat([cache.hidden, mean_region, embedded], dim=-1)  # (R, H + C + E)
+        cache.attention_hidden, cache.attention_cell = run_cell(
+            self.attention_cell, attention_input, cache.attention_hidden, cache.attention_cell
+        )  # (R, H) each
+        state = cache.attention_hidden
+        context, cross_weights = self.look(embedded, state, regions, cache, noise)  # (R, C), (R, k [+ 1])
+        self_weights = self.advance([context, state], embedded, state, cache)
+        return context, cross_weights, self_weights
+
+
+# `config.decoder_type` -> the decoder class
+DECODER_CLASSES: dict[str, type[CaptionerDecoder]] = {"show_attend_tell": CaptionerDecoder, "top_down": TopDownDecoder}
+
+
 def reference_decoding(
     decoder: CaptionerDecoder,
     input_ids: torch.LongTensor,
@@ -559,6 +737,12 @@ class CaptionerPreTrainedModel(PreTrainedModel):
             init.normal_(module.weight, mean=0.0, std=std)
             if module.padding_idx is not None:
                 init.zeros_(module.weight[module.padding_idx])
+        elif isinstance(module, nn.LayerNorm):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+        elif isinstance(module, nn.MultiheadAttention):
+            init.normal_(module.in_proj_weight, mean=0.0, std=std)
+            init.zeros_(module.in_proj_bias)
         elif isinstance(module, (nn.LSTMCell, nn.GRUCell)):
             bound = 1.0 / math.sqrt(module.hidden_size)
             for name, param in module.named_parameters():
@@ -575,7 +759,12 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
     def __init__(self, config: CaptionerConfig):
         super().__init__(config)
         self.encoder = CaptionerGridEncoder(config)
-        self.decoder = CaptionerDecoder(config, region_dim=self.encoder.num_channels)
+        region_dim = self.encoder.num_channels
+        self.region_encoder = None
+        if config.region_encoder_layers:
+            self.region_encoder = CaptionerRegionEncoder(config, region_dim)
+            region_dim = self.region_encoder.out_dim
+        self.decoder = DECODER_CLASSES[config.decoder_type](config, region_dim=region_dim)
         # hard attention's moving average of the caption log-likelihood: per process, not saved (restarts on resume)
         self.reward_baseline: torch.Tensor | None = None
         self.post_init()
@@ -692,6 +881,7 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         return_dict: bool | None = None,
         decoder_attention_mask: torch.LongTensor | None = None,
         sample_regions: bool | None = None,
+        attention_targets: torch.FloatTensor | None = None,
         **kwargs,
     ) -> CaptionerOutput | tuple:
         r"""
@@ -710,37 +900,48 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
             expectation. Default: in training with `config.hard_attention`, on a batch with probability
             1 - `hard_attention_expectation_prob`; otherwise never (generation reads the expectation unless
             `generate(..., sample_regions=True)`).
+        attention_targets: (B, T, k) where each target word should look (the cells of its phrase's boxes; rows of
+            zeros for words without boxes), for the attention supervision loss (`config.attention_supervision_weight`).
         """
         return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         use_cache = use_cache if use_cache is not None else not self.training
 
-        regions = self.regions(pixel_values, encoder_outputs, frozen_features, image_index)  # (R or B, k, C)
+        cache = self.one_cache(cache, past_key_values)
+        if cache is not None and cache.regions is not None:  # generation's later steps: computed by the first
+            regions = cache.regions  # (B, k, C)
+        else:
+            regions = self.regions(pixel_values, encoder_outputs, frozen_features, image_index)  # (R or B, k, C)
         if decoder_input_ids is None:
             if labels is None:
                 raise ValueError("CaptionerForConditionalGeneration needs `decoder_input_ids` or `labels`")
             decoder_input_ids = self.shift_labels_right(labels)
         self.check_rows(decoder_input_ids, regions)
-        cache = self.one_cache(cache, past_key_values)
         noise = self.region_noise(decoder_input_ids, sample_regions)  # (R, T) or None
         lengths = None if labels is None else (labels != -100).sum(dim=1)  # padding is on the right
         runner = DECODER_RUNNERS[self.config.decoder_implementation]
         logits, cross_attentions, self_attentions, cache = runner(
             self.decoder, decoder_input_ids, regions, cache, lengths, noise, use_cache
         )
-        token_loss = attention_loss = None
+        sentinel_attentions = None
+        if self.config.visual_sentinel:
+            cross_attentions, sentinel_attentions = self.split_sentinel(cross_attentions)
+        token_loss = attention_loss = supervision_loss = None
         if labels is not None:
             token_loss, attention_loss = self.losses(logits, labels, cross_attentions, noise)
+            supervision_loss = self.attention_supervision(cross_attentions, sentinel_attentions, attention_targets)
 
         output = CaptionerOutput(
-            loss=None if labels is None else token_loss + attention_loss,
+            loss=None if labels is None else token_loss + attention_loss + supervision_loss,
             logits=logits,
             **{CACHE_NAME: cache if use_cache else None},
             decoder_attentions=self_attentions if output_attentions else None,
             cross_attentions=cross_attentions if output_attentions else None,
+            sentinel_attentions=sentinel_attentions if output_attentions else None,
             encoder_last_hidden_state=regions,
             token_loss=token_loss,
             attention_loss=attention_loss,
+            supervision_loss=supervision_loss,
         )
         return output if return_dict else output.to_tuple()
 
@@ -764,6 +965,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         elif isinstance(encoder_outputs, (tuple, list)):
             encoder_outputs = BaseModelOutput(last_hidden_state=encoder_outputs[0])
         regions = encoder_outputs.last_hidden_state  # (B, k, C)
+        if self.region_encoder is not None:
+            regions = self.region_encoder(regions)  # (B, k, H)
         if image_index is not None:
             regions = regions.index_select(0, image_index.to(regions.device))  # (R, k, C)
         return regions
@@ -814,6 +1017,42 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         if noise is not None:
             attention_loss = attention_loss + self.hard_attention_loss(logits, labels, cross_attentions, noise)
         return token_loss, attention_loss
+
+    @staticmethod
+    def split_sentinel(weights: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over k regions and the sentinel (B, T, k + 1) -> the image's share renormalised (B, T, k) and the
+        sentinel's share (B, T). Steps that did not run (all zeros) stay zeros."""
+        sentinel, on_image = weights[..., -1], weights[..., :-1]
+        total = on_image.sum(dim=-1, keepdim=True)  # (B, T, 1) = 1 - sentinel, 0 where the step did not run
+        return on_image / total.clamp(min=torch.finfo(total.dtype).tiny), sentinel
+
+    def attention_supervision(
+        self,
+        cross_attentions: torch.Tensor,
+        sentinel_attentions: torch.Tensor | None,
+        attention_targets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """lambda times the mean over supervised words of -sum_i z_i log alpha_ti (Liu et al., AAAI 2017): z the word's
+        target map (B, T, k), normalised to sum 1; alpha the attention over the regions, times the image's share
+        (1 - the sentinel's) when there is a sentinel, so a named thing is also looked at rather than recalled."""
+        weight = self.config.attention_supervision_weight
+        if attention_targets is None or weight == 0:
+            return cross_attentions.new_zeros(())
+        if attention_targets.shape != cross_attentions.shape:
+            raise ValueError(
+                f"attention_targets has shape {tuple(attention_targets.shape)}; the captions' attention has "
+                f"{tuple(cross_attentions.shape)} (batch, caption tokens, grid cells)"
+            )
+        totals = attention_targets.sum(dim=-1)  # (B, T)
+        supervised = totals > 0
+        if not supervised.any():
+            return cross_attentions.new_zeros(())
+        tiny = torch.finfo(cross_attentions.dtype).tiny
+        log_weights = cross_attentions.float().clamp(min=tiny).log()  # (B, T, k)
+        if sentinel_attentions is not None:
+            log_weights = log_weights + (1 - sentinel_attentions.float()).clamp(min=tiny).log().unsqueeze(-1)
+        targets = attention_targets.float() / totals.clamp(min=tiny).unsqueeze(-1)  # (B, T, k)
+        return weight * -(targets * log_weights).sum(dim=-1)[supervised].mean()
 
     def attention_penalty(self, cross_attentions: torch.Tensor, target_mask: torch.Tensor) -> torch.Tensor:
         """lambda times how unevenly a caption's attention covers the image, over real steps, batch mean.

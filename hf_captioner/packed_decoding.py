@@ -173,6 +173,13 @@ def packed_step(
 PACKED_STEPS: dict[str, Callable] = {"CaptionerDecoder": packed_step}
 
 
+def packed_step_of(decoder: CaptionerDecoder) -> Callable | None:
+    """The decoder's packed step, or None: its class has none, or it has a visual sentinel (reference steps only)."""
+    if decoder.cross_attention.sentinel is not None:
+        return None
+    return PACKED_STEPS.get(type(decoder).__qualname__)
+
+
 class DeferredWeightGradients:
     """Weight gradients of the per-step stacked products of teacher forcing, each summed in one matrix product.
 
@@ -249,7 +256,7 @@ def packed_decoding(
     """The "packed" runner (see `modeling_captioner.DECODER_RUNNERS` for the arguments): length-packed teacher forcing
     of whole captions, one per image, when no cache goes in or out; stacked-product steps for inference from a cache;
     the reference steps otherwise (a gradient through cached steps: the generation products' weights are detached)."""
-    step = PACKED_STEPS.get(type(decoder).__qualname__)
+    step = packed_step_of(decoder)
     if step is not None and cache is None and not keep_cache and input_ids.shape[0] == regions.shape[0]:
         return (*packed_teacher_forcing(decoder, step, input_ids, regions, lengths, noise), None)
     cache = cache if cache is not None else decoder.start(regions, input_ids.shape[0] // regions.shape[0])
@@ -353,7 +360,7 @@ def packed_teacher_forcing(
 
 def keep_first_rows(cache: CaptionerCache, rows: int) -> None:
     """Drop all but the first `rows` rows of the state (captions that ended, in length order)."""
-    for name in ("hidden", "cell", "keys", "values", "projected_regions"):
+    for name in (*cache.STATES, "projected_regions", "regions"):
         tensor = getattr(cache, name)
         if tensor is not None:
             setattr(cache, name, tensor[:rows])

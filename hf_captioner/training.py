@@ -26,9 +26,11 @@ from transformers import get_scheduler
 from transformers.image_utils import PILImageResampling
 
 from .arguments import SettingsError, TrainingArguments, parse_arguments
+from .attention_measures import ENTITIES_FILE, load_flickr30k_entities
 from .backbones import image_settings, is_backbone_name
 from .configuration_captioner import CaptionerConfig
 from .data.feature_store import encode_split, stored_input
+from .data.grounding import GroundedCaptions, entity_phrases, shape_phrases
 from .data.loaders import DataError, data_source, detect_and_load, hub_layout
 from .data.pairs import (
     CaptionCollator,
@@ -79,8 +81,8 @@ def load_data(args: TrainingArguments):
     """The run's `DatasetDict` (train / validation / test), trimmed to the requested sizes."""
     if args.data == "sample":
         n_train, n_val, n_test = args.sample_sizes
+        # its `objects` (the drawn shapes and their boxes) stay: attention supervision reads them
         data = make_sample_dataset(n_train, n_val, n_test, seed=args.sample_seed, image_size=args.sample_image_size)
-        data = data.remove_columns("objects")
     else:
         layout = hub_layout(args.data, vars(args))
         data = detect_and_load(args.data, images_dir=args.images_dir, strict=args.strict, layout=layout)
@@ -355,7 +357,8 @@ class TrainingRun:
                 processor, data["train"]["captions"], args.self_critical_samples, args.self_critical_max_new_tokens
             )
         train_features, val_features = _run_features(args, accelerator, model, processor, data)
-        train_loader, val_loader = _run_loaders(args, processor, data, train_features, val_features)
+        grounding = _run_grounding(args, model, processor, data["train"])
+        train_loader, val_loader = _run_loaders(args, processor, data, train_features, val_features, grounding)
         optimizer = build_optimizer(model, args)
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
         steps_per_epoch = math.ceil(len(train_loader) / args.gradient_accumulation_steps)
@@ -627,15 +630,51 @@ def _run_features(args: TrainingArguments, accelerator: Accelerator, model, proc
         )
 
 
-def _run_loaders(args: TrainingArguments, processor, data, train_features, val_features):
+def _run_grounding(args: TrainingArguments, model, processor, train_data) -> GroundedCaptions | None:
+    """The train captions' attention targets when the model is supervised (`attention_supervision_weight` > 0):
+    from the sample set's shapes, or from Flickr30k Entities (`--entities`, else the data folder's
+    flickr30k_entities.json, as evaluation finds it). None when the model is not supervised."""
+    if not model.config.attention_supervision_weight or args.objective != "cross_entropy":
+        return None
+    if "objects" in train_data.column_names:
+        objects = train_data["objects"]
+
+        def phrases_of(row, size):
+            return shape_phrases(objects[row], size)
+
+    else:
+        path = args.entities
+        if path is None and Path(args.data, ENTITIES_FILE).is_file():
+            path = str(Path(args.data, ENTITIES_FILE))
+        if path is None:
+            raise SettingsError(
+                "attention_supervision_weight > 0 needs boxes: pass --entities FILE (Flickr30k Entities "
+                f"annotations; found by itself as {ENTITIES_FILE} in the --data folder), or train on the sample data"
+            )
+        try:
+            entities = load_flickr30k_entities(path)
+        except ValueError as err:
+            raise SettingsError(str(err)) from err
+        image_ids = train_data["image_id"]
+
+        def phrases_of(row, size):
+            entry = entities.get(image_ids[row])
+            return entity_phrases(entry) if entry is not None else []
+
+    return GroundedCaptions(train_data, processor, phrases_of, model.config.grid_size, args.max_caption_tokens)
+
+
+def _run_loaders(args: TrainingArguments, processor, data, train_features, val_features, grounding=None):
     """The train loader (caption pairs, or images for self-critical training; shuffled per epoch by the seed) and
-    the validation loader, reading cached features where there are some."""
+    the validation loader, reading cached features where there are some; `grounding` adds the train captions'
+    attention targets."""
     collator = CaptionCollator(processor, args.max_caption_tokens)
     groups = None  # shuffled as units, when they are
     if args.objective == "self_critical":  # one example per image, rewarded against all its references
         train_set, train_collator = CaptionedImages(data["train"], train_features), ImageCollator(processor)
     else:  # one example per (image, caption) pair
-        train_set, train_collator = CaptionPairs(data["train"], train_features), collator
+        train_collator = CaptionCollator(processor, args.max_caption_tokens, grounding)
+        train_set = CaptionPairs(data["train"], train_features)
         groups = train_set.captions_per_image if args.group_captions_by_image else None
     train_loader = DataLoader(
         train_set,
@@ -658,6 +697,7 @@ def cross_entropy(model, batch: dict, unwrapped=None) -> tuple[torch.Tensor, dic
         "train/loss": outputs.loss.detach(),
         "train/token_loss": outputs.token_loss.detach(),
         "train/attention_loss": outputs.attention_loss.detach(),
+        "train/supervision_loss": outputs.supervision_loss.detach(),
     }
     return outputs.loss, logs
 

@@ -76,11 +76,12 @@ def z_scores(samples: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
     return (samples.mean(dim=0) - expected).abs() / (standard_error + 1e-10)
 
 
-def test_the_reinforce_estimator_is_unbiased_for_the_bounds_gradient():
+@pytest.mark.parametrize("decoder_type", ["show_attend_tell", "top_down"])
+def test_the_reinforce_estimator_is_unbiased_for_the_bounds_gradient(decoder_type):
     """The mean of many sampled training gradients equals the exact gradient of -L_s / T (the loss divides by the
     number of tokens), L_s enumerated over every region sequence; dropping the score-function term is detectably
-    biased with the same samples, so the check has the power to fail."""
-    model = hard_model()
+    biased with the same samples, so the check has the power to fail. For either decoder."""
+    model = hard_model(decoder_type=decoder_type)
     regions = regions_for(model)
     bound = exact_bound(model, regions)
     expected = gradient(model, -bound / CAPTION.shape[1])

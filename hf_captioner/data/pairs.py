@@ -7,6 +7,7 @@ import torch
 from torch.utils.data import Dataset, Sampler
 
 from .feature_store import FeatureStore
+from .grounding import GroundedCaptions
 
 
 class CaptionPairs(Dataset):
@@ -34,6 +35,7 @@ class CaptionPairs(Dataset):
         return {
             "caption": self.captions[row][caption_index],
             "row": row,
+            "caption_index": caption_index,
             **image_item(self.dataset, self.features, row),
         }
 
@@ -68,18 +70,24 @@ class EpochShuffleSampler(Sampler[int]):
 
 class CaptionCollator:
     """A list of pair items -> model inputs: `pixel_values` (or cached `encoder_outputs` / `frozen_features`) and
-    `labels`."""
+    `labels`; with `grounding` (a `GroundedCaptions` of the split), also `attention_targets` (B, T, k)."""
 
-    def __init__(self, processor, max_caption_tokens: int | None = None):
+    def __init__(self, processor, max_caption_tokens: int | None = None, grounding: GroundedCaptions | None = None):
         self.processor = processor
         self.max_caption_tokens = max_caption_tokens
+        self.grounding = grounding
 
     def __call__(self, items: list[dict]) -> dict[str, torch.Tensor]:
         labels = self.processor.encode_captions([item["caption"] for item in items], max_length=self.max_caption_tokens)
         # longest caption first: the model's teacher forcing wants this order and need not reorder the regions
         order = sorted(range(len(items)), key=lambda i: -sum(token != -100 for token in labels[i]))
         items, labels = [items[i] for i in order], [labels[i] for i in order]
-        return {"labels": torch.tensor(labels, dtype=torch.long), **image_inputs(items, self.processor)}
+        batch = {"labels": torch.tensor(labels, dtype=torch.long), **image_inputs(items, self.processor)}
+        if self.grounding is not None:
+            length = batch["labels"].shape[1]
+            maps = [self.grounding.maps(item["row"], item["caption_index"], length) for item in items]
+            batch["attention_targets"] = torch.stack(maps)  # (B, T, k)
+        return batch
 
 
 class CaptionedImages(Dataset):
