@@ -84,6 +84,20 @@ def test_entity_phrases_become_targets_on_the_cells_of_their_boxes(processor, ca
     assert "1 not found in the caption" in caplog.text or "not found" in caplog.text
 
 
+def test_annotation_sentences_in_another_order_still_find_their_captions(processor):
+    """Flickr30k lists an image's five sentences in another order than Flickr8k: phrase groups go to the caption that
+    contains them, not to the caption of the same index."""
+    dataset = photos()
+    swapped = {name: {**entry, "phrases": [list(p) for p in entry["phrases"]]} for name, entry in ENTITIES.items()}
+    for phrase in swapped["dog"]["phrases"]:
+        phrase[0] = 1 - phrase[0]  # "A black dog" and "the snow" now under sentence 1, "Dogs" under sentence 0
+    ids = dataset["image_id"]
+    grounding = GroundedCaptions(dataset, processor, lambda row, size: entity_phrases(swapped[ids[row]]), 3)
+    assert targets_by_word(grounding, processor, dataset, 0, 0)["dog"] == [0]
+    assert targets_by_word(grounding, processor, dataset, 0, 1)["dogs"] == [0]
+    assert (grounding.matched, grounding.unmatched) == (4, 0)
+
+
 def test_a_box_between_cell_centres_still_gets_its_nearest_cell(processor):
     assert covered_cells([(0.0, 0.0, 0.1, 0.1)], 3, (30, 30), processor.image_processor).tolist() == [0]
     assert covered_cells([(0.0, 0.0, 1.0, 0.4)], 3, (30, 30), processor.image_processor).tolist() == [0, 1, 2]

@@ -95,6 +95,56 @@ def covered_cells(boxes: list[Box], grid_size: int, picture_size: tuple[int, int
     return np.flatnonzero(inside)
 
 
+class CaptionWords:
+    """One tokenized caption's words (`processor.words_of`: text and piece positions), compared by their letters and
+    digits; words with neither (punctuation) are passed over."""
+
+    def __init__(self, words: list[tuple[str, list[int]]]):
+        self.words = words
+        self.keys = [" ".join(normalised_words(word)) for word, _ in words]
+        self.kept = [i for i, key in enumerate(self.keys) if key]
+        self.sequence = [self.keys[i] for i in self.kept]
+
+    def occurrences(self, phrase: Phrase) -> list[int]:
+        """Where the phrase's words appear, one after another (indices into the kept words)."""
+        n = len(phrase.words)
+        return [s for s in range(len(self.sequence) - n + 1) if tuple(self.sequence[s : s + n]) == phrase.words]
+
+    def positions(self, start: int, length: int) -> list[int]:
+        """The piece positions of `length` kept words from `start`, articles left out."""
+        chosen = self.kept[start : start + length]
+        return [step for i in chosen if self.keys[i] not in UNGROUNDED_WORDS for step in self.words[i][1]]
+
+
+def assign_phrases(phrases: list[Phrase], captions: list[CaptionWords]) -> list[list[Phrase]]:
+    """The phrases each caption is searched for. Phrases without a caption index go to every caption. The others come
+    in groups by the index of the annotation's own sentence, whose order need not be the data set's (Flickr30k's
+    five sentences of an image are Flickr8k's five, in another order): each group goes to the caption that contains
+    most of its phrases, the best pairs first; a group left without a caption goes nowhere (its phrases count as
+    not found)."""
+    shared = [p for p in phrases if p.caption is None]
+    groups: dict[int, list[Phrase]] = {}
+    for phrase in phrases:
+        if phrase.caption is not None:
+            groups.setdefault(phrase.caption, []).append(phrase)
+    pairs = sorted(  # (phrases found, then the same index first, caption i, group j), best first
+        (
+            (sum(bool(caption.occurrences(p)) for p in group), -abs(i - j), i, j)
+            for i, caption in enumerate(captions)
+            for j, group in groups.items()
+        ),
+        reverse=True,
+    )
+    assigned: list[list[Phrase]] = [list(shared) for _ in captions]
+    taken_captions, taken_groups = set(), set()
+    for _, _, i, j in pairs:
+        if i not in taken_captions and j not in taken_groups:
+            assigned[i] += groups[j]
+            taken_captions.add(i)
+            taken_groups.add(j)
+    return assigned
+
+
 class GroundedCaptions:
     """For each caption of a split (row, caption index): the token positions that name a boxed thing and the grid
     cells it covers, made once from the tokenized captions (`processor.words_of` groups the pieces into words).
@@ -118,9 +168,13 @@ class GroundedCaptions:
             if not phrases:
                 continue
             labels = processor.encode_captions(captions, max_length=max_caption_tokens)
-            for index, ids in enumerate(labels):
-                own = [p for p in phrases if p.caption is None or p.caption == index]
-                found = self.ground(processor.words_of(ids), own, sizes[row], processor.image_processor)
+            words = [CaptionWords(processor.words_of(ids)) for ids in labels]
+            assigned = assign_phrases(phrases, words)
+            self.unmatched += sum(p.caption is not None for p in phrases) - sum(
+                p.caption is not None for own in assigned for p in own
+            )  # groups left without a caption
+            for index, (caption, own) in enumerate(zip(words, assigned, strict=True)):
+                found = self.ground(caption, own, sizes[row], processor.image_processor)
                 if found:
                     self.targets[(row, index)] = found
         logger.info(
@@ -132,25 +186,17 @@ class GroundedCaptions:
             sum(len(c) for c in dataset["captions"]),
         )
 
-    def ground(self, words: list[tuple[str, list[int]]], phrases: list[Phrase], size, image_processor) -> list:
+    def ground(self, caption: CaptionWords, phrases: list[Phrase], size, image_processor) -> list:
         """The (token positions, cells) targets of one caption's phrases; counts what matched and what did not."""
-        keys = [" ".join(normalised_words(word)) for word, _ in words]
-        kept = [i for i, key in enumerate(keys) if key]  # words with a letter or digit, in order
-        sequence = [keys[i] for i in kept]
         found = []
         for phrase in phrases:
-            n = len(phrase.words)
-            starts = [s for s in range(len(sequence) - n + 1) if tuple(sequence[s : s + n]) == phrase.words]
+            starts = caption.occurrences(phrase)
             if not starts:
-                self.unmatched += 1
+                self.unmatched += phrase.caption is not None  # the shared (sample) phrases are a caption's options
                 continue
-            cells = covered_cells(phrase.boxes, self.grid_size, size, image_processor)
             self.matched += 1
-            for start in starts:
-                positions = [
-                    step for i in kept[start : start + n] if keys[i] not in UNGROUNDED_WORDS for step in words[i][1]
-                ]
-                found.append((positions, cells))
+            cells = covered_cells(phrase.boxes, self.grid_size, size, image_processor)
+            found += [(caption.positions(start, len(phrase.words)), cells) for start in starts]
         return found
 
     def maps(self, row: int, caption: int, length: int) -> torch.Tensor:
