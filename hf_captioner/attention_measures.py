@@ -8,7 +8,8 @@ picture's pixels. For every generated word that names a region with boxes:
 - attention in the boxes: the attention weight on the cells whose centres lie inside them;
 - their chance level: the share of cells whose centres lie inside them (what a uniform or random look gets).
 For every generated word: the attention's normalised entropy (1 = uniform over the cells, 0 = one cell), and for
-consecutive words whether the most-attended cell moves.
+consecutive words whether the most-attended cell moves. With a visual sentinel: the mean share of attention it takes,
+on the words that name a boxed thing and on the others (a model that knows when to look gives the first less).
 """
 
 from __future__ import annotations
@@ -86,6 +87,7 @@ class AttentionMeasures:
         self.regions_of, self.grid_size, self.image_processor = regions_of, grid_size, image_processor
         self.named_words, self.hits, self.mass, self.chance = 0, 0, 0.0, 0.0
         self.words, self.entropy, self.pairs, self.moves = 0, 0.0, 0, 0
+        self.sentinel = {"named": [0.0, 0], "other": [0.0, 0]}  # sum of shares, words
 
     def __call__(self, row: int, words: list[WordAttention]) -> None:
         regions, image_size = self.regions_of(row)
@@ -104,6 +106,10 @@ class AttentionMeasures:
                 self.moves += peak != previous_peak
             previous_peak = peak
             boxes = named_boxes(regions, words, index)
+            if item.sentinel is not None:
+                share = self.sentinel["other" if boxes is None else "named"]
+                share[0] += item.sentinel
+                share[1] += 1
             if boxes is None:
                 continue
             inside = cells_inside(boxes, centres)
@@ -111,6 +117,10 @@ class AttentionMeasures:
             self.hits += bool(inside[peak])
             self.mass += float(weights[inside].sum())
             self.chance += float(inside.mean())
+
+    def mean_sentinel_share(self, words: str) -> float | None:
+        total, count = self.sentinel[words]
+        return total / count if count else None
 
     def result(self) -> dict:
         """The rates; those without anything to measure are None (said, rather than a made-up rate)."""
@@ -123,6 +133,8 @@ class AttentionMeasures:
             "normalised_entropy": self.entropy / self.words if self.words else None,
             "peak_moves": self.moves / self.pairs if self.pairs else None,
             "words": self.words,
+            "sentinel_share_named": self.mean_sentinel_share("named"),
+            "sentinel_share_other": self.mean_sentinel_share("other"),
         }
 
 

@@ -120,4 +120,9 @@ def format_table(metrics: dict) -> str:
             f"{100 * a['pointing_chance']:.1f}%); normalised entropy {a['normalised_entropy']:.2f}, peak moves "
             f"between words {moves}"
         )
+        if a.get("sentinel_share_named") is not None and a.get("sentinel_share_other") is not None:
+            lines.append(
+                f"Attention given to the visual sentinel: {100 * a['sentinel_share_named']:.1f}% on named words, "
+                f"{100 * a['sentinel_share_other']:.1f}% on the others"
+            )
     return "\n".join(lines)

@@ -95,6 +95,7 @@ class WordAttention:
 
     word: str
     attention: np.ndarray  # (S, S)
+    sentinel: float | None = None  # the share of attention given to the visual sentinel, where the model has one
 
 
 @torch.no_grad()
@@ -109,8 +110,16 @@ def word_attention(model, processor, inputs: dict, sequences: torch.Tensor) -> l
     targets = sequences[:, 1:]
     outputs = model(**inputs, decoder_input_ids=sequences[:, :-1].to(model.device), output_attentions=True)
     maps = outputs.cross_attentions.float().cpu().view(*targets.shape, config.grid_size, config.grid_size)
+    shares = outputs.sentinel_attentions  # (B, T) or None
+
+    def sentinel(row: int, steps: list[int]) -> float | None:
+        return None if shares is None else float(shares[row, steps].float().mean())
+
     return [
-        [WordAttention(word, maps[row, steps].mean(0).numpy()) for word, steps in processor.words_of(ids)]
+        [
+            WordAttention(word, maps[row, steps].mean(0).numpy(), sentinel(row, steps))
+            for word, steps in processor.words_of(ids)
+        ]
         for row, ids in enumerate(targets.tolist())
     ]
 

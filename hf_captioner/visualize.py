@@ -80,10 +80,12 @@ def plot_attention(
     path: str | os.PathLike | None = None,
     columns: int = COLUMNS,
     boxes: Sequence[Sequence[tuple[float, float, float, float]] | None] | None = None,
+    sentinel: Sequence[float | None] | None = None,
 ):
     """One panel per word (attention over the picture, the word as its caption), the caption as the title and a
     colour scale; saved as PNG when `path` is given. `boxes`: per word, the boxes (x0, y0, x1, y1, inclusive picture
-    pixels) of what it names, drawn on its panel.
+    pixels) of what it names, drawn on its panel. `sentinel`: per word, the share of its attention that went to the
+    model's visual sentinel rather than the picture (None: no sentinel), written under the word.
 
     The figure is `min(len(words), columns)` panels wide and `ceil(len(words) / columns)` high, 240 pixels each.
     The picture and its heat maps are drawn from a `preview` in the picture's own pixel coordinates. Returns the
@@ -95,10 +97,11 @@ def plot_attention(
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
 
-    if len(words) != len(attentions) or (boxes is not None and len(boxes) != len(words)):
+    if len(words) != len(attentions) or any(x is not None and len(x) != len(words) for x in (boxes, sentinel)):
         raise ValueError(
             f"{len(words)} words but {len(attentions)} attention maps"
             + (f" and {len(boxes)} box lists" if boxes is not None else "")
+            + (f" and {len(sentinel)} sentinel shares" if sentinel is not None else "")
         )
     if not words:
         raise ValueError("No words to draw: the caption is empty")
@@ -119,7 +122,9 @@ def plot_attention(
             axes.add_patch(
                 Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0 + 1, y1 - y0 + 1, fill=False, edgecolor="yellow", linewidth=1.5)
             )
-        axes.set_title(word, fontsize=12, y=-0.14)
+        share = sentinel[index] if sentinel is not None else None
+        label = word if share is None else f"{word}\n{share:.0%} sentinel"
+        axes.set_title(label, fontsize=12 if share is None else 10, y=-0.14 if share is None else -0.22)
         axes.set_axis_off()
     title_room = 0.3 / (rows * PANEL_INCHES)  # a line of title, in figure fractions
     figure.subplots_adjust(left=0.02, right=0.9, top=1 - title_room, bottom=0.1, wspace=0.05, hspace=0.2)

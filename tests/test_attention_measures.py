@@ -124,3 +124,16 @@ def test_attention_figures_draw_the_named_things_boxes_on_their_words_panels():
     assert [len(axes.patches) for axes in panel_axes(figure)] == [0, 2]
     with pytest.raises(ValueError, match="1 box lists"):
         plot_attention(PILImage.new("RGB", (100, 100)), ["a", "dog"], [attention, attention], boxes=[None])
+
+
+def test_the_sentinel_share_is_measured_apart_on_named_words_and_the_others():
+    dog = NamedRegion({"dog"}, [(0, 0, 49, 49)])
+    words = [
+        WordAttention("a", one_hot(0), 0.9),
+        WordAttention("dog", one_hot(0), 0.2),
+        WordAttention("runs", one_hot(5), 0.5),
+    ]
+    result = measure([dog], words)
+    assert result["sentinel_share_named"] == pytest.approx(0.2)
+    assert result["sentinel_share_other"] == pytest.approx(0.7)
+    assert measure([dog], [WordAttention("dog", one_hot(0))])["sentinel_share_named"] is None

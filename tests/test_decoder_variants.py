@@ -3,9 +3,19 @@ each keeps the model's invariants, and the loss that supervises attention is wha
 
 import pytest
 import torch
-from conftest import tiny_config, tiny_model
+from conftest import TINY_CAPTIONS, tiny_config, tiny_model
+from PIL import Image
 
-from hf_captioner import CaptionerCache, CaptionerForConditionalGeneration
+from hf_captioner import (
+    CaptionerCache,
+    CaptionerForConditionalGeneration,
+    CaptionerImageProcessor,
+    CaptionerProcessor,
+    caption_with_attention,
+    plot_attention,
+    train_tokenizer,
+)
+from hf_captioner.visualize import panel_axes
 from hf_captioner.modeling_captioner import CaptionerRegionEncoder, TopDownDecoder
 
 # (decoder_type, visual_sentinel, region_encoder_layers, rnn_type, self_attention)
@@ -237,3 +247,18 @@ def test_supervision_moves_the_attention_toward_the_target():
         optimizer.step()
     after = model(pixel_values=images(2), labels=labels, output_attentions=True).cross_attentions[:, 2, 7]
     assert (after > before + 0.1).all()
+
+
+def test_each_words_sentinel_share_reaches_the_figures(tmp_path):
+    """caption_with_attention gives every word its sentinel share, and the figure writes it under the word."""
+    model = variant("show_attend_tell", True, 0, "lstm", True)
+    tokenizer = train_tokenizer(TINY_CAPTIONS * 5, vocab_size=40, model_type="word")
+    image_processor = CaptionerImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    processor = CaptionerProcessor(image_processor, tokenizer)
+    picture = Image.new("RGB", (32, 32), "red")
+    _, words = caption_with_attention(model, processor, [picture], num_beams=2, max_new_tokens=5)
+    shares = [w.sentinel for w in words[0]]
+    assert shares and all(0 < share < 1 for share in shares)
+    figure = plot_attention(picture, [w.word for w in words[0]], [w.attention for w in words[0]], sentinel=shares)
+    titles = [axes.get_title(loc="center") for axes in panel_axes(figure)]
+    assert all(f"{share:.0%} sentinel" in title for share, title in zip(shares, titles, strict=True))

@@ -117,7 +117,14 @@ def main(argv: list[str] | None = None) -> None:
                 entry = entities.get(stem)
                 regions = picture_regions(entry, image.size) if entry is not None else []
                 boxes = [named_boxes(regions, words, i) for i in range(len(words))] if regions else None
-                plot_attention(image, [w.word for w in words], [w.attention for w in words], figure, boxes=boxes)
+                plot_attention(
+                    image,
+                    [w.word for w in words],
+                    [w.attention for w in words],
+                    figure,
+                    boxes=boxes,
+                    sentinel=[w.sentinel for w in words],
+                )
                 line += f"\t{figure}"
             progress.write(line, file=sys.stdout)
         progress.update(len(names[start : start + args.batch_size]))

@@ -76,7 +76,13 @@ def main(argv: list[str] | None = None) -> None:
     pictures = test.select(range(3))
     _, attentions = caption_with_attention(model, processor, pictures["image"], num_beams=options.num_beams)
     for image_id, image, words in zip(pictures["image_id"], pictures["image"], attentions, strict=True):
-        plot_attention(image, [w.word for w in words], [w.attention for w in words], figures / f"{image_id}.png")
+        plot_attention(
+            image,
+            [w.word for w in words],
+            [w.attention for w in words],
+            figures / f"{image_id}.png",
+            sentinel=[w.sentinel for w in words],
+        )
     print(f"\nAttention figures: {figures}/")
     print(
         f"Model saved to {final}; training {trained - started:.0f} s, whole demo {time.perf_counter() - started:.0f} s"
