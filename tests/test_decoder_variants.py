@@ -15,8 +15,8 @@ from hf_captioner import (
     plot_attention,
     train_tokenizer,
 )
-from hf_captioner.visualize import panel_axes
 from hf_captioner.modeling_captioner import CaptionerRegionEncoder, TopDownDecoder
+from hf_captioner.visualize import panel_axes
 
 # (decoder_type, visual_sentinel, region_encoder_layers, rnn_type, self_attention)
 VARIANTS = [
