@@ -250,7 +250,30 @@ def probe_case() -> dict:
     return {"bf16_pays": bf16_pays("cpu")}
 
 
-RUNNERS = {"matmul": matmul_gflops, "train": train_case, "generate": generate_case, "probe": probe_case}
+@torch.no_grad()
+def encode_case(network: str, image_size: int, batch: int, repeats: int, precision: str = "float32") -> dict:
+    """Feature caching's encoder pass: a frozen timm EfficientNet-Lite (random weights: the same arithmetic) on a batch
+    of pictures in channels_last, in float32 or under bf16 autocast (`feature_cache_precision`)."""
+    torch.manual_seed(0)
+    config = CaptionerConfig(vocab_size=LITE0_VOCAB, grid_size=7, vision_backbone=f"timm:{network}")
+    encoder = CaptionerForConditionalGeneration(config).encoder.eval().to(memory_format=torch.channels_last)
+    images = torch.randn(batch, 3, image_size, image_size).contiguous(memory_format=torch.channels_last)
+
+    def encode():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16"):
+            encoder(images)
+
+    seconds = timed(encode, repeats)
+    return {"network": network, "image_size": image_size, "precision": precision, "images_per_s": batch / seconds}
+
+
+RUNNERS = {
+    "matmul": matmul_gflops,
+    "train": train_case,
+    "generate": generate_case,
+    "probe": probe_case,
+    "encode": encode_case,
+}
 
 
 def run(quick: bool) -> dict:
@@ -343,6 +366,14 @@ def run(quick: bool) -> dict:
                         )
                     )
     report["generation"] = cases
+    report["feature_caching"] = [
+        in_fresh_process(
+            {"kind": "encode", "network": network, "image_size": side, "batch": 16 if quick else 64, "repeats": repeats}
+            | {"precision": precision}
+        )
+        for network, side in (("tf_efficientnet_lite0", 224), ("tf_efficientnet_lite2", 260))
+        for precision in (["float32", "bf16"] if fast_bf16 else ["float32"])
+    ]
     three_beams = {c["batch"]: c for c in cases if c["beams"] == 3 and not c["encoder"] and not c["variant"]}
     largest = max(three_beams)
     report["variants"] = [] if quick else measure_variants(report, repeats, fast_bf16)
@@ -429,6 +460,12 @@ def table(report: dict) -> str:
             f"| {label} | {case['batch']} | {case['images_per_s']:.1f} | {case['ms_per_image']:.1f} | "
             f"{case['peak_mib']:.0f} |"
         )
+    if report.get("feature_caching"):
+        lines += ["", "| feature caching (channels_last) | size | encoder pass | images/s |", "|---|---|---|---|"]
+        for case in report["feature_caching"]:
+            lines.append(
+                f"| {case['network']} | {case['image_size']} | {case['precision']} | {case['images_per_s']:.1f} |"
+            )
     if report["variants"]:
         lines += ["", "| option | case | plain | with option | speed-up | peak MiB |", "|---|---|---|---|---|---|"]
         for v in report["variants"]:

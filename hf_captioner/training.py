@@ -620,11 +620,20 @@ def _run_features(args: TrainingArguments, accelerator: Accelerator, model, proc
     """The train and validation feature stores (`cache_features`: made once, the main process first), or Nones."""
     if not args.cache_features:
         return None, None
+    precision = args.feature_cache_precision
+    if precision == "auto":
+        precision = "bf16" if _mixed_precision("auto") == "bf16" else "float32"
     with accelerator.main_process_first():
         model.to(accelerator.device)
         return tuple(
             encode_split(
-                model, processor, data[split], args.feature_cache_dir, args.eval_batch_size, args.feature_cache_dtype
+                model,
+                processor,
+                data[split],
+                args.feature_cache_dir,
+                args.eval_batch_size,
+                args.feature_cache_dtype,
+                precision=precision,
             )
             for split in ("train", "validation")
         )

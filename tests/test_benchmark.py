@@ -41,12 +41,16 @@ def test_quick_benchmark_reports_every_case(tmp_path):
     assert {(1, 1), (3, 1), (1, 8), (3, 8)} <= beams
     assert all(c["images_per_s"] > 0 and c["peak_mib"] > 0 for c in report["generation"])  # each in its own process
     assert {c["variant"] for c in report["generation"]} == ({"", "bf16"} if bf16 else {""})
+    caching = {(c["network"], c["precision"]) for c in report["feature_caching"]}
+    precisions = {"float32", "bf16"} if bf16 else {"float32"}
+    assert caching == {(n, p) for n in ("tf_efficientnet_lite0", "tf_efficientnet_lite2") for p in precisions}
+    assert all(c["images_per_s"] > 0 for c in report["feature_caching"])
     assert set(report["ratios"]) >= {
         "beam3_batch8_vs_batch1_images_per_s",
         "cached_vs_frozen_end_to_end_per_caption",
         "training_fraction_of_matmul_rate",
     }
-    assert "| training (batch) |" in result.stdout and "images/s" in result.stdout
+    assert "| training (batch) |" in result.stdout and "| feature caching (channels_last) |" in result.stdout
 
 
 def test_scale_benchmark_runs_the_real_commands_and_cleans_up(tmp_path):

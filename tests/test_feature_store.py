@@ -72,6 +72,21 @@ def test_a_store_reads_back_what_the_encoder_computed_in_shards_and_dtypes(setup
         encode_split(model, processor, train, tmp_path, dtype="int8")
 
 
+def test_a_bf16_encoder_pass_fills_its_own_store_with_what_bf16_autocast_computes(setup, tmp_path):
+    model, processor, train, expected = setup
+    float32 = encode_split(model, processor, train, tmp_path, batch_size=8)
+    bf16 = encode_split(model, processor, train, tmp_path, batch_size=8, precision="bf16")
+    assert bf16.folder != float32.folder  # the key says how the features were computed
+    pixel_values = processor.image_processor([train[i]["image"] for i in range(8)], return_tensors="pt")
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        direct = model.encoder(pixel_values["pixel_values"]).last_hidden_state.float()
+    torch.testing.assert_close(every_row(bf16)[:8], direct, rtol=0, atol=0)
+    torch.testing.assert_close(every_row(bf16), expected, rtol=0.1, atol=0.1)  # close to float32's, not equal
+    assert encode_split(model, processor, train, tmp_path, batch_size=8, precision="bf16").folder == bf16.folder
+    with pytest.raises(ValueError, match="encoder precision"):
+        encode_split(model, processor, train, tmp_path, precision="fp8")
+
+
 def test_single_file_caches_of_older_versions_are_pointed_out(setup, tmp_path, caplog):
     model, processor, train, _ = setup
     save_file({"features": torch.zeros(2, 3)}, tmp_path / "0123456789abcdef01234567.safetensors")

@@ -48,10 +48,10 @@ def stored_input(model) -> str:
     return "frozen_features"
 
 
-def feature_cache_key(model, processor, dataset) -> str:
+def feature_cache_key(model, processor, dataset, precision: str = "float32") -> str:
     """A key that changes whenever the cached features would: what is stored, the weights and shape of what computes
     it (the whole backbone, or only its frozen bottom, whose weights training never changes), its output stride,
-    image processing, grid size, and the split's content (its `datasets` fingerprint)."""
+    image processing, grid size, the split's content (its `datasets` fingerprint), and a bf16 encoder pass."""
     stored = stored_input(model)
     if stored == "frozen_features":
         bottom = model.encoder.split_layers()[0]
@@ -74,6 +74,8 @@ def feature_cache_key(model, processor, dataset) -> str:
     }
     if any_dilated(computing):  # the same weights give other features; absent when undilated (older keys)
         description["vision_output_stride"] = model.config.vision_output_stride
+    if precision != "float32":  # other features again; absent in float32 (older keys)
+        description["encoder_precision"] = precision
     digest.update(json.dumps(description, sort_keys=True, default=str).encode())
     return digest.hexdigest()[:24]
 
@@ -178,8 +180,10 @@ class FeatureStore:
         return f"FeatureStore({str(self.folder)!r}, images={len(self)}, shape={self.feature_shape}, dtype={self.dtype})"
 
 
-def store_folder(model, processor, dataset, cache_dir: str | os.PathLike, dtype: str) -> Path:
-    return Path(cache_dir).expanduser() / f"{feature_cache_key(model, processor, dataset)}-{dtype}"
+def store_folder(
+    model, processor, dataset, cache_dir: str | os.PathLike, dtype: str, precision: str = "float32"
+) -> Path:
+    return Path(cache_dir).expanduser() / f"{feature_cache_key(model, processor, dataset, precision)}-{dtype}"
 
 
 @torch.no_grad()
@@ -191,15 +195,19 @@ def encode_split(
     batch_size: int = 64,
     dtype: str = "float32",
     shard_bytes: int = SHARD_BYTES,
+    precision: str = "float32",
 ) -> FeatureStore:
     """The region features of every image of a split (or, when the encoder's last stages fine-tune, the output of its
     frozen bottom), computed once into an on-disk store that later runs (and the other processes of this one) read
-    lazily. A store left incomplete by a killed run is finished, not redone."""
+    lazily. A store left incomplete by a killed run is finished, not redone. `precision` "bf16" runs the encoder under
+    bf16 autocast (other features, so another store)."""
     if dtype not in STORE_DTYPES:
         raise ValueError(f"feature store dtype: expected one of {list(STORE_DTYPES)}, got {dtype!r}")
+    if precision not in ("float32", "bf16"):
+        raise ValueError(f"feature store encoder precision: expected float32 or bf16, got {precision!r}")
     if len(dataset) == 0:
         raise ValueError("cannot cache the features of an empty split")
-    folder = store_folder(model, processor, dataset, cache_dir, dtype)
+    folder = store_folder(model, processor, dataset, cache_dir, dtype, precision)
     _mention_old_caches(folder.parent)
     layout = read_layout(folder)
     if layout is not None and layout["num_images"] != len(dataset):  # not this split's: never mix two
@@ -224,7 +232,9 @@ def encode_split(
         loader = DataLoader(images, batch_size=batch_size, collate_fn=collate, generator=torch.Generator())
         for pixel_values in loader:
             pixel_values = pixel_values.to(device).contiguous(memory_format=torch.channels_last)
-            yield compute(pixel_values).to("cpu", STORE_DTYPES[dtype])
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+                features = compute(pixel_values)
+            yield features.to("cpu", STORE_DTYPES[dtype])
 
     folder.mkdir(parents=True, exist_ok=True)
     _remove_abandoned_partials(folder)
