@@ -454,9 +454,15 @@ def test_fine_tuning_the_top_stage_from_cached_bottom_features(tmp_path):
 def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path):
     """Two processes of 16 captions each take the optimizer steps of one process of 32, at the same learning rates
     (Accelerate steps a prepared scheduler once per process); both read one feature store, cached once. The model
-    has hard attention: sampled regions train data-parallel from cached features too."""
+    has hard attention and attention supervision: sampled regions, and the sample shapes' attention targets, train
+    data-parallel from cached features too."""
     config = tmp_path / "tiny.yaml"
-    model = {**tiny_arguments(tmp_path).model, "encoder_trainable_stages": 0, "hard_attention": True}
+    model = {
+        **tiny_arguments(tmp_path).model,
+        "encoder_trainable_stages": 0,
+        "hard_attention": True,
+        "attention_supervision_weight": 0.5,
+    }
     cached = dict(model=model, cache_features=True, feature_cache_dir=str(tmp_path / "features"))
     args = tiny_arguments(tmp_path / "ddp", num_epochs=2, warmup_steps=3, log_every_steps=1, **cached)
     config.write_text(yaml.safe_dump({k: v for k, v in vars(args).items()}))
@@ -482,6 +488,7 @@ def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path)
     pairs = len(CaptionPairs(load_data(args)["train"]))
     assert metrics["steps"] == 2 * math.ceil(math.ceil(pairs / 16) / 2)  # each process takes every other batch
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
+    assert all(entry["train/supervision_loss"] > 0 for entry in metrics["log_history"])
     assert len(list((tmp_path / "features").iterdir())) == 2  # train and validation, each on disk once
     single = train(
         tiny_arguments(tmp_path / "single", num_epochs=2, warmup_steps=3, log_every_steps=1, batch_size=32, **cached)
