@@ -83,8 +83,21 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
         [
             f"- Encoder: {_backbone_text(config)}, last feature map average-pooled to {config['grid_size']} x "
             f"{config['grid_size']} = {regions} regions; {_trainable(config['encoder_trainable_stages'])}.",
-            f"- Decoder: {config['rnn_type'].upper()} with {config['hidden_size']} units, {config['embed_dim']}-d word "
+            *(
+                [
+                    f"- Region encoder: {config['region_encoder_layers']} Transformer encoder layer(s) over the regions "
+                    f"(self-attention among them, {config['hidden_size']}-d, with 2-D grid position embeddings)."
+                ]
+                if config.get("region_encoder_layers")
+                else []
+            ),
+            f"- Decoder: {_decoder_kind(config)} with {config['hidden_size']} units, {config['embed_dim']}-d word "
             f"embeddings, {config['cross_attention']} cross-attention ({config['attention_dim']}-d) with a sigmoid gate, "
+            + (
+                "a visual sentinel (the attention may go to the decoder's memory instead of the picture), "
+                if config.get("visual_sentinel")
+                else ""
+            )
             + (
                 f"{config['self_attention_heads']}-head self-attention over its earlier states"
                 if config["self_attention"]
@@ -99,6 +112,12 @@ def render_model_card(model_dir: str | Path, repo_id: str | None = None, templat
                 "REINFORCE with a moving-average baseline and an entropy bonus (Show, Attend and Tell section 4.1); "
                 "captions read the expected context"
                 if config.get("hard_attention")
+                else ""
+            )
+            + (
+                f", attention supervision from boxes of the named things (lambda = "
+                f"{config['attention_supervision_weight']})"
+                if config.get("attention_supervision_weight")
                 else ""
             )
             + ".",
@@ -234,6 +253,14 @@ def _figure_text(model_dir: Path) -> str:
         f"![Where the model looked for each word]({FIGURES_DIR}/{figures[0].name})\n\nWhere the model looked "
         "while writing each word of its caption (one panel per word; `hf-captioner caption --attention`).\n"
     )
+
+
+def _decoder_kind(config: dict) -> str:
+    """The recurrent decoder in words: one cell (Show, Attend and Tell) or the top-down pair."""
+    cell = config["rnn_type"].upper()
+    if config.get("decoder_type") == "top_down":
+        return f"top-down {cell} pair (an attention {cell} queries the regions, a language {cell} predicts the word)"
+    return cell
 
 
 def _backbone_text(config: dict) -> str:

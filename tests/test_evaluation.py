@@ -316,3 +316,20 @@ def test_evaluate_passes_decoding_options_to_generate(trained_tiny_model, tmp_pa
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["generate_kwargs"] == {"no_repeat_ngram_size": 2}
     assert metrics["repetition"]["repeated_bigram_rate"] == 0.0  # a repeated word bigram repeats a token bigram
+
+
+def test_the_card_names_the_decoder_variant_and_attention_supervision(trained_tiny_model, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(trained_tiny_model, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config |= {
+        "decoder_type": "top_down",
+        "visual_sentinel": True,
+        "region_encoder_layers": 2,
+        "attention_supervision_weight": 0.5,
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    card = render_model_card(folder, repo_id="me/tiny").replace("\n", " ")
+    assert "Region encoder: 2 Transformer encoder layer(s)" in card
+    assert "top-down LSTM pair" in card and "a visual sentinel" in card
+    assert "attention supervision from boxes of the named things (lambda = 0.5)" in card
