@@ -569,7 +569,9 @@ class CaptionerDecoder(nn.Module):
         """The step's linear maps grouped by the vector they read, for a runner that stacks each group into one
         product: "hidden" h_{t-1}, "embedding" E y_{t-1}, "reads" [context, attended] (the cell's input after the
         embedding), with self-attention "attended" (its output layer) and "new_state" h_t (its key and value), and
-        the deep output's "deep_hidden" h_t, "deep_context" the context, "vocabulary" the deep output. A map that
+        the deep output's "deep_hidden" h_t, "deep_context" the context, "vocabulary" the deep output; with a visual
+        sentinel, its gate reads [embedding, h_{t-1}], "sentinel_value" the gated memory, "sentinel_key" the
+        sentinel (the regions' projection W_f, which also projects the sentinel). A map that
         reads a concatenation (the cell's input, the self-attention query) appears once per part, with the
         part's columns; its bias rides with one part. Keep it beside `step`: a new layer there is listed here."""
         e = self.embed_tokens.embedding_dim
@@ -584,6 +586,14 @@ class CaptionerDecoder(nn.Module):
             embedding.append(LinearPiece("memory_query", memory.query.weight, slice(0, e), memory.query.bias))
             maps["attended"] = [LinearPiece("attended", memory.out.weight, bias=memory.out.bias)]
             maps["new_state"] = [LinearPiece("key_value", memory.key_value.weight, bias=memory.key_value.bias)]
+        sentinel = attention.sentinel
+        if sentinel is not None:  # its gate reads [embedding, h_{t-1}]
+            hidden.append(LinearPiece("sentinel_gate", sentinel.gate.weight, slice(e, None)))
+            embedding.append(LinearPiece("sentinel_gate", sentinel.gate.weight, slice(0, e), sentinel.gate.bias))
+            maps["sentinel_value"] = [LinearPiece("sentinel", sentinel.value.weight)]
+            maps["sentinel_key"] = [
+                LinearPiece("sentinel_key", attention.region_proj.weight, bias=attention.region_proj.bias)
+            ]
         hidden.append(LinearPiece("hidden_gates", cell.weight_hh, bias=cell.bias_hh))
         embedding.append(LinearPiece("input_gates", cell.weight_ih, slice(0, e), cell.bias_ih))  # cell input: [e, ..]
         reads = [LinearPiece("input_gates", cell.weight_ih, slice(e, None))]  # .. context, attended]

@@ -92,8 +92,10 @@ class PackedProducts:
         # one product over all steps of teacher forcing: autograd's gradient is already one outer product
         self.embedding = StackedProduct(maps["embedding"], dtype, deferred=False)
         self.reads = StackedProduct(maps["reads"], dtype)
-        self.attended = StackedProduct(maps["attended"], dtype) if "attended" in maps else None
-        self.new_state = StackedProduct(maps["new_state"], dtype) if "new_state" in maps else None
+        self.attended, self.new_state, self.sentinel_value, self.sentinel_key = (
+            StackedProduct(maps[name], dtype) if name in maps else None
+            for name in ("attended", "new_state", "sentinel_value", "sentinel_key")
+        )
         self._regions: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def output(self, embedded: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -106,7 +108,8 @@ class PackedProducts:
 
     def per_step(self) -> list[StackedProduct]:
         """The products each step makes (their weight gradients are deferred)."""
-        return [p for p in (self.hidden, self.reads, self.attended, self.new_state) if p is not None]
+        products = (self.hidden, self.reads, self.attended, self.new_state, self.sentinel_value, self.sentinel_key)
+        return [p for p in products if p is not None]
 
     def regions(self, regions: torch.Tensor) -> torch.Tensor:
         """The regions in the compute dtype, cast once for all the steps that read them."""
@@ -148,8 +151,14 @@ def packed_step(
     from_hidden = products.hidden.split(products.hidden(cache.hidden, gradients))
     from_embedding = products.embedding.split(embedded)
     query = from_hidden["query"].view(regions.shape[0], -1, from_hidden["query"].shape[-1])  # (B, n rows each, A)
-    cross_weights = attention.weights(query, cache.projected_regions, scratch)  # (B, n, k)
-    context = torch.sigmoid(from_hidden["gate"]) * attention.read(cross_weights, regions, noise)  # (R, C)
+    sentinel = sentinel_key = None
+    if products.sentinel_value is not None:  # the visual sentinel, from the memory before this step
+        gate = torch.sigmoid(from_embedding["sentinel_gate"] + from_hidden["sentinel_gate"])  # (R, H)
+        cell_memory = cache.cell if cache.cell is not None else cache.hidden  # (R, H)
+        sentinel = products.sentinel_value(gate * torch.tanh(cell_memory), gradients)  # (R, C)
+        sentinel_key = products.sentinel_key(sentinel, gradients)  # (R, A)
+    cross_weights = attention.weights(query, cache.projected_regions, scratch, sentinel_key)  # (B, n, k [+ 1])
+    context = torch.sigmoid(from_hidden["gate"]) * attention.read(cross_weights, regions, noise, sentinel)  # (R, C)
     reads, self_weights = context, None
     if memory is not None:
         if "key_value" in from_hidden:  # teacher forcing: the memory of h_{t-1} comes from this step's product
@@ -174,9 +183,7 @@ PACKED_STEPS: dict[str, Callable] = {"CaptionerDecoder": packed_step}
 
 
 def packed_step_of(decoder: CaptionerDecoder) -> Callable | None:
-    """The decoder's packed step, or None: its class has none, or it has a visual sentinel (reference steps only)."""
-    if decoder.cross_attention.sentinel is not None:
-        return None
+    """The decoder's packed step, or None when its class has none (it runs its reference steps)."""
     return PACKED_STEPS.get(type(decoder).__qualname__)
 
 
