@@ -356,8 +356,8 @@ class TrainingRun:
             objective = SelfCriticalObjective(
                 processor, data["train"]["captions"], args.self_critical_samples, args.self_critical_max_new_tokens
             )
+        grounding = _run_grounding(args, model, processor, data["train"])  # before caching: missing boxes fail at once
         train_features, val_features = _run_features(args, accelerator, model, processor, data)
-        grounding = _run_grounding(args, model, processor, data["train"])
         train_loader, val_loader = _run_loaders(args, processor, data, train_features, val_features, grounding)
         optimizer = build_optimizer(model, args)
         model, optimizer, train_loader, val_loader = accelerator.prepare(model, optimizer, train_loader, val_loader)
