@@ -63,8 +63,7 @@ class CaptionerOutput(Seq2SeqLMOutput):
     is `cache` from transformers 5.24 on, `past_key_values` before) plus the two parts of the loss.
 
     loss: token_loss + attention_loss (when labels are given).
-    logits: (B, T, V) next-token scores; with `labels` under the packed runner, 0 after each caption's end (the padding
-        is not projected onto the vocabulary).
+    logits: (B, T, V) next-token scores.
     cache / past_key_values: the [`CaptionerCache`] to continue decoding from (when `use_cache`).
     decoder_attentions: (B, heads, T, P + T) self-attention over the P + T earlier decoder states h_0.. (when
         `output_attentions` and self-attention is on); entries a step cannot see are 0. Also `self_attentions`.

@@ -307,8 +307,7 @@ def packed_teacher_forcing(
     noise: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Teacher forcing of whole captions (B, T) from a fresh start, one caption per image. With `lengths` (B,), the
-    number of real target tokens per caption, steps past a caption's end are skipped: their outputs, logits included
-    (the deep output and vocabulary projection run on the real positions only), are zeros.
+    number of real target tokens per caption, steps past a caption's end are skipped: their outputs are zeros.
     `noise` (B, T) draws the regions read (hard attention); `step` is the decoder's packed step. Returns what
     `CaptionerDecoder.forward` returns (logits, cross-attention, self-attention)."""
     batch, length = input_ids.shape
@@ -363,26 +362,7 @@ def packed_teacher_forcing(
         inverse = order.argsort()
         hidden, context, cross = hidden[inverse], context[inverse], cross[inverse]
         self_attention = self_attention[inverse] if self_attention is not None else None
-    return real_positions_output(decoder, embedded, hidden, context, lengths), cross, self_attention
-
-
-def real_positions_output(
-    decoder: CaptionerDecoder,
-    embedded: torch.Tensor,
-    hidden: torch.Tensor,
-    context: torch.Tensor,
-    lengths: torch.LongTensor | None,
-) -> torch.Tensor:
-    """The deep output and vocabulary projection (B, T, V) of the positions before each caption's end (all of them
-    without `lengths`), zeros after it: in a batch ordered by length, about a third of the positions are padding."""
-    if lengths is None:
-        return decoder.output(embedded, hidden, context)
-    batch, length = hidden.shape[:2]
-    real = torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]  # (B, T)
-    if bool(real.all()):
-        return decoder.output(embedded, hidden, context)
-    logits = decoder.output(embedded[real], hidden[real], context[real])  # (N, V): the N real positions
-    return logits.new_zeros(batch, length, logits.shape[-1]).index_put((real,), logits)  # (B, T, V)
+    return decoder.output(embedded, hidden, context), cross, self_attention
 
 
 def keep_first_rows(cache: CaptionerCache, rows: int) -> None:
