@@ -82,6 +82,32 @@ def tiny_model(seed: int = 0, **overrides) -> CaptionerForConditionalGeneration:
     return CaptionerForConditionalGeneration(tiny_config(**overrides)).eval()
 
 
+def images(batch: int = 3, seed: int = 1) -> torch.Tensor:
+    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def token_ids(batch: int = 3, length: int = 7, seed: int = 2) -> torch.Tensor:
+    return torch.randint(4, 40, (batch, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def decode_step_by_step(model, pixel_values: torch.Tensor, inputs: torch.Tensor) -> list:
+    """The model's outputs for `inputs` fed one token at a time through its cache (attentions included)."""
+    encoder_outputs = model.encoder(pixel_values)
+    cache, outputs = None, []
+    for t in range(inputs.shape[1]):
+        out = model(
+            encoder_outputs=encoder_outputs,
+            decoder_input_ids=inputs[:, t : t + 1],
+            cache=cache,
+            use_cache=True,
+            output_attentions=True,
+        )
+        cache = out.cache
+        outputs.append(out)
+    return outputs
+
+
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
     return train_tokenizer(TINY_CAPTIONS * 5, vocab_size=64)

@@ -3,7 +3,7 @@ each keeps the model's invariants, and the loss that supervises attention is wha
 
 import pytest
 import torch
-from conftest import TINY_CAPTIONS, tiny_config, tiny_model
+from conftest import TINY_CAPTIONS, decode_step_by_step, images, tiny_config, tiny_model, token_ids
 from PIL import Image
 
 from hf_captioner import (
@@ -42,34 +42,16 @@ def variant(decoder_type, sentinel, layers, rnn_type, self_attention, **override
     )
 
 
-def images(batch: int = 3, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def token_ids(batch: int = 3, length: int = 7, seed: int = 2) -> torch.Tensor:
-    return torch.randint(4, 40, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("settings", VARIANTS, ids=VARIANT_IDS)
 def test_cached_step_by_step_decoding_equals_teacher_forcing(settings):
     model = variant(*settings)
     pixel_values, inputs = images(), token_ids()
     with torch.no_grad():
         full = model(pixel_values=pixel_values, decoder_input_ids=inputs, output_attentions=True)
-        encoder_outputs = model.encoder(pixel_values)
-        cache, logits, cross, sentinel = None, [], [], []
-        for t in range(inputs.shape[1]):
-            out = model(
-                encoder_outputs=encoder_outputs,
-                decoder_input_ids=inputs[:, t : t + 1],
-                cache=cache,
-                use_cache=True,
-                output_attentions=True,
-            )
-            cache = out.cache
-            logits.append(out.logits)
-            cross.append(out.cross_attentions)
-            sentinel.append(out.sentinel_attentions)
+    steps = decode_step_by_step(model, pixel_values, inputs)
+    logits = [out.logits for out in steps]
+    cross = [out.cross_attentions for out in steps]
+    sentinel = [out.sentinel_attentions for out in steps]
     torch.testing.assert_close(torch.cat(logits, dim=1), full.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(cross, dim=1), full.cross_attentions, atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(

@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config, tiny_model
+from conftest import decode_step_by_step, images, tiny_config, tiny_model, token_ids
 from transformers import ResNetConfig, ResNetForImageClassification
 
 from hf_captioner import CaptionerCache, CaptionerConfig, CaptionerForConditionalGeneration, inference
@@ -19,35 +19,19 @@ from hf_captioner.packed_decoding import update_cell
 DECODER_KINDS = list(itertools.product(["lstm", "gru"], [True, False], ["additive", "dot", "scaled_dot"]))
 
 
-def images(batch: int = 3, seed: int = 1) -> torch.Tensor:
-    return torch.randn(batch, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
-
-
-def token_ids(batch: int = 3, length: int = 7, seed: int = 2) -> torch.Tensor:
-    return torch.randint(4, 40, (batch, length), generator=torch.Generator().manual_seed(seed))
-
-
 @pytest.mark.parametrize("rnn_type,self_attention,cross_attention", DECODER_KINDS)
 def test_cached_step_by_step_decoding_equals_teacher_forcing(rnn_type, self_attention, cross_attention):
     model = tiny_model(rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention)
     pixel_values, inputs = images(), token_ids()
     with torch.no_grad():
         full = model(pixel_values=pixel_values, decoder_input_ids=inputs, output_attentions=True)
-        encoder_outputs = model.encoder(pixel_values)
-        cache, step_logits, step_cross = None, [], []
-        for t in range(inputs.shape[1]):
-            out = model(
-                encoder_outputs=encoder_outputs,
-                decoder_input_ids=inputs[:, t : t + 1],
-                cache=cache,
-                use_cache=True,
-                output_attentions=True,
-            )
-            cache = out.cache
-            step_logits.append(out.logits)
-            step_cross.append(out.cross_attentions)
-            if self_attention:  # the last row of the full self-attention is what the step saw
-                assert torch.allclose(out.self_attentions[:, :, 0], full.self_attentions[:, :, t, : t + 1], atol=1e-6)
+    steps = decode_step_by_step(model, pixel_values, inputs)
+    if self_attention:  # the last row of the full self-attention is what each step saw
+        for t, out in enumerate(steps):
+            assert torch.allclose(out.self_attentions[:, :, 0], full.self_attentions[:, :, t, : t + 1], atol=1e-6)
+    cache = steps[-1].cache
+    step_logits = [out.logits for out in steps]
+    step_cross = [out.cross_attentions for out in steps]
     assert cache.get_seq_length() == inputs.shape[1]
     torch.testing.assert_close(torch.cat(step_logits, dim=1), full.logits, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.cat(step_cross, dim=1), full.cross_attentions, atol=1e-6, rtol=1e-5)
