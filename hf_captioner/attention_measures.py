@@ -157,6 +157,13 @@ def head_noun(phrase: str) -> str | None:
     return words[-1] if words else None
 
 
+def find_entities_file(data: str, given: str | None) -> str | None:
+    """The Flickr30k Entities file to use: the one given, else `ENTITIES_FILE` in the data folder when it is there."""
+    if given is None and Path(data, ENTITIES_FILE).is_file():
+        return str(Path(data, ENTITIES_FILE))
+    return given
+
+
 def load_flickr30k_entities(path: str | os.PathLike) -> dict[str, dict]:
     """Flickr30k Entities annotations as the shared Flickr8k folder's `flickr30k_entities.json` holds them: per
     image file name, the original `width`/`height`, `boxes` {entity id: [[x0, y0, x1, y1], ...]} and `phrases`

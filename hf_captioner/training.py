@@ -26,7 +26,7 @@ from transformers import get_scheduler
 from transformers.image_utils import PILImageResampling
 
 from .arguments import SettingsError, TrainingArguments, parse_arguments
-from .attention_measures import ENTITIES_FILE, load_flickr30k_entities
+from .attention_measures import ENTITIES_FILE, find_entities_file, load_flickr30k_entities
 from .backbones import image_settings, is_backbone_name
 from .configuration_captioner import CaptionerConfig
 from .data.feature_store import encode_split, stored_input
@@ -652,9 +652,7 @@ def _run_grounding(args: TrainingArguments, model, processor, train_data) -> Gro
             return shape_phrases(objects[row], size)
 
     else:
-        path = args.entities
-        if path is None and Path(args.data, ENTITIES_FILE).is_file():
-            path = str(Path(args.data, ENTITIES_FILE))
+        path = find_entities_file(args.data, args.entities)
         if path is None:
             raise SettingsError(
                 "attention_supervision_weight > 0 needs boxes: pass --entities FILE (Flickr30k Entities "

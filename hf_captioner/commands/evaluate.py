@@ -13,7 +13,7 @@ import typing
 from pathlib import Path
 
 from hf_captioner.arguments import DATA_LAYOUT_ARGUMENTS, DataArguments
-from hf_captioner.attention_measures import ENTITIES_FILE, load_flickr30k_entities
+from hf_captioner.attention_measures import ENTITIES_FILE, find_entities_file, load_flickr30k_entities
 from hf_captioner.cli import (
     CommandParser,
     add_model_arguments,
@@ -134,9 +134,7 @@ def main(argv: list[str] | None = None) -> None:
         parser.error(f"the {args.split} split of {args.data} has no images")
     if args.max_images:
         dataset = dataset.select(range(min(args.max_images, len(dataset))))
-    entities_file = args.entities
-    if entities_file is None and (Path(args.data) / ENTITIES_FILE).is_file():
-        entities_file = str(Path(args.data) / ENTITIES_FILE)
+    entities_file = find_entities_file(args.data, args.entities)
     try:
         entities = load_flickr30k_entities(entities_file) if entities_file else None
     except (FileNotFoundError, ValueError) as error:

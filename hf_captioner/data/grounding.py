@@ -20,7 +20,7 @@ import torch
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from ..attention_measures import cell_centres
+from ..attention_measures import cell_centres, cells_inside
 
 logger = logging.getLogger(__name__)
 
@@ -85,12 +85,14 @@ def covered_cells(boxes: list[Box], grid_size: int, picture_size: tuple[int, int
     as the model sees them after the image processor's resize and crop; a box too small to hold a cell's centre
     gives the cell nearest to its own centre."""
     width, height = picture_size
-    centres = cell_centres(grid_size, picture_size, image_processor) / np.array([width, height])  # (k, 2) fractions
+    centres = cell_centres(grid_size, picture_size, image_processor)  # (k, 2) in picture pixels
     inside = np.zeros(len(centres), dtype=bool)
     for x0, y0, x1, y1 in boxes:
-        in_box = (centres[:, 0] >= x0) & (centres[:, 0] <= x1) & (centres[:, 1] >= y0) & (centres[:, 1] <= y1)
+        # as inclusive pixel boxes, the form `cells_inside` reads (its right edge is x1 + 1)
+        in_box = cells_inside([(x0 * width, y0 * height, x1 * width - 1, y1 * height - 1)], centres)
         if not in_box.any():
-            in_box[np.argmin(((centres - [(x0 + x1) / 2, (y0 + y1) / 2]) ** 2).sum(axis=1))] = True
+            middle = [(x0 + x1) / 2 * width, (y0 + y1) / 2 * height]
+            in_box[np.argmin(((centres - middle) ** 2).sum(axis=1))] = True
         inside |= in_box
     return np.flatnonzero(inside)
 
