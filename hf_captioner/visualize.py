@@ -127,7 +127,16 @@ def plot_attention(
         axes.set_title(label, fontsize=12 if share is None else 10, y=-0.14 if share is None else -0.22)
         axes.set_axis_off()
     title_room = 0.3 / (rows * PANEL_INCHES)  # a line of title, in figure fractions
-    figure.subplots_adjust(left=0.02, right=0.9, top=1 - title_room, bottom=0.1, wspace=0.05, hspace=0.2)
+    two_lines = sentinel is not None and any(share is not None for share in sentinel)  # word + sentinel share
+    label_room = (0.25 if two_lines else 0.0) / (rows * PANEL_INCHES)  # the second line, in figure fractions
+    figure.subplots_adjust(
+        left=0.02,
+        right=0.9,
+        top=1 - title_room,
+        bottom=0.1 + label_room,
+        wspace=0.05,
+        hspace=0.35 if two_lines else 0.2,
+    )
     figure.suptitle(" ".join(words), fontsize=11, y=1 - title_room / 8, va="top")
     scale = figure.add_axes((0.92, 0.15, 0.015, 0.7 - title_room))
     figure.colorbar(heat, cax=scale).set_label("attention (1 = the word's peak)", fontsize=8)
