@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,6 +73,32 @@ def open_picture(path: str | Path | None, name: str | None = None) -> Image.Imag
         raise ValueError(f"{name} could not be read as a picture ({type(error).__name__}: {error})") from None
 
 
+class PageFiles:
+    """The pictures the page shows, written as files under one folder. Gradio copies a file it is given into its cache
+    atomically (a temporary name, then a rename), but writes an image given in memory in place under its content's
+    hash: two requests showing the same picture then rewrite a file while another response is still sending it, and
+    that download arrives empty (seen with 20 concurrent requests for the same picture). Files older than `max_age_s`
+    are removed as new ones are written: Gradio serves its own copies."""
+
+    def __init__(self, max_age_s: float = 600.0):
+        self.folder = Path(tempfile.mkdtemp(prefix="captioner-page-"))
+        self.max_age_s = max_age_s
+
+    def save(self, name: str, picture: Image.Image | None = None, draw: Callable[[Path], object] | None = None) -> str:
+        """The path of a new PNG named `name`-something (the name a download gets): `picture` saved, or what
+        `draw(path)` writes there."""
+        cutoff = time.time() - self.max_age_s
+        for old in self.folder.glob("*.png"):
+            if old.stat().st_mtime < cutoff:
+                old.unlink(missing_ok=True)
+        path = self.folder / f"{name}-{uuid.uuid4().hex[:12]}.png"
+        if picture is not None:
+            picture.save(path)
+        else:
+            draw(path)
+        return str(path)
+
+
 class Explorer:
     """Captions with per-word attention, for the page: one model and its processor; `boxes_for(name, words, size)`
     may give each word's reference boxes for a data-set picture (by file name), or None."""
@@ -129,6 +157,7 @@ def build_app(
     import gradio as gr
 
     defaults = {"num_beams": 3, "max_new_tokens": 30, **(defaults or {})}
+    files = PageFiles()
 
     def checked_upload(component):
         """`component` (a gr.Image) with its preprocessing wrapped: an unreadable upload gets this app's message in
@@ -158,17 +187,22 @@ def build_app(
         except ValueError as error:  # a bad upload or prompt: a message in the page, the app goes on
             raise gr.Error(str(error)) from None
         choices = captioned.choices()
-        return captioned.caption, gr.update(choices=choices, value=choices[0]), captioned.view(choices[0]), captioned
+        view = files.save("view", captioned.view(choices[0]))
+        return captioned.caption, gr.update(choices=choices, value=choices[0]), view, captioned
 
     def show_word(choice, captioned):
-        return None if captioned is None or not choice else captioned.view(choice)
+        return None if captioned is None or not choice else files.save("view", captioned.view(choice))
 
     def all_words(captioned):
         if captioned is None:
             raise gr.Error("Caption a picture first")
-        path = Path(tempfile.mkdtemp(prefix="attention-")) / "attention.png"
-        plot_attention(captioned.picture, captioned.words, captioned.maps, path, boxes=captioned.boxes)
-        return str(path), str(path)
+        path = files.save(
+            "attention",
+            draw=lambda path: plot_attention(
+                captioned.picture, captioned.words, captioned.maps, path, boxes=captioned.boxes
+            ),
+        )
+        return path, path
 
     with gr.Blocks(title=title) as page:
         gr.Markdown(f"# {title}\nUpload a picture, caption it, then choose a word to see where the model looked.")
@@ -194,7 +228,7 @@ def build_app(
             with gr.Column():
                 caption_box = gr.Textbox(label="Caption", interactive=False, elem_id="caption")
                 words = gr.Radio([], label="Words", elem_id="words")
-                view = gr.Image(label="Where the model looks", type="pil", interactive=False, elem_id="view")
+                view = gr.Image(label="Where the model looks", type="filepath", interactive=False, elem_id="view")
                 grid_button = gr.Button("All words", elem_id="all-words")
                 grid = gr.Image(label="All words", type="filepath", interactive=False, elem_id="grid")
                 download = gr.File(label="All words (PNG)", elem_id="download")

@@ -25,7 +25,7 @@ gradio = pytest.importorskip("gradio", reason="the app extra is not installed")
 from gradio_client import Client, handle_file  # noqa: E402
 from gradio_client.exceptions import AppError  # noqa: E402
 
-from hf_captioner.app import Explorer, build_app  # noqa: E402
+from hf_captioner.app import Explorer, PageFiles, build_app  # noqa: E402
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -113,6 +113,19 @@ def test_the_page_answers_through_gradio_client(served, saved, pictures):
     assert Image.open(view).size[0] > 0
     grid, download = client.predict(api_name="/all_words")
     assert Image.open(grid).size == Image.open(download).size
+    assert Path(download).name.startswith("attention")  # the name the download gets
+
+
+def test_page_files_are_never_rewritten_and_old_ones_go(tmp_path):
+    """The same view twice is two files (Gradio rewrote an in-memory image's cache file in place while another
+    response was sending it: an empty download under concurrent requests); files past their age are removed."""
+    files = PageFiles(max_age_s=60)
+    picture = Image.new("RGB", (8, 8), "red")
+    first, second = files.save("view", picture), files.save("view", picture)
+    assert first != second and Image.open(first).size == (8, 8)
+    os.utime(first, (time.time() - 120,) * 2)
+    drawn = files.save("attention", draw=lambda path: picture.save(path))
+    assert not Path(first).exists() and Path(second).exists() and Path(drawn).name.startswith("attention-")
 
 
 def odd_uploads(folder: Path) -> dict[str, Path]:
