@@ -15,7 +15,9 @@ NORM_STATISTICS = ("batch", "frozen")
 DECODER_IMPLEMENTATIONS = ("packed", "reference")
 ATTENTION_PENALTY_FORMS = ("coverage", "doubly_stochastic")
 DECODER_TYPES = ("show_attend_tell", "top_down")
+HARD_ATTENTION_REWARDS = ("caption", "remaining")
 CHOICES = {
+    "hard_attention_reward": HARD_ATTENTION_REWARDS,
     "decoder_type": DECODER_TYPES,
     "rnn_type": RNN_TYPES,
     "cross_attention": CROSS_ATTENTION_KINDS,
@@ -91,7 +93,10 @@ class CaptionerConfig(PreTrainedConfig):
     hard_attention: bool = False  # sample the region each word reads while training (False: soft attention)
     hard_attention_reinforce_weight: float = 1.0  # lambda_r: weight of the sampled regions' score-function term
     hard_attention_entropy_weight: float = 0.002  # lambda_e: weight of the entropy bonus on alpha
-    hard_attention_baseline_decay: float = 0.9  # moving-average baseline of the caption log-likelihood
+    hard_attention_baseline_decay: float = 0.9  # moving-average baseline of the reward (and the advantage's square)
+    # the reward of step t's draw: "caption" (log p(y | s, a), the paper's) or "remaining" (the words from t on)
+    hard_attention_reward: str = "caption"
+    hard_attention_normalize_advantage: bool = False  # divide reward - baseline by its running standard deviation
     hard_attention_expectation_prob: float = 0.5  # per batch, the chance of the expected (soft) context instead
     tie_word_embeddings: bool = False  # share the embedding matrix with the output layer
     vocab_size: int = 10000  # size of the SentencePiece vocabulary (special tokens included)

@@ -775,8 +775,11 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
             self.region_encoder = CaptionerRegionEncoder(config, region_dim)
             region_dim = self.region_encoder.out_dim
         self.decoder = DECODER_CLASSES[config.decoder_type](config, region_dim=region_dim)
-        # hard attention's moving average of the caption log-likelihood: per process, not saved (restarts on resume)
+        # hard attention's moving averages of the reward and of the advantage's square, and the last sampled batch's
+        # diagnostics: per process, not saved (they restart on resume)
         self.reward_baseline: torch.Tensor | None = None
+        self.advantage_variance: torch.Tensor | None = None
+        self.hard_attention_stats: dict[str, torch.Tensor] = {}
         self.post_init()
         # captions are short: 3 beams and at most 30 words (+ </s>) by default; never emit <pad> or <s>
         self.generation_config.num_beams = 3
@@ -937,6 +940,7 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         if self.config.visual_sentinel:
             cross_attentions, sentinel_attentions = self.split_sentinel(cross_attentions)
         token_loss = attention_loss = supervision_loss = None
+        self.hard_attention_stats = {}  # filled by a batch that samples its regions
         if labels is not None:
             token_loss, attention_loss = self.losses(logits, labels, cross_attentions, noise)
             supervision_loss = self.attention_supervision(cross_attentions, sentinel_attentions, attention_targets)
@@ -1087,23 +1091,82 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
     ) -> torch.Tensor:
         """What hard attention adds to the token loss (SAT section 4.1, eq. 10-12) for captions whose steps read regions
         s drawn with `noise`: the token loss's gradient is the bound's log p(y | s, a) term; this surrogate's gradient
-        adds lambda_r (log p(y | s, a) - b) d log p(s | a) (REINFORCE, b the moving-average baseline) and lambda_e times
-        the gradient of the entropy of alpha. Summed over the batch's real steps and divided by their number, as the
-        token loss is, so that the three terms keep the bound's proportions; updates the baseline."""
+        adds lambda_r (R_t - b_t) d log p(s_t | a) (REINFORCE) and lambda_e times the gradient of the entropy of alpha.
+
+        The reward R_t of step t's draw (`hard_attention_reward`): "caption", log p(y | s, a) of the whole caption (the
+        paper's); "remaining", the log-likelihood of the words from t on, which are all the draw can change: the
+        words before it do not depend on it, so leaving them out removes noise and no signal (unbiased too). b_t is a
+        moving average of R_t (per step for "remaining"), taken before this batch moves it. With lambda_r = 1 the
+        estimator is unbiased for the bound's gradient; lambda_r < 1 (arctic-captions' effective 0.1) and
+        `hard_attention_normalize_advantage` (dividing R_t - b_t by its running standard deviation) rescale the
+        score-function term against the token loss's gradient: biased, on purpose, for a smaller variance.
+        Summed over the batch's real steps and divided by their number, as the token loss is. Updates the baseline
+        and leaves the batch's diagnostics in `hard_attention_stats`."""
         config = self.config
-        targets = labels != -100
+        targets = (labels != -100).float()  # (B, T)
         logits = logits.detach().float().transpose(1, 2)  # (B, V, T)
-        caption_log_likelihood = -F.cross_entropy(logits, labels, ignore_index=-100, reduction="none").sum(dim=1)
+        word_log_likelihood = -F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")  # (B, T), 0 at pads
+        if config.hard_attention_reward == "caption":
+            rewards = word_log_likelihood.sum(dim=1, keepdim=True)  # (B, 1): every step's draw gets the caption's
+            baseline = self.moving_reward_baseline(rewards.mean())
+        else:  # the words from t on
+            rewards = word_log_likelihood.flip(1).cumsum(dim=1).flip(1)  # (B, T)
+            steps_present = targets.sum(dim=0)  # (T,) captions long enough to have step t
+            baseline = self.moving_reward_baseline(rewards.sum(dim=0) / steps_present.clamp(min=1), steps_present > 0)
+        advantages = (rewards - baseline) * targets  # (B, T)
+        spread = (advantages.square().sum() / targets.sum().clamp(min=1)).detach()  # mean square about the baseline
+        if config.hard_attention_normalize_advantage:
+            previous = self.advantage_variance if self.advantage_variance is not None else spread
+            decay = config.hard_attention_baseline_decay
+            self.advantage_variance = (decay * previous + (1 - decay) * spread).detach()
+            advantages = advantages / previous.sqrt().clamp(min=1e-6)
         choices = chosen_regions(cross_attentions.detach(), noise)  # (B, T): the regions the steps read
         log_weights = cross_attentions.clamp(min=torch.finfo(cross_attentions.dtype).tiny).log()  # (B, T, k)
-        region_log_prob = (log_weights.gather(-1, choices.unsqueeze(-1)).squeeze(-1) * targets).sum(dim=1)  # (B,)
-        entropy = (-(cross_attentions * log_weights).sum(dim=-1) * targets).sum()
-        baseline = self.reward_baseline if self.reward_baseline is not None else caption_log_likelihood.mean()
-        decay = config.hard_attention_baseline_decay
-        self.reward_baseline = (decay * baseline + (1 - decay) * caption_log_likelihood.mean()).detach()
-        reinforce = -((caption_log_likelihood - baseline) * region_log_prob).sum()
+        step_log_prob = log_weights.gather(-1, choices.unsqueeze(-1)).squeeze(-1)  # (B, T) log p(s_t | a)
+        reinforce = -(advantages * step_log_prob).sum()
+        step_entropy = -(cross_attentions * log_weights).sum(dim=-1)  # (B, T)
+        entropy = (step_entropy * targets).sum()
+        self.hard_attention_stats = self.attention_diagnostics(
+            cross_attentions.detach(), step_entropy.detach(), targets
+        )
+        self.hard_attention_stats["reward_std"] = spread.sqrt()
         surrogate = config.hard_attention_reinforce_weight * reinforce - config.hard_attention_entropy_weight * entropy
         return surrogate / targets.sum().clamp(min=1)
+
+    def moving_reward_baseline(self, batch_mean: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
+        """The baseline to subtract now, then moved towards this batch's mean reward (decay
+        `hard_attention_baseline_decay`): the previous average, so that it does not depend on this batch's draws (the
+        first batch, and a step no earlier caption had, start from the batch's own mean). `batch_mean`: a scalar, or
+        one per step (T,) with `present` (T,) marking the steps some caption has (the others keep their average)."""
+        decay, previous = self.config.hard_attention_baseline_decay, self.reward_baseline
+        if batch_mean.dim() == 0:
+            baseline = previous if previous is not None else batch_mean
+            self.reward_baseline = (decay * baseline + (1 - decay) * batch_mean).detach()
+            return baseline
+        steps = batch_mean.shape[0]
+        if previous is None:
+            previous = batch_mean
+        elif previous.dim() == 0:  # one average for every step (set by hand, or a caption-reward run's)
+            previous = previous.expand(steps)
+        if previous.shape[0] < steps:
+            previous = torch.cat([previous, batch_mean[previous.shape[0] :]])
+        baseline = previous[:steps]
+        moved = torch.where(present, decay * baseline + (1 - decay) * batch_mean, baseline)
+        self.reward_baseline = torch.cat([moved, previous[steps:]]).detach()
+        return baseline
+
+    @staticmethod
+    def attention_diagnostics(
+        cross_attentions: torch.Tensor, step_entropy: torch.Tensor, targets: torch.Tensor
+    ) -> dict:
+        """How sharp and how mobile a batch's attention is, over its real steps: the entropy over log k (1: uniform)
+        and the share of consecutive words whose most-attended region differs (a map stuck on one cell: 0)."""
+        real = targets.sum().clamp(min=1)
+        entropy = (step_entropy * targets).sum() / (real * math.log(cross_attentions.shape[-1]))
+        peaks = cross_attentions.argmax(dim=-1)  # (B, T)
+        pairs = targets[:, 1:] * targets[:, :-1]
+        moves = ((peaks[:, 1:] != peaks[:, :-1]).float() * pairs).sum() / pairs.sum().clamp(min=1)
+        return {"attention_entropy": entropy, "peak_moves": moves}
 
 
 CaptionerForConditionalGeneration.register_for_auto_class("AutoModel")  # saved: auto_map (see the config's file)

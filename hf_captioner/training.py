@@ -329,6 +329,7 @@ class TrainingRun:
     progress: typing.Any = None
     started: float = 0.0
     last_log: tuple[float, int] = (0.0, 0)  # (time, step) of the last log: the training rate between logs
+    grad_norms: list[float] = field(default_factory=list)  # each optimizer step's gradient norm since the last log
 
     @property
     def output_dir(self) -> Path:
@@ -440,6 +441,8 @@ class TrainingRun:
             state.global_step += 1
             self.progress.update(1)
             if state.global_step % self.args.log_every_steps == 0:
+                if self.objective is cross_entropy and self.accelerator.unwrap_model(self.model).config.hard_attention:
+                    logs |= hard_attention_gradient_norms(self.accelerator.unwrap_model(self.model), batch)
                 self.log(logs)
             if self.args.checkpoint_every_steps and state.global_step % self.args.checkpoint_every_steps == 0:
                 save_checkpoint(self.accelerator, self.output_dir, state, self.args.keep_checkpoints)
@@ -452,8 +455,10 @@ class TrainingRun:
         with accelerator.accumulate(self.model):
             loss, logs = self.objective(self.model, batch, accelerator.unwrap_model(self.model))
             accelerator.backward(loss)
-            if accelerator.sync_gradients and args.max_grad_norm:
-                accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm)
+            if accelerator.sync_gradients:  # the norm is logged; infinite: measured, not clipped
+                norm = accelerator.clip_grad_norm_(self.model.parameters(), args.max_grad_norm or math.inf)
+                if norm is not None:
+                    self.grad_norms.append(float(norm))
             self.optimizer.step()
             self.scheduler.step()
             self.optimizer.zero_grad()
@@ -463,6 +468,12 @@ class TrainingRun:
         """The step's logs (made floats), the rate and the learning rate, to the trackers, the bar and the history."""
         state = self.state
         logs = {name: float(value) for name, value in logs.items()} | {"lr": self.scheduler.get_last_lr()[0]}
+        if self.grad_norms:  # before clipping; the share of steps clipped at max_grad_norm
+            logs["train/grad_norm"] = sum(self.grad_norms) / len(self.grad_norms)
+            if self.args.max_grad_norm:
+                clipped = sum(norm > self.args.max_grad_norm for norm in self.grad_norms)
+                logs["train/clipped_share"] = clipped / len(self.grad_norms)
+            self.grad_norms.clear()
         # all processes' captions (images, self-critical) per second since the last log
         now, steps = time.perf_counter(), state.global_step - self.last_log[1]
         examples = steps * self.train_loader.total_batch_size * self.args.gradient_accumulation_steps
@@ -706,7 +717,33 @@ def cross_entropy(model, batch: dict, unwrapped=None) -> tuple[torch.Tensor, dic
         "train/attention_loss": outputs.attention_loss.detach(),
         "train/supervision_loss": outputs.supervision_loss.detach(),
     }
+    model = unwrapped if unwrapped is not None else model
+    if getattr(model, "hard_attention_stats", None):  # this batch sampled its regions (hard attention)
+        logs |= {f"train/hard_attention/{name}": value for name, value in model.hard_attention_stats.items()}
     return outputs.loss, logs
+
+
+def hard_attention_gradient_norms(model, batch: dict) -> dict:
+    """The gradient norms of hard attention's two parts on a batch with its regions drawn, taken apart (the training
+    step sees only their sum): the token loss's and the policy term's (REINFORCE and the entropy bonus; the
+    attention penalty left out). Run at log steps on the reference decoder (the packed one backs up once); the
+    model's moving averages are put back, so the run trains as it would without this look."""
+    saved = (model.reward_baseline, model.advantage_variance, model.hard_attention_stats)
+    implementation, model.config.decoder_implementation = model.config.decoder_implementation, "reference"
+    try:
+        outputs = model(**batch, sample_regions=True, output_attentions=True, use_cache=False)
+        penalty = model.attention_penalty(outputs.cross_attentions, batch["labels"] != -100)
+        params = [p for p in model.parameters() if p.requires_grad]
+        norms = {}
+        for name, part in (("token_loss", outputs.token_loss), ("policy", outputs.attention_loss - penalty)):
+            grads = torch.autograd.grad(part, params, retain_graph=True, allow_unused=True)
+            norms[f"train/hard_attention/{name}_grad_norm"] = torch.cat(
+                [g.detach().float().flatten() for g in grads if g is not None]
+            ).norm()
+    finally:
+        model.config.decoder_implementation = implementation
+        model.reward_baseline, model.advantage_variance, model.hard_attention_stats = saved
+    return norms
 
 
 PROGRESS_LOGS = ("train/token_loss", "train/reward")  # shown on the progress bar

@@ -489,6 +489,11 @@ def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path)
     assert metrics["steps"] == 2 * math.ceil(math.ceil(pairs / 16) / 2)  # each process takes every other batch
     assert (tmp_path / "ddp" / "final" / "model.safetensors").is_file()
     assert all(entry["train/supervision_loss"] > 0 for entry in metrics["log_history"])
+    for entry in metrics["log_history"]:  # hard attention's diagnostics, the policy term's gradient taken apart
+        assert entry["train/grad_norm"] > 0 and 0 <= entry["train/clipped_share"] <= 1
+        assert entry["train/hard_attention/policy_grad_norm"] > 0 < entry["train/hard_attention/token_loss_grad_norm"]
+    sampled = [entry for entry in metrics["log_history"] if "train/hard_attention/peak_moves" in entry]
+    assert sampled and all(0 < entry["train/hard_attention/attention_entropy"] <= 1 for entry in sampled)
     assert len(list((tmp_path / "features").iterdir())) == 2  # train and validation, each on disk once
     single = train(
         tiny_arguments(tmp_path / "single", num_epochs=2, warmup_steps=3, log_every_steps=1, batch_size=32, **cached)
