@@ -16,7 +16,9 @@ DECODER_IMPLEMENTATIONS = ("packed", "reference")
 ATTENTION_PENALTY_FORMS = ("coverage", "doubly_stochastic")
 DECODER_TYPES = ("show_attend_tell", "top_down")
 HARD_ATTENTION_REWARDS = ("caption", "remaining")
+HARD_ATTENTION_BASELINES = ("moving_average", "expected_context")
 CHOICES = {
+    "hard_attention_baseline": HARD_ATTENTION_BASELINES,
     "hard_attention_reward": HARD_ATTENTION_REWARDS,
     "decoder_type": DECODER_TYPES,
     "rnn_type": RNN_TYPES,
@@ -96,6 +98,9 @@ class CaptionerConfig(PreTrainedConfig):
     hard_attention_baseline_decay: float = 0.9  # moving-average baseline of the reward (and the advantage's square)
     # the reward of step t's draw: "caption" (log p(y | s, a), the paper's) or "remaining" (the words from t on)
     hard_attention_reward: str = "caption"
+    # the reward's baseline: a moving average, or the reward of the same caption read with the expected context (plus
+    # a moving average of the gap): one more forward pass, without gradients, per sampled batch
+    hard_attention_baseline: str = "moving_average"
     hard_attention_normalize_advantage: bool = False  # divide reward - baseline by its running standard deviation
     hard_attention_expectation_prob: float = 0.5  # per batch, the chance of the expected (soft) context instead
     tie_word_embeddings: bool = False  # share the embedding matrix with the output layer

@@ -936,13 +936,16 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         logits, cross_attentions, self_attentions, cache = runner(
             self.decoder, decoder_input_ids, regions, cache, lengths, noise, use_cache
         )
+        expected_logits = None
+        if noise is not None and labels is not None and self.config.hard_attention_baseline == "expected_context":
+            expected_logits = self.expected_context_logits(decoder_input_ids, regions, lengths)
         sentinel_attentions = None
         if self.config.visual_sentinel:
             cross_attentions, sentinel_attentions = self.split_sentinel(cross_attentions)
         token_loss = attention_loss = supervision_loss = None
         self.hard_attention_stats = {}  # filled by a batch that samples its regions
         if labels is not None:
-            token_loss, attention_loss = self.losses(logits, labels, cross_attentions, noise)
+            token_loss, attention_loss = self.losses(logits, labels, cross_attentions, noise, expected_logits)
             supervision_loss = self.attention_supervision(cross_attentions, sentinel_attentions, attention_targets)
 
         output = CaptionerOutput(
@@ -1017,7 +1020,12 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         return torch.rand(decoder_input_ids.shape, device=self.device) if sample_regions else None
 
     def losses(
-        self, logits: torch.Tensor, labels: torch.Tensor, cross_attentions: torch.Tensor, noise: torch.Tensor | None
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        cross_attentions: torch.Tensor,
+        noise: torch.Tensor | None,
+        expected_logits: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """The token cross-entropy (padding ignored) and the attention loss (penalty, plus hard attention's surrogate
         when the regions were sampled), reported apart; the loss is their sum."""
@@ -1029,7 +1037,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         )
         attention_loss = self.attention_penalty(cross_attentions, labels != -100)
         if noise is not None:
-            attention_loss = attention_loss + self.hard_attention_loss(logits, labels, cross_attentions, noise)
+            surrogate = self.hard_attention_loss(logits, labels, cross_attentions, noise, expected_logits)
+            attention_loss = attention_loss + surrogate
         return token_loss, attention_loss
 
     @staticmethod
@@ -1087,7 +1096,12 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         return self.config.attention_penalty * penalty.mean()
 
     def hard_attention_loss(
-        self, logits: torch.Tensor, labels: torch.Tensor, cross_attentions: torch.Tensor, noise: torch.Tensor
+        self,
+        logits: torch.Tensor,
+        labels: torch.Tensor,
+        cross_attentions: torch.Tensor,
+        noise: torch.Tensor,
+        expected_logits: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """What hard attention adds to the token loss (SAT section 4.1, eq. 10-12) for captions whose steps read regions
         s drawn with `noise`: the token loss's gradient is the bound's log p(y | s, a) term; this surrogate's gradient
@@ -1096,7 +1110,10 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         The reward R_t of step t's draw (`hard_attention_reward`): "caption", log p(y | s, a) of the whole caption (the
         paper's); "remaining", the log-likelihood of the words from t on, which are all the draw can change: the
         words before it do not depend on it, so leaving them out removes noise and no signal (unbiased too). b_t is a
-        moving average of R_t (per step for "remaining"), taken before this batch moves it. With lambda_r = 1 the
+        moving average of R_t (per step for "remaining"), taken before this batch moves it; with `expected_logits`
+        (the same captions read with the expected context, `hard_attention_baseline: expected_context`), b_t is that
+        reading's reward plus a moving average of the gap: a baseline per caption, which knows how hard the caption
+        is, and still independent of this batch's draws (unbiased). With lambda_r = 1 the
         estimator is unbiased for the bound's gradient; lambda_r < 1 (arctic-captions' effective 0.1) and
         `hard_attention_normalize_advantage` (dividing R_t - b_t by its running standard deviation) rescale the
         score-function term against the token loss's gradient: biased, on purpose, for a smaller variance.
@@ -1104,15 +1121,14 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         and leaves the batch's diagnostics in `hard_attention_stats`."""
         config = self.config
         targets = (labels != -100).float()  # (B, T)
-        logits = logits.detach().float().transpose(1, 2)  # (B, V, T)
-        word_log_likelihood = -F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")  # (B, T), 0 at pads
+        rewards = self.draw_rewards(logits, labels)  # (B, 1) or (B, T)
+        control = self.draw_rewards(expected_logits, labels) if expected_logits is not None else 0.0
         if config.hard_attention_reward == "caption":
-            rewards = word_log_likelihood.sum(dim=1, keepdim=True)  # (B, 1): every step's draw gets the caption's
-            baseline = self.moving_reward_baseline(rewards.mean())
-        else:  # the words from t on
-            rewards = word_log_likelihood.flip(1).cumsum(dim=1).flip(1)  # (B, T)
+            baseline = control + self.moving_reward_baseline((rewards - control).mean())
+        else:
             steps_present = targets.sum(dim=0)  # (T,) captions long enough to have step t
-            baseline = self.moving_reward_baseline(rewards.sum(dim=0) / steps_present.clamp(min=1), steps_present > 0)
+            batch_mean = ((rewards - control) * targets).sum(dim=0) / steps_present.clamp(min=1)
+            baseline = control + self.moving_reward_baseline(batch_mean, steps_present > 0)
         advantages = (rewards - baseline) * targets  # (B, T)
         spread = (advantages.square().sum() / targets.sum().clamp(min=1)).detach()  # mean square about the baseline
         if config.hard_attention_normalize_advantage:
@@ -1132,6 +1148,26 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         self.hard_attention_stats["reward_std"] = spread.sqrt()
         surrogate = config.hard_attention_reinforce_weight * reinforce - config.hard_attention_entropy_weight * entropy
         return surrogate / targets.sum().clamp(min=1)
+
+    @torch.no_grad()
+    def expected_context_logits(self, decoder_input_ids, regions, lengths) -> torch.Tensor:
+        """Hard attention's control variate: the same captions read with the expected context, without dropout (a
+        deterministic reading: dropout's noise is not what the baseline should track)."""
+        runner, training = DECODER_RUNNERS[self.config.decoder_implementation], self.decoder.training
+        self.decoder.eval()
+        try:
+            return runner(self.decoder, decoder_input_ids, regions, None, lengths, None, False)[0]
+        finally:
+            self.decoder.train(training)
+
+    def draw_rewards(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """What each step's draw is credited with (`hard_attention_reward`): the caption's log-likelihood (B, 1), or
+        that of the words from each step on (B, T); padding adds nothing."""
+        logits = logits.detach().float().transpose(1, 2)  # (B, V, T)
+        word_log_likelihood = -F.cross_entropy(logits, labels, ignore_index=-100, reduction="none")  # (B, T)
+        if self.config.hard_attention_reward == "caption":
+            return word_log_likelihood.sum(dim=1, keepdim=True)
+        return word_log_likelihood.flip(1).cumsum(dim=1).flip(1)
 
     def moving_reward_baseline(self, batch_mean: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         """The baseline to subtract now, then moved towards this batch's mean reward (decay

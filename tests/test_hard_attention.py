@@ -85,13 +85,20 @@ def z_scores(samples: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "decoder_type,reward", [("show_attend_tell", "caption"), ("top_down", "caption"), ("show_attend_tell", "remaining")]
+    "decoder_type,reward,baseline",
+    [
+        ("show_attend_tell", "caption", "moving_average"),
+        ("top_down", "caption", "moving_average"),
+        ("show_attend_tell", "remaining", "moving_average"),
+        ("show_attend_tell", "remaining", "expected_context"),
+    ],
 )
-def test_the_reinforce_estimator_is_unbiased_for_the_bounds_gradient(decoder_type, reward):
+def test_the_reinforce_estimator_is_unbiased_for_the_bounds_gradient(decoder_type, reward, baseline):
     """The mean of many sampled training gradients equals the exact gradient of -L_s / T (the loss divides by the
     number of tokens), L_s enumerated over every region sequence; dropping the score-function term is detectably
-    biased with the same samples, so the check has the power to fail. For either decoder, and for either reward."""
-    model = hard_model(decoder_type=decoder_type, hard_attention_reward=reward)
+    biased with the same samples, so the check has the power to fail. For either decoder, either reward and either
+    baseline (the variance reductions meant to be unbiased)."""
+    model = hard_model(decoder_type=decoder_type, hard_attention_reward=reward, hard_attention_baseline=baseline)
     regions = regions_for(model)
     bound = exact_bound(model, regions)
     expected = gradient(model, -bound / CAPTION.shape[1])
@@ -115,6 +122,24 @@ def test_the_remaining_words_reward_has_less_variance_than_the_captions():
         samples = sampled_gradients(model, regions, baseline=None, batches=40, copies=8, part="attention_loss")
         variances[reward] = samples.var(dim=0).sum().item()
     assert variances["remaining"] < 0.9 * variances["caption"], variances
+
+
+def test_the_expected_context_baseline_knows_each_captions_difficulty():
+    """Two captions of different lengths in a batch: a moving average is one baseline for both, so the policy term
+    mostly learns which caption it was given; the expected-context reading gives each caption its own baseline and
+    the policy gradient's variance falls by orders of magnitude (about 10^5 here)."""
+    captions = torch.tensor([[7, 9, 2], [5, 2, -100]]).repeat(8, 1)
+    variances = {}
+    for baseline in ("moving_average", "expected_context"):
+        model = hard_model(hard_attention_baseline=baseline)
+        regions = regions_for(model).repeat(len(captions), 1, 1)
+        torch.manual_seed(0)
+        grads = []
+        for _ in range(40):
+            outputs = model(encoder_outputs=regions, labels=captions, use_cache=False, sample_regions=True)
+            grads.append(gradient(model, outputs.attention_loss))
+        variances[baseline] = torch.stack(grads[10:]).var(dim=0).sum().item()  # the moving average settled
+    assert variances["expected_context"] < variances["moving_average"] / 100, variances
 
 
 def test_the_per_step_baseline_moves_only_the_steps_a_batch_has():

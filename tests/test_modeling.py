@@ -283,6 +283,8 @@ def test_tied_embeddings_share_one_matrix_through_save_and_load(tmp_path):
         ("region_encoder_layers", -1),
         ("hard_attention_entropy_weight", -0.1),
         ("hard_attention_expectation_prob", 1.5),
+        ("hard_attention_reward", "word"),
+        ("hard_attention_baseline", "greedy"),
         ("encoder_trainable_stages", 7),
         ("pad_token_id", 40),
         ("grid_size", 2.5),
