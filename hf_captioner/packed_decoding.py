@@ -19,6 +19,8 @@ A decoder class without an entry in `PACKED_STEPS` runs its reference steps unde
 
 from __future__ import annotations
 
+import functools
+import time
 import typing
 from collections.abc import Callable
 
@@ -35,9 +37,25 @@ def compute_dtype(reference: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else reference.dtype
 
 
-# Up to this many rows (a beam-search step of up to 32 pictures at 3 beams), a float32 inference product is computed
-# as W x^T: x W^T at a few rows runs several times slower on the CPUs measured (docs/performance.md).
+# Up to this many rows (a beam-search step of up to 32 pictures at 3 beams), a float32 inference product may run as
+# W x^T instead of x W^T, where this CPU runs it faster (`weight_first_pays`).
 FEW_ROWS = 96
+
+
+@functools.cache
+def weight_first_pays() -> bool:
+    """Whether this CPU multiplies a few float32 rows by a large weight faster as W x^T than as x W^T (what F.linear
+    computes). Measured once per process (a few milliseconds): an AMD EPYC ran x W^T 2-7x slower at 3-96 rows, an
+    Intel Xeon (AMX) ran W x^T 2x slower (docs/performance.md); a fixed choice was wrong on one of them."""
+    generator = torch.Generator().manual_seed(0)
+    weight, rows = torch.randn(4096, 512, generator=generator), torch.randn(8, 512, generator=generator)
+    best = {True: float("inf"), False: float("inf")}
+    for _ in range(5):
+        for first in (True, False):
+            start = time.perf_counter()
+            torch.mm(weight, rows.t()) if first else F.linear(rows, weight)
+            best[first] = min(best[first], time.perf_counter() - start)
+    return best[True] < best[False]
 
 
 class StackedProduct:
@@ -65,8 +83,10 @@ class StackedProduct:
         return product.to(self.bias.dtype) + self.bias
 
     def weight_first(self, inputs: torch.Tensor) -> bool:
-        """Whether W x^T beats x W^T here: float32 at up to FEW_ROWS rows (bfloat16's kernels do not need it)."""
-        return self.weight.dtype == torch.float32 and inputs.dim() == 2 and inputs.shape[0] <= FEW_ROWS
+        """Whether W x^T beats x W^T here: float32 at up to FEW_ROWS rows on a CPU where the probe says so (bfloat16's
+        kernels do not need it)."""
+        few_float32_rows = self.weight.dtype == torch.float32 and inputs.dim() == 2 and inputs.shape[0] <= FEW_ROWS
+        return few_float32_rows and self.weight.device.type == "cpu" and weight_first_pays()
 
     def split(self, outputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, outputs.split(self.sizes, dim=-1), strict=True))
