@@ -220,7 +220,6 @@ def train_case(
 
 
 @torch.no_grad()
-@torch.no_grad()
 def minimal_generate(model, encoder_outputs: BaseModelOutput, num_beams: int, new_tokens: int) -> torch.LongTensor:
     """Beam search (greedy at one beam) written out over the model's own cache: exactly `new_tokens` steps, the
     generation config's suppressed tokens and the end token banned, as `generate` decodes with min_new_tokens =
@@ -249,6 +248,7 @@ def minimal_generate(model, encoder_outputs: BaseModelOutput, num_beams: int, ne
     return tokens[(scores.argmax(dim=1) + first_rows.squeeze(1))]
 
 
+@torch.no_grad()
 def generate_case(batch: int, beams: int, repeats: int, encoder: bool, variant: str = "") -> dict:
     generator = torch.Generator().manual_seed(0)
     model = sat_model().eval()
