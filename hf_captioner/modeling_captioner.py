@@ -286,7 +286,9 @@ class AdditiveScores(torch.autograd.Function):
         # d e / d x = 4 v s (1 - s) (s stays as it was: a graph kept with retain_graph may run backward again)
         grad_sum = torch.addcmul(s, s, s, value=-1).mul_(4 * v).mul_(grad_scores.unsqueeze(-1))  # (B, n, k, A)
         grad_query = grad_sum.sum(dim=2) if ctx.needs_input_grad[1] else None  # (B, n, A)
-        grad_regions = grad_sum.sum(dim=1) if ctx.needs_input_grad[0] else None  # (B, k, A)
+        grad_regions = None
+        if ctx.needs_input_grad[0]:  # (B, k, A); one query per row (teacher forcing): a view, not a zeroed copy
+            grad_regions = grad_sum.squeeze(1) if grad_sum.shape[1] == 1 else grad_sum.sum(dim=1)
         return grad_regions, grad_query, grad_v, None
 
 
