@@ -97,12 +97,13 @@ class CaptionerCache:
     hidden/cell: (R, H) recurrent state of R rows (cell is None for a GRU); keys/values: (R, heads, P+1, d)
     self-attention memory over h_0..h_P (None without self-attention); projected_regions: (B, k, A) W_f f, once per
     image; regions: (B, k, C) the regions the decoder reads (after the region encoder: computed once per image, not
-    once per step); attention_hidden/attention_cell: (R, H) the top-down decoder's attention LSTM (None otherwise).
+    once per step); attention_hidden/attention_cell: (R, H) the top-down decoder's attention LSTM (None otherwise);
+    mean_region_gates: (R, G·H) that LSTM's input product of the mean region, made once by the packed step.
     Generation runs `rows_per_image` consecutive rows per image (beams, returned sequences): they share one copy of
     the regions and their projection, which beam search never needs to move.
     """
 
-    STATES = ("hidden", "cell", "keys", "values", "attention_hidden", "attention_cell")  # one entry per row
+    STATES = ("hidden", "cell", "keys", "values", "attention_hidden", "attention_cell", "mean_region_gates")  # per row
 
     is_compileable = False  # the recurrence is stateful and grows no fixed-size buffers
     is_croppable = False  # an LSTM state cannot be rolled back to an earlier step
@@ -119,6 +120,7 @@ class CaptionerCache:
         regions: torch.Tensor | None = None,
         attention_hidden: torch.Tensor | None = None,
         attention_cell: torch.Tensor | None = None,
+        mean_region_gates: torch.Tensor | None = None,
     ):
         self.hidden = hidden
         self.cell = cell
@@ -128,6 +130,7 @@ class CaptionerCache:
         self.regions = regions
         self.attention_hidden = attention_hidden
         self.attention_cell = attention_cell
+        self.mean_region_gates = mean_region_gates
         self.rows_per_image = rows_per_image
         self.seen_tokens = seen_tokens
         self._scratch: torch.Tensor | None = None
@@ -472,7 +475,7 @@ class LinearPiece(NamedTuple):
 
     name: str  # what its output is called in the step
     weight: nn.Parameter  # (out, in) the whole map's weight
-    columns: slice = slice(None)  # the columns of `weight` that read this part
+    columns: slice | torch.Tensor = slice(None)  # the columns of `weight` that read this part (a slice or indices)
     bias: torch.Tensor | None = None  # (out,) added once per map, with one of its parts
 
 
@@ -689,6 +692,51 @@ class TopDownDecoder(CaptionerDecoder):
                 rows_per_image, dim=0
             )  # (R, H)
         return cache
+
+    def linear_maps(self) -> dict[str, list[LinearPiece]]:
+        """As `CaptionerDecoder.linear_maps`, for this step's reads: "hidden" the language state h_{t-1} (the attention
+        cell's first input columns, the language cell's hidden product), "attention_hidden" the attention cell's
+        state, "state" its new state (the query, the beta gate, the self-attention query's and the sentinel gate's
+        share, the language cell's columns for it), "embedding" the word (the attention cell's and the queries'
+        shares), "mean_region" the mean region (once per caption), "reads" [context, attended] (the language cell's
+        other columns); the self-attention, sentinel and deep output maps are the base class's."""
+        e, h = self.embed_tokens.embedding_dim, self.cell.hidden_size
+        c = self.cross_attention.region_proj.in_features
+        attention, memory, sentinel = self.cross_attention, self.self_attention, self.cross_attention.sentinel
+        attention_cell, cell = self.attention_cell, self.cell
+        own = ("hidden", "embedding", "reads")  # made here: the rest (memory, sentinel, deep output) as the base's
+        maps = {name: pieces for name, pieces in super().linear_maps().items() if name not in own}
+        state = [
+            LinearPiece("query", attention.query_proj.weight, bias=attention.query_proj.bias),
+            LinearPiece("gate", attention.gate.weight, bias=attention.gate.bias),
+        ]
+        # the attention cell reads [h_{t-1}, mean region, embedding]
+        embedding = [
+            LinearPiece("attention_gates", attention_cell.weight_ih, slice(h + c, None), attention_cell.bias_ih)
+        ]
+        if memory is not None:  # its query reads [embedding, state]
+            state.append(LinearPiece("memory_query", memory.query.weight, slice(e, None)))
+            embedding.append(LinearPiece("memory_query", memory.query.weight, slice(0, e), memory.query.bias))
+        if sentinel is not None:  # its gate reads [embedding, state]
+            state.append(LinearPiece("sentinel_gate", sentinel.gate.weight, slice(e, None)))
+            embedding.append(LinearPiece("sentinel_gate", sentinel.gate.weight, slice(0, e), sentinel.gate.bias))
+        # the language cell reads [context, state (, attended)]
+        state.append(LinearPiece("input_gates", cell.weight_ih, slice(c, c + h)))
+        read_columns = (
+            torch.arange(c) if memory is None else torch.cat([torch.arange(c), torch.arange(c + h, c + 2 * h)])
+        )
+        return {
+            **maps,
+            "hidden": [
+                LinearPiece("attention_gates", attention_cell.weight_ih, slice(0, h)),
+                LinearPiece("hidden_gates", cell.weight_hh, bias=cell.bias_hh),
+            ],
+            "attention_hidden": [LinearPiece("gates", attention_cell.weight_hh, bias=attention_cell.bias_hh)],
+            "state": state,
+            "embedding": embedding,
+            "mean_region": [LinearPiece("attention_gates", attention_cell.weight_ih, slice(h, h + c))],
+            "reads": [LinearPiece("input_gates", cell.weight_ih, read_columns, cell.bias_ih)],
+        }
 
     def step(
         self, embedded: torch.Tensor, regions: torch.Tensor, cache: CaptionerCache, noise: torch.Tensor | None = None

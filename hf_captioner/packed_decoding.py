@@ -69,6 +69,8 @@ class StackedProduct:
         self.sizes = [piece.weight.shape[0] for piece in pieces]
         weight = torch.cat([piece.weight[:, piece.columns] for piece in pieces]).to(dtype)
         self.weight = weight.detach() if deferred else weight
+        # decided here, outside any compiled step (the probe times products: nothing to trace)
+        self.few_rows_weight_first = weight.dtype == torch.float32 and weight.is_cpu and weight_first_pays()
         biases = [p.bias if p.bias is not None else p.weight.new_zeros(p.weight.shape[0]) for p in pieces]
         self.bias = torch.cat(biases)  # float32, with autograd: the biases' gradients are cheap sums
 
@@ -85,8 +87,7 @@ class StackedProduct:
     def weight_first(self, inputs: torch.Tensor) -> bool:
         """Whether W x^T beats x W^T here: float32 at up to FEW_ROWS rows on a CPU where the probe says so (bfloat16's
         kernels do not need it)."""
-        few_float32_rows = self.weight.dtype == torch.float32 and inputs.dim() == 2 and inputs.shape[0] <= FEW_ROWS
-        return few_float32_rows and self.weight.device.type == "cpu" and weight_first_pays()
+        return self.few_rows_weight_first and inputs.dim() == 2 and inputs.shape[0] <= FEW_ROWS
 
     def split(self, outputs: torch.Tensor) -> dict[str, torch.Tensor]:
         return dict(zip(self.names, outputs.split(self.sizes, dim=-1), strict=True))
@@ -116,6 +117,11 @@ class PackedProducts:
             StackedProduct(maps[name], dtype) if name in maps else None
             for name in ("attended", "new_state", "sentinel_value", "sentinel_key")
         )
+        # the top-down decoder's: its attention cell's state and new state, and the mean region (once per caption)
+        self.attention_hidden, self.state = (
+            StackedProduct(maps[name], dtype) if name in maps else None for name in ("attention_hidden", "state")
+        )
+        self.mean_region = StackedProduct(maps["mean_region"], dtype, deferred=False) if "mean_region" in maps else None
         self._regions: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def output(self, embedded: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
@@ -129,7 +135,7 @@ class PackedProducts:
     def per_step(self) -> list[StackedProduct]:
         """The products each step makes (their weight gradients are deferred)."""
         products = (self.hidden, self.reads, self.attended, self.new_state, self.sentinel_value, self.sentinel_key)
-        return [p for p in products if p is not None]
+        return [p for p in (*products, self.attention_hidden, self.state) if p is not None]
 
     def regions(self, regions: torch.Tensor) -> torch.Tensor:
         """The regions in the compute dtype, cast once for all the steps that read them."""
@@ -140,19 +146,26 @@ class PackedProducts:
         return self._regions[1]
 
 
-def update_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cache: CaptionerCache) -> None:
-    """One LSTM/GRU update of the cache's state from the gates' input and hidden products (biases included): the
-    equations of `nn.LSTMCell` / `nn.GRUCell`, written out because their products are stacked with others."""
-    if cache.cell is not None:
+def cell_update(
+    input_gates: torch.Tensor, hidden_gates: torch.Tensor, hidden: torch.Tensor, memory: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One LSTM (memory: its cell) or GRU (memory None) update from the gates' input and hidden products (biases
+    included): the equations of `nn.LSTMCell` / `nn.GRUCell`, written out because their products are stacked with
+    others. Returns the new (hidden, memory), each (B, H)."""
+    if memory is not None:
         i, f, g, o = (input_gates + hidden_gates).chunk(4, dim=-1)
-        cache.cell = torch.sigmoid(f) * cache.cell + torch.sigmoid(i) * torch.tanh(g)  # (B, H)
-        cache.hidden = torch.sigmoid(o) * torch.tanh(cache.cell)  # (B, H)
-    else:
-        input_r, input_z, input_n = input_gates.chunk(3, dim=-1)
-        hidden_r, hidden_z, hidden_n = hidden_gates.chunk(3, dim=-1)
-        reset, update = torch.sigmoid(input_r + hidden_r), torch.sigmoid(input_z + hidden_z)
-        new = torch.tanh(input_n + reset * hidden_n)
-        cache.hidden = (1 - update) * new + update * cache.hidden  # (B, H)
+        memory = torch.sigmoid(f) * memory + torch.sigmoid(i) * torch.tanh(g)
+        return torch.sigmoid(o) * torch.tanh(memory), memory
+    input_r, input_z, input_n = input_gates.chunk(3, dim=-1)
+    hidden_r, hidden_z, hidden_n = hidden_gates.chunk(3, dim=-1)
+    reset, update = torch.sigmoid(input_r + hidden_r), torch.sigmoid(input_z + hidden_z)
+    new = torch.tanh(input_n + reset * hidden_n)
+    return (1 - update) * new + update * hidden, None
+
+
+def update_cell(input_gates: torch.Tensor, hidden_gates: torch.Tensor, cache: CaptionerCache) -> None:
+    """`cell_update` of the cache's (language) state."""
+    cache.hidden, cache.cell = cell_update(input_gates, hidden_gates, cache.hidden, cache.cell)
 
 
 def packed_step(
@@ -167,39 +180,114 @@ def packed_step(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`CaptionerDecoder.step` with stacked products. `embedded` is the step's embedding product (B, [H +] G·H) (see
     `PackedProducts.embedding`), not the embedding itself; `noise` (B,) draws the regions read (hard attention)."""
-    attention, memory = decoder.cross_attention, decoder.self_attention
+    attention = decoder.cross_attention
     from_hidden = products.hidden.split(products.hidden(cache.hidden, gradients))
     from_embedding = products.embedding.split(embedded)
     query = from_hidden["query"].view(regions.shape[0], -1, from_hidden["query"].shape[-1])  # (B, n rows each, A)
-    sentinel = sentinel_key = None
-    if products.sentinel_value is not None:  # the visual sentinel, from the memory before this step
-        gate = torch.sigmoid(from_embedding["sentinel_gate"] + from_hidden["sentinel_gate"])  # (R, H)
-        cell_memory = cache.cell if cache.cell is not None else cache.hidden  # (R, H)
-        sentinel = products.sentinel_value(gate * torch.tanh(cell_memory), gradients)  # (R, C)
-        sentinel_key = products.sentinel_key(sentinel, gradients)  # (R, A)
+    sentinel, sentinel_key = packed_sentinel(products, from_embedding, from_hidden, cache, gradients)
     cross_weights = attention.weights(query, cache.projected_regions, scratch, sentinel_key)  # (B, n, k [+ 1])
     context = torch.sigmoid(from_hidden["gate"]) * attention.read(cross_weights, regions, noise, sentinel)  # (R, C)
-    reads, self_weights = context, None
-    if memory is not None:
-        if "key_value" in from_hidden:  # teacher forcing: the memory of h_{t-1} comes from this step's product
-            key, value = memory.split_memory(from_hidden["key_value"])
-            cache.keys = key if cache.keys is None else torch.cat([cache.keys, key], dim=2)
-            cache.values = value if cache.values is None else torch.cat([cache.values, value], dim=2)
-        memory_query = from_embedding["memory_query"] + from_hidden["memory_query"]  # (R, H)
-        attended, self_weights = memory.attend(memory_query, cache.keys, cache.values)
-        reads = torch.cat([context, products.attended(attended, gradients)], dim=-1)  # (R, C + H)
+    reads, self_weights = packed_memory_read(
+        decoder, products, context, from_embedding, from_hidden, from_hidden, cache, gradients
+    )
     input_gates = from_embedding["input_gates"] + products.reads(reads, gradients)  # (R, G·H)
     update_cell(input_gates, from_hidden["hidden_gates"], cache)
-    if products.new_state is not None:  # generation: the memory of h_t, as the reference step makes it
-        key, value = memory.split_memory(products.new_state(cache.hidden))
-        cache.keys = torch.cat([cache.keys, key], dim=2)  # (R, heads, M + 1, d)
-        cache.values = torch.cat([cache.values, value], dim=2)
-    cache.seen_tokens += 1
+    packed_new_memory(decoder, products, cache)
     return context, cross_weights.flatten(0, 1), self_weights
 
 
-# The decoder classes with a packed step, by class name; any other decoder runs its reference `step` here.
-PACKED_STEPS: dict[str, Callable] = {"CaptionerDecoder": packed_step}
+def packed_sentinel(
+    products: PackedProducts,
+    from_embedding: dict[str, torch.Tensor],
+    from_state: dict[str, torch.Tensor],
+    cache: CaptionerCache,
+    gradients: DeferredWeightGradients | None,
+) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The visual sentinel (R, C) and its key (R, A), from the language memory before this step, its gate reading
+    [embedding, the querying state]; (None, None) without one."""
+    if products.sentinel_value is None:
+        return None, None
+    gate = torch.sigmoid(from_embedding["sentinel_gate"] + from_state["sentinel_gate"])  # (R, H)
+    cell_memory = cache.cell if cache.cell is not None else cache.hidden  # (R, H)
+    sentinel = products.sentinel_value(gate * torch.tanh(cell_memory), gradients)  # (R, C)
+    return sentinel, products.sentinel_key(sentinel, gradients)
+
+
+def packed_memory_read(
+    decoder: CaptionerDecoder,
+    products: PackedProducts,
+    context: torch.Tensor,
+    from_embedding: dict[str, torch.Tensor],
+    from_hidden: dict[str, torch.Tensor],
+    from_state: dict[str, torch.Tensor],
+    cache: CaptionerCache,
+    gradients: DeferredWeightGradients | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """What the cell reads besides its word: the context, and with self-attention what the query [embedding, the
+    querying state] reads from the memory of earlier language states (in teacher forcing the memory of h_{t-1}
+    comes from this step's product of it). Returns (reads (R, C [+ H]), self-attention weights or None)."""
+    memory = decoder.self_attention
+    if memory is None:
+        return context, None
+    if "key_value" in from_hidden:
+        key, value = memory.split_memory(from_hidden["key_value"])
+        cache.keys = key if cache.keys is None else torch.cat([cache.keys, key], dim=2)
+        cache.values = value if cache.values is None else torch.cat([cache.values, value], dim=2)
+    memory_query = from_embedding["memory_query"] + from_state["memory_query"]  # (R, H)
+    attended, self_weights = memory.attend(memory_query, cache.keys, cache.values)
+    return torch.cat([context, products.attended(attended, gradients)], dim=-1), self_weights
+
+
+def packed_new_memory(decoder: CaptionerDecoder, products: PackedProducts, cache: CaptionerCache) -> None:
+    """The step's end: in generation the memory of h_t, as the reference step makes it; one more token seen."""
+    if products.new_state is not None:
+        key, value = decoder.self_attention.split_memory(products.new_state(cache.hidden))
+        cache.keys = torch.cat([cache.keys, key], dim=2)  # (R, heads, M + 1, d)
+        cache.values = torch.cat([cache.values, value], dim=2)
+    cache.seen_tokens += 1
+
+
+def packed_top_down_step(
+    decoder: CaptionerDecoder,
+    products: PackedProducts,
+    embedded: torch.Tensor,
+    regions: torch.Tensor,
+    cache: CaptionerCache,
+    gradients: DeferredWeightGradients | None = None,
+    scratch=None,
+    noise: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`TopDownDecoder.step` with stacked products (the arguments as `packed_step`'s): the attention cell from the
+    language state, the mean region (its product made once, kept in the cache) and the word; its new state queries
+    the regions and, with the context (and the self-attended earlier language states), drives the language cell."""
+    attention = decoder.cross_attention
+    from_hidden = products.hidden.split(products.hidden(cache.hidden, gradients))
+    from_embedding = products.embedding.split(embedded)
+    if cache.mean_region_gates is None:
+        rows_per_image = cache.hidden.shape[0] // regions.shape[0]
+        mean_gates = products.mean_region(regions.mean(dim=1))  # (B, G·H)
+        cache.mean_region_gates = mean_gates.repeat_interleave(rows_per_image, dim=0)  # (R, G·H)
+    attention_gates = from_embedding["attention_gates"] + from_hidden["attention_gates"] + cache.mean_region_gates
+    cache.attention_hidden, cache.attention_cell = cell_update(
+        attention_gates,
+        products.attention_hidden(cache.attention_hidden, gradients),
+        cache.attention_hidden,
+        cache.attention_cell,
+    )
+    from_state = products.state.split(products.state(cache.attention_hidden, gradients))
+    query = from_state["query"].view(regions.shape[0], -1, from_state["query"].shape[-1])  # (B, n rows each, A)
+    sentinel, sentinel_key = packed_sentinel(products, from_embedding, from_state, cache, gradients)
+    cross_weights = attention.weights(query, cache.projected_regions, scratch, sentinel_key)  # (B, n, k [+ 1])
+    context = torch.sigmoid(from_state["gate"]) * attention.read(cross_weights, regions, noise, sentinel)  # (R, C)
+    reads, self_weights = packed_memory_read(
+        decoder, products, context, from_embedding, from_hidden, from_state, cache, gradients
+    )
+    update_cell(from_state["input_gates"] + products.reads(reads, gradients), from_hidden["hidden_gates"], cache)
+    packed_new_memory(decoder, products, cache)
+    return context, cross_weights.flatten(0, 1), self_weights
+
+
+PACKED_STEPS: dict[str, Callable] = {"CaptionerDecoder": packed_step, "TopDownDecoder": packed_top_down_step}
 
 
 def packed_step_of(decoder: CaptionerDecoder) -> Callable | None:
