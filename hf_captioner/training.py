@@ -727,7 +727,7 @@ def hard_attention_gradient_norms(model, batch: dict) -> dict:
     """The gradient norms of hard attention's two parts on a batch with its regions drawn, taken apart (the training
     step sees only their sum): the token loss's and the policy term's (REINFORCE and the entropy bonus; the
     attention penalty left out). Run at log steps on the reference decoder (the packed one backs up once); the
-    model's moving averages are put back, so the run trains as it would without this look."""
+    model's moving averages are put back, so the look changes the run only by the random numbers it draws."""
     saved = (model.reward_baseline, model.advantage_variance, model.hard_attention_stats)
     implementation, model.config.decoder_implementation = model.config.decoder_implementation, "reference"
     try:
