@@ -91,9 +91,11 @@ class CaptionerConfig(PreTrainedConfig):
     # cells, normalised); needs `attention_targets` in the batch (training with --entities, or the sample set)
     attention_supervision_weight: float = 0.0
     # Hard (stochastic) attention, Show, Attend and Tell section 4.1: training reads one sampled region per word and
-    # follows the REINFORCE estimator of the variational bound; the defaults are the paper's and its code's values.
+    # follows the REINFORCE estimator of the variational bound; the defaults are the paper's code's values.
     hard_attention: bool = False  # sample the region each word reads while training (False: soft attention)
-    hard_attention_reinforce_weight: float = 1.0  # lambda_r: weight of the sampled regions' score-function term
+    # lambda_r: weight of the sampled regions' score-function term; 1 is the bound's unbiased estimator, 0.1 what
+    # arctic-captions effectively uses (its term's norm then matches the token loss's and no batch is clipped)
+    hard_attention_reinforce_weight: float = 0.1
     hard_attention_entropy_weight: float = 0.002  # lambda_e: weight of the entropy bonus on alpha
     hard_attention_baseline_decay: float = 0.9  # moving-average baseline of the reward (and the advantage's square)
     # the reward of step t's draw: "caption" (log p(y | s, a), the paper's) or "remaining" (the words from t on)

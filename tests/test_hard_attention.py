@@ -21,7 +21,12 @@ CAPTION = torch.tensor([[7, 2]])  # one word and </s>: two steps, so the bound s
 def hard_model(**overrides):
     """A tiny hard-attention model on a 2 x 2 grid, in float64 so that the exact gradient is exact."""
     values = dict(
-        hard_attention=True, grid_size=2, attention_penalty=0.0, label_smoothing=0.0, hard_attention_entropy_weight=0.0
+        hard_attention=True,
+        grid_size=2,
+        attention_penalty=0.0,
+        label_smoothing=0.0,
+        hard_attention_entropy_weight=0.0,
+        hard_attention_reinforce_weight=1.0,  # the bound's unbiased estimator (the default 0.1 rescales its term)
     )
     values.update(overrides)
     return tiny_model(seed=3, **values).double().train()
@@ -241,7 +246,14 @@ def test_a_hard_attention_sample_model_learns_the_drawn_shapes(tmp_path):
     """Trained through the train command's code path with hard attention, the captioner describes the sample set's
     test pictures far better than the best caption that ignores the picture (the training set's most common one),
     and its pointing accuracy on the drawn shapes is reported beside its chance level."""
-    model_config = {**tiny_arguments(tmp_path).model, "grid_size": 3, "hard_attention": True}
+    # lambda_r 1, the bound's own estimator: at the default 0.1 the policy term learns where to look ten times slower
+    # and 6 epochs of this set end at CIDEr-D 0.91, under the bar below (Flickr8k's first epoch: 30.8 against 30.3)
+    model_config = {
+        **tiny_arguments(tmp_path).model,
+        "grid_size": 3,
+        "hard_attention": True,
+        "hard_attention_reinforce_weight": 1.0,
+    }
     args = tiny_arguments(
         tmp_path / "run", sample_sizes=[480, 24, 60], num_epochs=6, model=model_config, eval_num_beams=1
     )
