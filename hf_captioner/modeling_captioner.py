@@ -1248,7 +1248,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         """How sharp and how mobile a batch's attention is, over its real steps: the entropy over log k (1: uniform)
         and the share of consecutive words whose most-attended region differs (a map stuck on one cell: 0)."""
         real = targets.sum().clamp(min=1)
-        entropy = (step_entropy * targets).sum() / (real * math.log(cross_attentions.shape[-1]))
+        uniform = math.log(cross_attentions.shape[-1]) if cross_attentions.shape[-1] > 1 else 1.0  # one region: 0
+        entropy = (step_entropy * targets).sum() / (real * uniform)
         peaks = cross_attentions.argmax(dim=-1)  # (B, T)
         pairs = targets[:, 1:] * targets[:, :-1]
         moves = ((peaks[:, 1:] != peaks[:, :-1]).float() * pairs).sum() / pairs.sum().clamp(min=1)
