@@ -16,7 +16,7 @@ DECODER_IMPLEMENTATIONS = ("packed", "reference")
 ATTENTION_PENALTY_FORMS = ("coverage", "doubly_stochastic")
 DECODER_TYPES = ("show_attend_tell", "top_down")
 HARD_ATTENTION_REWARDS = ("caption", "remaining")
-HARD_ATTENTION_BASELINES = ("moving_average", "expected_context")
+HARD_ATTENTION_BASELINES = ("moving_average", "expected_context", "other_draws")
 CHOICES = {
     "hard_attention_baseline": HARD_ATTENTION_BASELINES,
     "hard_attention_reward": HARD_ATTENTION_REWARDS,
@@ -103,6 +103,10 @@ class CaptionerConfig(PreTrainedConfig):
     # the reward's baseline: a moving average, or the reward of the same caption read with the expected context (plus
     # a moving average of the gap): one more forward pass, without gradients, per sampled batch
     hard_attention_baseline: str = "moving_average"
+    # region draws per caption on a sampled batch: each caption is read this many times, independently drawn, and the
+    # loss averages them (a sampled batch costs that many decoder passes); with 2 or more, the baseline
+    # "other_draws" is the mean reward of the caption's other draws
+    hard_attention_draws: int = 1
     hard_attention_normalize_advantage: bool = False  # divide reward - baseline by its running standard deviation
     hard_attention_expectation_prob: float = 0.5  # per batch, the chance of the expected (soft) context instead
     tie_word_embeddings: bool = False  # share the embedding matrix with the output layer
@@ -160,6 +164,14 @@ class CaptionerConfig(PreTrainedConfig):
         for name in ("attention_penalty", "attention_supervision_weight"):
             if getattr(self, name) < 0:
                 raise ValueError(f"CaptionerConfig.{name} must be >= 0, got {getattr(self, name)!r}")
+        draws = self.hard_attention_draws
+        if not isinstance(draws, int) or isinstance(draws, bool) or draws < 1:
+            raise ValueError(f"CaptionerConfig.hard_attention_draws must be a positive integer, got {draws!r}")
+        if self.hard_attention_baseline == "other_draws" and draws < 2:
+            raise ValueError(
+                'CaptionerConfig.hard_attention_baseline "other_draws" needs hard_attention_draws >= 2 (the mean reward '
+                f"of a caption's other draws), got hard_attention_draws={draws}"
+            )
         if self.visual_sentinel and self.hard_attention:
             raise ValueError(
                 "CaptionerConfig: hard_attention samples one region per word, and visual_sentinel is a soft mixture "

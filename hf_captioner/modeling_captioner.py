@@ -962,7 +962,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         sample_regions: each word reads one region drawn from its attention weights (hard attention) instead of their
             expectation. Default: in training with `config.hard_attention`, on a batch with probability
             1 - `hard_attention_expectation_prob`; otherwise never (generation reads the expectation unless
-            `generate(..., sample_regions=True)`).
+            `generate(..., sample_regions=True)`). A sampled training batch with labels reads each caption
+            `hard_attention_draws` times: its logits and attentions have that many rows per caption.
         attention_targets: (B, T, k) where each target word should look (the cells of its phrase's boxes; rows of
             zeros for words without boxes), for the attention supervision loss (`config.attention_supervision_weight`).
         """
@@ -980,7 +981,12 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
                 raise ValueError("CaptionerForConditionalGeneration needs `decoder_input_ids` or `labels`")
             decoder_input_ids = self.shift_labels_right(labels)
         self.check_rows(decoder_input_ids, regions)
-        noise = self.region_noise(decoder_input_ids, sample_regions)  # (R, T) or None
+        sampling = self.samples_regions(sample_regions)
+        if sampling and labels is not None and cache is None:  # training: each caption read hard_attention_draws times
+            decoder_input_ids, labels, regions, attention_targets = (
+                self.repeat_for_draws(rows) for rows in (decoder_input_ids, labels, regions, attention_targets)
+            )
+        noise = torch.rand(decoder_input_ids.shape, device=self.device) if sampling else None  # (R, T): the draws
         lengths = None if labels is None else (labels != -100).sum(dim=1)  # padding is on the right
         runner = DECODER_RUNNERS[self.config.decoder_implementation]
         logits, cross_attentions, self_attentions, cache = runner(
@@ -1057,17 +1063,23 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
             raise ValueError("Pass the decoding cache as `cache` or as `past_key_values`, not both")
         return past_key_values
 
-    def region_noise(self, decoder_input_ids: torch.LongTensor, sample_regions: bool | None) -> torch.Tensor | None:
-        """Uniform numbers (R, T) that draw the region each word reads (hard attention), or None (soft attention).
-        By default a training batch of a `hard_attention` model samples with probability 1 -
-        `hard_attention_expectation_prob`; drawn before the steps, so that every runner reads the same regions."""
-        if sample_regions is None:
-            sample_regions = (
-                self.training
-                and self.config.hard_attention
-                and (torch.rand(()).item() >= self.config.hard_attention_expectation_prob)
-            )
-        return torch.rand(decoder_input_ids.shape, device=self.device) if sample_regions else None
+    def samples_regions(self, sample_regions: bool | None) -> bool:
+        """Whether each word reads one drawn region (hard attention). By default a training batch of a
+        `hard_attention` model does, with probability 1 - `hard_attention_expectation_prob`; the draws' uniform numbers
+        are made before the steps, so that every runner reads the same regions."""
+        if sample_regions is not None:
+            return sample_regions
+        return (
+            self.training
+            and self.config.hard_attention
+            and (torch.rand(()).item() >= self.config.hard_attention_expectation_prob)
+        )
+
+    def repeat_for_draws(self, rows: torch.Tensor | None) -> torch.Tensor | None:
+        """Each row `hard_attention_draws` times in a row (caption i's draws are rows i*K .. i*K + K - 1), for a
+        sampled training batch; the outputs (logits, attentions) then have that many rows per caption."""
+        draws = self.config.hard_attention_draws
+        return rows if rows is None or draws == 1 else rows.repeat_interleave(draws, dim=0)
 
     def losses(
         self,
@@ -1163,7 +1175,8 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         moving average of R_t (per step for "remaining"), taken before this batch moves it; with `expected_logits`
         (the same captions read with the expected context, `hard_attention_baseline: expected_context`), b_t is that
         reading's reward plus a moving average of the gap: a baseline per caption, which knows how hard the caption
-        is, and still independent of this batch's draws (unbiased). With lambda_r = 1 the
+        is, and still independent of this batch's draws (unbiased); with `other_draws`, the mean reward of the
+        caption's other draws (`hard_attention_draws` >= 2; unbiased, per caption). With lambda_r = 1 the
         estimator is unbiased for the bound's gradient; lambda_r < 1 (arctic-captions' effective 0.1) and
         `hard_attention_normalize_advantage` (dividing R_t - b_t by its running standard deviation) rescale the
         score-function term against the token loss's gradient: biased, on purpose, for a smaller variance.
@@ -1173,7 +1186,9 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         targets = (labels != -100).float()  # (B, T)
         rewards = self.draw_rewards(logits, labels)  # (B, 1) or (B, T)
         control = self.draw_rewards(expected_logits, labels) if expected_logits is not None else 0.0
-        if config.hard_attention_reward == "caption":
+        if config.hard_attention_baseline == "other_draws":
+            baseline = self.other_draws_mean(rewards)
+        elif config.hard_attention_reward == "caption":
             baseline = control + self.moving_reward_baseline((rewards - control).mean())
         else:
             steps_present = targets.sum(dim=0)  # (T,) captions long enough to have step t
@@ -1218,6 +1233,15 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
         if self.config.hard_attention_reward == "caption":
             return word_log_likelihood.sum(dim=1, keepdim=True)
         return word_log_likelihood.flip(1).cumsum(dim=1).flip(1)
+
+    def other_draws_mean(self, rewards: torch.Tensor) -> torch.Tensor:
+        """Each draw's baseline from its caption's other draws (leave one out, `hard_attention_baseline:
+        other_draws`): their mean reward, per step for "remaining". Independent of the draw it is subtracted from, so
+        unbiased, and per caption, so it knows how hard the caption is, without an extra pass."""
+        draws = self.config.hard_attention_draws
+        per_caption = rewards.unflatten(0, (-1, draws))  # (B, K, 1 or T)
+        others = (per_caption.sum(dim=1, keepdim=True) - per_caption) / (draws - 1)
+        return others.flatten(0, 1)
 
     def moving_reward_baseline(self, batch_mean: torch.Tensor, present: torch.Tensor | None = None) -> torch.Tensor:
         """The baseline to subtract now, then moved towards this batch's mean reward (decay

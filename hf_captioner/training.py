@@ -732,7 +732,7 @@ def hard_attention_gradient_norms(model, batch: dict) -> dict:
     implementation, model.config.decoder_implementation = model.config.decoder_implementation, "reference"
     try:
         outputs = model(**batch, sample_regions=True, output_attentions=True, use_cache=False)
-        penalty = model.attention_penalty(outputs.cross_attentions, batch["labels"] != -100)
+        penalty = model.attention_penalty(outputs.cross_attentions, model.repeat_for_draws(batch["labels"]) != -100)
         params = [p for p in model.parameters() if p.requires_grad]
         norms = {}
         for name, part in (("token_loss", outputs.token_loss), ("policy", outputs.attention_loss - penalty)):

@@ -9,6 +9,7 @@ import torch
 from conftest import tiny_arguments, tiny_model
 from transformers import AutoModel, AutoProcessor
 
+from hf_captioner.configuration_captioner import CaptionerConfig
 from hf_captioner.data.sample import make_sample_dataset
 from hf_captioner.evaluation import evaluate_split
 from hf_captioner.metrics import score_captions
@@ -90,20 +91,26 @@ def z_scores(samples: torch.Tensor, expected: torch.Tensor) -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    "decoder_type,reward,baseline",
+    "decoder_type,reward,baseline,draws",
     [
-        ("show_attend_tell", "caption", "moving_average"),
-        ("top_down", "caption", "moving_average"),
-        ("show_attend_tell", "remaining", "moving_average"),
-        ("show_attend_tell", "remaining", "expected_context"),
+        ("show_attend_tell", "caption", "moving_average", 1),
+        ("top_down", "caption", "moving_average", 1),
+        ("show_attend_tell", "remaining", "moving_average", 1),
+        ("show_attend_tell", "remaining", "expected_context", 1),
+        ("show_attend_tell", "remaining", "other_draws", 2),
     ],
 )
-def test_the_reinforce_estimator_is_unbiased_for_the_bounds_gradient(decoder_type, reward, baseline):
+def test_the_reinforce_estimator_is_unbiased_for_the_bounds_gradient(decoder_type, reward, baseline, draws):
     """The mean of many sampled training gradients equals the exact gradient of -L_s / T (the loss divides by the
     number of tokens), L_s enumerated over every region sequence; dropping the score-function term is detectably
-    biased with the same samples, so the check has the power to fail. For either decoder, either reward and either
+    biased with the same samples, so the check has the power to fail. For either decoder, either reward and every
     baseline (the variance reductions meant to be unbiased)."""
-    model = hard_model(decoder_type=decoder_type, hard_attention_reward=reward, hard_attention_baseline=baseline)
+    model = hard_model(
+        decoder_type=decoder_type,
+        hard_attention_reward=reward,
+        hard_attention_baseline=baseline,
+        hard_attention_draws=draws,
+    )
     regions = regions_for(model)
     bound = exact_bound(model, regions)
     expected = gradient(model, -bound / CAPTION.shape[1])
@@ -129,14 +136,16 @@ def test_the_remaining_words_reward_has_less_variance_than_the_captions():
     assert variances["remaining"] < 0.9 * variances["caption"], variances
 
 
-def test_the_expected_context_baseline_knows_each_captions_difficulty():
+@pytest.mark.parametrize("per_caption", ["expected_context", "other_draws"])
+def test_a_per_caption_baseline_knows_each_captions_difficulty(per_caption):
     """Two captions of different lengths in a batch: a moving average is one baseline for both, so the policy term
-    mostly learns which caption it was given; the expected-context reading gives each caption its own baseline and
-    the policy gradient's variance falls by orders of magnitude (about 10^5 here)."""
+    mostly learns which caption it was given; the expected-context reading, or the caption's other draw, gives each
+    caption its own baseline and the policy gradient's variance falls by orders of magnitude (about 10^5 for either
+    here; both runs read each caption twice)."""
     captions = torch.tensor([[7, 9, 2], [5, 2, -100]]).repeat(8, 1)
     variances = {}
-    for baseline in ("moving_average", "expected_context"):
-        model = hard_model(hard_attention_baseline=baseline)
+    for baseline in ("moving_average", per_caption):
+        model = hard_model(hard_attention_baseline=baseline, hard_attention_draws=2)
         regions = regions_for(model).repeat(len(captions), 1, 1)
         torch.manual_seed(0)
         grads = []
@@ -144,7 +153,36 @@ def test_the_expected_context_baseline_knows_each_captions_difficulty():
             outputs = model(encoder_outputs=regions, labels=captions, use_cache=False, sample_regions=True)
             grads.append(gradient(model, outputs.attention_loss))
         variances[baseline] = torch.stack(grads[10:]).var(dim=0).sum().item()  # the moving average settled
-    assert variances["expected_context"] < variances["moving_average"] / 100, variances
+    assert variances[per_caption] < variances["moving_average"] / 100, variances
+
+
+def test_each_caption_is_read_once_per_draw_and_its_draws_are_their_own_baselines():
+    model = hard_model(hard_attention_draws=3, hard_attention_baseline="other_draws")
+    labels = torch.tensor([[7, 2], [5, 2]])
+    torch.manual_seed(0)
+    outputs = model(
+        encoder_outputs=regions_for(model).repeat(2, 1, 1), labels=labels, use_cache=False, sample_regions=True
+    )
+    assert outputs.logits.shape[0] == 6  # rows 0-2 caption 0's draws, 3-5 caption 1's
+    rewards = torch.tensor([[1.0], [2.0], [6.0], [-3.0], [-3.0], [0.0]])
+    torch.testing.assert_close(
+        model.other_draws_mean(rewards), torch.tensor([[4.0], [3.5], [1.5], [-1.5], [-1.5], [-3.0]])
+    )
+    assert model.reward_baseline is None  # no moving average is kept
+    model.eval()
+    assert model(encoder_outputs=regions_for(model), labels=CAPTION, use_cache=False).logits.shape[0] == 1
+
+
+@pytest.mark.parametrize(
+    "fields,message",
+    [
+        ({"hard_attention_baseline": "other_draws"}, "needs hard_attention_draws >= 2"),
+        ({"hard_attention_draws": 0}, "hard_attention_draws must be a positive integer"),
+    ],
+)
+def test_draws_and_their_baseline_are_checked(fields, message):
+    with pytest.raises(ValueError, match=message):
+        CaptionerConfig(grid_size=2, **fields)
 
 
 def test_the_per_step_baseline_moves_only_the_steps_a_batch_has():

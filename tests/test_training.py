@@ -454,13 +454,15 @@ def test_fine_tuning_the_top_stage_from_cached_bottom_features(tmp_path):
 def test_accelerate_launch_with_two_cpu_processes_trains_data_parallel(tmp_path):
     """Two processes of 16 captions each take the optimizer steps of one process of 32, at the same learning rates
     (Accelerate steps a prepared scheduler once per process); both read one feature store, cached once. The model
-    has hard attention and attention supervision: sampled regions, and the sample shapes' attention targets, train
-    data-parallel from cached features too."""
+    has hard attention (two draws per caption) and attention supervision: sampled regions, and the sample shapes'
+    attention targets, train data-parallel from cached features too."""
     config = tmp_path / "tiny.yaml"
     model = {
         **tiny_arguments(tmp_path).model,
         "encoder_trainable_stages": 0,
         "hard_attention": True,
+        "hard_attention_draws": 2,
+        "hard_attention_baseline": "other_draws",
         "attention_supervision_weight": 0.5,
     }
     cached = dict(model=model, cache_features=True, feature_cache_dir=str(tmp_path / "features"))
