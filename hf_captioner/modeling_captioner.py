@@ -564,10 +564,20 @@ class CaptionerDecoder(nn.Module):
         cache.seen_tokens += 1
         return self_weights
 
-    def output(self, embedded: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """Deep output over all steps at once: (B, T, E), (B, T, H), (B, T, C) -> logits (B, T, V)."""
-        deep = embedded + self.out_hidden(hidden) + self.out_context(context)  # (B, T, E)
-        return self.lm_head(self.dropout(deep))
+    def output(
+        self, embedded: torch.Tensor, hidden: torch.Tensor, context: torch.Tensor, real: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Deep output over all steps at once: (B, T, E), (B, T, H), (B, T, C) -> logits (B, T, V). With `real` (B, T),
+        only those positions are projected onto the vocabulary (the others' logits are zeros): a third or more of a
+        training batch is padding, and the vocabulary projection is its largest product. Dropout still draws its
+        mask over every position, so the random numbers, and the real positions' logits, are the same either way."""
+        deep = self.dropout(embedded + self.out_hidden(hidden) + self.out_context(context))  # (B, T, E)
+        if real is None:
+            return self.lm_head(deep)
+        projected = self.lm_head(deep[real])  # (N, V)
+        logits = projected.new_zeros(*real.shape, projected.shape[-1])
+        logits[real] = projected
+        return logits
 
     def linear_maps(self) -> dict[str, list[LinearPiece]]:
         """The step's linear maps grouped by the vector they read, for a runner that stacks each group into one

@@ -470,7 +470,8 @@ def packed_teacher_forcing(
         inverse = order.argsort()
         hidden, context, cross = hidden[inverse], context[inverse], cross[inverse]
         self_attention = self_attention[inverse] if self_attention is not None else None
-    return decoder.output(embedded, hidden, context), cross, self_attention
+    real = None if lengths is None else torch.arange(length, device=lengths.device)[None, :] < lengths[:, None]
+    return decoder.output(embedded, hidden, context, real), cross, self_attention
 
 
 def keep_first_rows(cache: CaptionerCache, rows: int) -> None:

@@ -316,12 +316,17 @@ def test_default_configuration_is_show_attend_and_tell_sized():
     [("lstm", True, "additive", False), ("gru", False, "dot", False), ("lstm", True, "scaled_dot", True)],
 )
 def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_attention, cross_attention, hard_attention):
-    """The packed runner (length-packed steps, deferred weight gradients) changes nothing but the work: the same
-    losses, logits and attention on every real position, and the same gradients, frozen weights included; with hard
-    attention, the same regions drawn from the same noise."""
+    """The packed runner (length-packed steps, deferred weight gradients, no vocabulary projection of padding)
+    changes nothing but the work: in training mode, the same losses, logits and attention on every real position, and
+    the same gradients, frozen weights included; with hard attention, the same regions drawn from the same noise, and
+    the same dropout masks from the same seed."""
     model = tiny_model(
-        rnn_type=rnn_type, self_attention=self_attention, cross_attention=cross_attention, hard_attention=hard_attention
-    )
+        rnn_type=rnn_type,
+        self_attention=self_attention,
+        cross_attention=cross_attention,
+        hard_attention=hard_attention,
+        dropout=0.5,
+    ).train()
     model.decoder.cross_attention.gate.weight.requires_grad_(False)  # a frozen step weight gets no gradient
     labels = token_ids(batch=4, length=8)
     labels[0, 3:] = -100  # captions of 3, 7, 5 and 1 tokens, in no particular order,
@@ -349,7 +354,7 @@ def test_packed_teacher_forcing_equals_the_reference_decoder(rnn_type, self_atte
     real = labels != -100
     torch.testing.assert_close(packed.logits[real], reference.logits[real], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(packed.cross_attentions[real], reference.cross_attentions[real], rtol=1e-5, atol=1e-6)
-    assert (packed.cross_attentions[~real] == 0).all()
+    assert (packed.cross_attentions[~real] == 0).all() and (packed.logits[~real] == 0).all()
     if self_attention:  # (B, heads, T, T) -> the real (B, T) positions
         per_step = [attention.self_attentions.transpose(1, 2)[real] for attention in (packed, reference)]
         torch.testing.assert_close(*per_step, rtol=1e-5, atol=1e-6)
