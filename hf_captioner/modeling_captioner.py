@@ -992,19 +992,21 @@ class CaptionerForConditionalGeneration(CaptionerPreTrainedModel, GenerationMixi
             decoder_input_ids = self.shift_labels_right(labels)
         self.check_rows(decoder_input_ids, regions)
         sampling = self.samples_regions(sample_regions)
+        lengths = None if labels is None else (labels != -100).sum(dim=1)  # padding is on the right
+        expected_logits = None
+        if sampling and labels is not None and self.config.hard_attention_baseline == "expected_context":
+            # deterministic, so the same for each of a caption's draws: read once per caption
+            expected_logits = self.expected_context_logits(decoder_input_ids, regions, lengths)
         if sampling and labels is not None and cache is None:  # training: each caption read hard_attention_draws times
-            decoder_input_ids, labels, regions, attention_targets = (
-                self.repeat_for_draws(rows) for rows in (decoder_input_ids, labels, regions, attention_targets)
+            decoder_input_ids, labels, lengths, regions, attention_targets, expected_logits = (
+                self.repeat_for_draws(rows)
+                for rows in (decoder_input_ids, labels, lengths, regions, attention_targets, expected_logits)
             )
         noise = torch.rand(decoder_input_ids.shape, device=self.device) if sampling else None  # (R, T): the draws
-        lengths = None if labels is None else (labels != -100).sum(dim=1)  # padding is on the right
         runner = DECODER_RUNNERS[self.config.decoder_implementation]
         logits, cross_attentions, self_attentions, cache = runner(
             self.decoder, decoder_input_ids, regions, cache, lengths, noise, use_cache
         )
-        expected_logits = None
-        if noise is not None and labels is not None and self.config.hard_attention_baseline == "expected_context":
-            expected_logits = self.expected_context_logits(decoder_input_ids, regions, lengths)
         sentinel_attentions = None
         if self.config.visual_sentinel:
             cross_attentions, sentinel_attentions = self.split_sentinel(cross_attentions)
